@@ -1,0 +1,89 @@
+"""The ``mfnoise`` command line: one module per command in this package.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> dict``.
+``run`` returns the JSON-serialisable result and may print progress on stderr; ``--json`` prints
+exactly that dict on stdout as one JSON object, otherwise ``format_text(result)`` (or a generic
+table) is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Sequence
+
+COMMANDS = ["optimize", "evaluate", "calibrate", "library", "verify", "recommend", "demo"]
+
+
+def _available() -> dict:
+    mods = {}
+    for name in COMMANDS:
+        try:
+            mods[name] = importlib.import_module(f"mfnoise.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"mfnoise.cli.{name}":
+                raise
+    return mods
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(
+        prog="mfnoise",
+        description="Correlated-noise (matrix factorization / DP-FTRL) mechanisms for private training: "
+        "optimize strategies, evaluate their error and sensitivity, calibrate noise, train.",
+    )
+    from mfnoise import __version__
+
+    parser.add_argument("--version", action="version", version=f"mfnoise {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    mods = _available()
+    for name, mod in mods.items():
+        p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+        mod.add_arguments(p)
+    return parser, mods
+
+
+def format_table(result: dict) -> str:
+    """A two-column table of the scalar entries of a result."""
+    rows = [(k, v) for k, v in result.items() if not isinstance(v, (dict, list))]
+    width = max((len(k) for k, _ in rows), default=0)
+    lines = []
+    for k, v in rows:
+        if isinstance(v, float):
+            v = f"{v:.6g}"
+        lines.append(f"{k:<{width}}  {v}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, mods = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    mod = mods[args.command]
+    try:
+        result = mod.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input: a clear one-line message (and a JSON error object under --json), exit 2.
+        if args.json:
+            print(json.dumps({"error": str(e)}))
+        print(f"mfnoise {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mfnoise {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result))
+    else:
+        fmt = getattr(mod, "format_text", None)
+        print(fmt(result) if fmt else format_table(result))
+    return 1 if result.get("ok") is False else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

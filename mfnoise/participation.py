@@ -1,0 +1,147 @@
+"""Participation schemas: which sets of steps one example may take part in.
+
+A participation pattern is a set of steps P in [0, n). Two kinds of schema (DESIGN.md):
+
+* min-sep ``(n, k, b)``: any P with |P| <= k and |i - j| >= b for distinct i, j in P.
+* cyclic (k epochs of fixed batches, b = n // k): P is a subset of {c, c + b, c + 2b, ...} ∩ [0, n)
+  for one c in [0, b). This is what fixed cyclic batches produce ("Multi-Epoch Matrix
+  Factorization Mechanisms for Private Machine Learning", Choquette-Choo et al. 2023).
+
+Single participation (k = 1) is both kinds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import operator
+from typing import Any, Iterator
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Participation:
+    """A participation schema of ``n`` steps.
+
+    Attributes:
+      n: number of steps.
+      max_participations: k, the most steps one example takes part in.
+      min_sep: b, the least distance between two participations of one example.
+      cyclic: True for fixed cyclic batches (patterns {c, c + b, ...}); False for min-sep.
+
+    A ``max_participations`` above ``ceil(n / min_sep)`` is legal and simply unreachable.
+    """
+
+    n: int
+    max_participations: int
+    min_sep: int
+    cyclic: bool = False
+
+    def __post_init__(self) -> None:
+        n = _check_positive_int("n", self.n)
+        k = _check_positive_int("max_participations", self.max_participations)
+        b = _check_positive_int("min_sep", self.min_sep)
+        if b > n:
+            raise ValueError(f"min_sep={b} is larger than the number of steps n={n}")
+        if self.cyclic and k != -(-n // b):
+            raise ValueError(
+                f"cyclic participation with n={n}, min_sep={b} has ceil(n / min_sep)={-(-n // b)} "
+                f"participations, not max_participations={k}; use Participation.epochs"
+            )
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "max_participations", k)
+        object.__setattr__(self, "min_sep", b)
+        object.__setattr__(self, "cyclic", bool(self.cyclic))
+
+    @classmethod
+    def single(cls, n: int) -> "Participation":
+        """Each example takes part in at most one step."""
+        n = _check_positive_int("n", n)
+        return cls(n, 1, n, cyclic=True)
+
+    @classmethod
+    def epochs(cls, n: int, k: int) -> "Participation":
+        """k epochs of fixed cyclic batches: min_sep b = n // k, step t uses batch t mod b.
+
+        When k does not divide n, the first ``n mod b`` batches are used ceil(n / b) = k + 1
+        times; ``max_participations`` says so rather than hiding it.
+        """
+        n = _check_positive_int("n", n)
+        k = _check_positive_int("epochs", k)
+        if k > n:
+            raise ValueError(f"epochs={k} is larger than the number of steps n={n}")
+        b = n // k
+        return cls(n, -(-n // b), b, cyclic=True)
+
+    @property
+    def kind(self) -> str:
+        return "cyclic" if self.cyclic else "min-sep"
+
+    @property
+    def reachable_participations(self) -> int:
+        """The largest pattern size the schema really allows: min(k, ceil(n / b))."""
+        return min(self.max_participations, -(-self.n // self.min_sep))
+
+    def to_dict(self) -> dict:
+        return {
+            "n": self.n,
+            "max_participations": self.max_participations,
+            "min_sep": self.min_sep,
+            "kind": self.kind,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Participation":
+        kind = d.get("kind", "min-sep")
+        if kind not in ("cyclic", "min-sep"):
+            raise ValueError(f"unknown participation kind {kind!r}")
+        return cls(int(d["n"]), int(d["max_participations"]), int(d["min_sep"]), kind == "cyclic")
+
+    def cyclic_patterns(self) -> Iterator[tuple[int, ...]]:
+        """The maximal cyclic patterns {c, c + b, ...} ∩ [0, n), c in [0, b)."""
+        for c in range(self.min_sep):
+            yield tuple(range(c, self.n, self.min_sep))
+
+    def patterns(self) -> Iterator[tuple[int, ...]]:
+        """Every maximal pattern (exponential in n; for brute force on small n only).
+
+        For min-sep these are all separated sets of exactly ``reachable`` size or that cannot
+        be extended; non-maximal sets are subsets of these.
+        """
+        if self.cyclic:
+            yield from self.cyclic_patterns()
+            return
+        n, b = self.n, self.min_sep
+        k = self.reachable_participations
+        for size in range(1, k + 1):
+            for combo in itertools.combinations(range(n), size):
+                if all(combo[i + 1] - combo[i] >= b for i in range(size - 1)):
+                    yield combo
+
+    def contains(self, pattern: tuple[int, ...] | list[int]) -> bool:
+        """Whether a set of steps is a pattern the schema allows."""
+        steps = sorted(int(t) for t in pattern)
+        if any(t < 0 or t >= self.n for t in steps) or len(set(steps)) != len(steps):
+            return False
+        if self.cyclic:
+            return len({t % self.min_sep for t in steps}) <= 1
+        if len(steps) > self.max_participations:
+            return False
+        return all(j - i >= self.min_sep for i, j in zip(steps, steps[1:]))
+
+    def __str__(self) -> str:
+        if self.cyclic:
+            return f"{self.kind}(n={self.n}, epochs={math.ceil(self.n / self.min_sep)}, min_sep={self.min_sep})"
+        return f"min-sep(n={self.n}, max_participations={self.max_participations}, min_sep={self.min_sep})"
