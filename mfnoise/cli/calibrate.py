@@ -1,0 +1,88 @@
+"""``mfnoise calibrate``: the noise multiplier that gives (epsilon, delta), by dp-accounting."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from mfnoise import accounting, io
+from mfnoise.cli import schema
+
+HELP = "noise multiplier for a target (epsilon, delta), via dp-accounting (PLD or RDP)"
+DESCRIPTION = """Find the noise multiplier z that makes a sensitivity-normalised MF mechanism (epsilon, delta)-DP.
+
+  mfnoise calibrate --epsilon 8 --delta 1e-5                        (one Gaussian mechanism, any k)
+  mfnoise calibrate --epsilon 8 --delta 1e-5 --n 1000 --epochs 10
+  mfnoise calibrate --epsilon 8 --delta 1e-5 --n 1000 --min-sep 4 --max-participations 250 \\
+      --bands 4 --sampling cyclic-poisson --dataset-size 60000 --batch-size 1000
+
+Noise convention: the noise added to C G has standard deviation z * clip * sens(C, p).
+--sampling none (default): any batches that honour the schema; the mechanism is one Gaussian
+mechanism with noise multiplier z, whatever k is.
+--sampling cyclic-poisson: amplified BandMF (Choquette-Choo et al. 2023): ceil(n / b) rounds of a
+Poisson-subsampled Gaussian with q = batch / (dataset / b); needs a banded strategy (--bands, or a
+strategy FILE) with bands <= min_sep b, and is refused otherwise."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epsilon", type=float, required=True, help="target epsilon")
+    parser.add_argument("--delta", type=float, required=True, help="target delta")
+    schema.add_participation(parser, required=False)
+    parser.add_argument("--sampling", choices=accounting.SAMPLINGS, default="none",
+                        help="none (default) or cyclic-poisson (amplified BandMF)")
+    parser.add_argument("--bands", type=int, help="bands of a column-normalised banded strategy (with cyclic-poisson)")
+    parser.add_argument("--strategy", metavar="FILE", help="a strategy file; its bands and column norms are used")
+    parser.add_argument("--dataset-size", type=int, help="number of training examples (with cyclic-poisson)")
+    parser.add_argument("--batch-size", type=int, help="expected batch size (with cyclic-poisson)")
+    parser.add_argument("--accountant", choices=accounting.ACCOUNTANTS, default="pld",
+                        help="dp-accounting accountant: pld (default, tight) or rdp (fast, looser)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    strategy = io.load(args.strategy) if args.strategy else None
+    if args.n is None and strategy is not None:
+        args.n = strategy.n
+    if args.n is None:
+        if args.epochs is not None or args.min_sep is not None or args.max_participations is not None:
+            raise ValueError("--epochs / --min-sep / --max-participations need --n")
+        p = None
+    else:
+        p = schema.participation(args)
+    kwargs: dict = {}
+    if args.sampling == "cyclic-poisson":
+        if p is None:
+            raise ValueError("--sampling cyclic-poisson needs --n and the schema (--epochs or --min-sep)")
+        kwargs = dict(sampling="cyclic-poisson", dataset_size=args.dataset_size, batch_size=args.batch_size,
+                      strategy=strategy, bands=args.bands)
+        missing = [f"--{k.replace('_', '-')}" for k in ("dataset_size", "batch_size") if kwargs[k] is None]
+        if missing:
+            raise ValueError(f"--sampling cyclic-poisson needs {' and '.join(missing)}")
+    else:
+        given = [f for f, v in (("--dataset-size", args.dataset_size), ("--batch-size", args.batch_size),
+                                ("--bands", args.bands)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only matter with --sampling cyclic-poisson")
+        if strategy is not None:
+            kwargs = dict(strategy=strategy)
+    z = accounting.calibrate(args.epsilon, args.delta, p, accountant=args.accountant, **kwargs)
+    achieved = accounting.epsilon(z, args.delta, p, accountant=args.accountant, **kwargs)
+    out: dict = {
+        "noise_multiplier": z,
+        "epsilon": args.epsilon,
+        "delta": args.delta,
+        "achieved_epsilon": achieved,
+        "accountant": args.accountant,
+        "sampling": args.sampling,
+    }
+    if p is not None:
+        out.update(n=p.n, max_participations=p.max_participations, min_sep=p.min_sep, participation=p.kind)
+    if args.sampling == "cyclic-poisson":
+        amp = accounting.amplification(p, dataset_size=args.dataset_size, batch_size=args.batch_size,
+                                       strategy=strategy, bands=args.bands)
+        out.update(bands=amp.bands, rounds=amp.rounds, sampling_probability=amp.q,
+                   round_noise_multiplier=z * amp.scale)
+    if strategy is not None:
+        out["family"] = strategy.family
+    out["seconds"] = time.perf_counter() - start
+    return out

@@ -1,0 +1,213 @@
+"""mfnoise.accounting against dp-accounting called directly, and its refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mfnoise
+from mfnoise import accounting
+from mfnoise.cli import main as cli_main
+
+from conftest import all_patterns, make_strategy
+
+EPS, DELTA = 8.0, 1e-5
+Z_8 = 0.60023  # the Gaussian mechanism's noise multiplier at (8, 1e-5)
+
+
+def direct(event_fn, eps=EPS, delta=DELTA, acc=dp_accounting.pld.PLDAccountant):
+    return dp_accounting.calibrate_dp_mechanism(acc, event_fn, eps, delta)
+
+
+@pytest.fixture(scope="module")
+def z_pld():
+    """dp-accounting's PLD calibration of one Gaussian mechanism, called directly (once: ~4 s)."""
+    return direct(dp_accounting.GaussianDpEvent)
+
+
+@pytest.fixture(scope="module")
+def z_mfnoise_pld():
+    return mfnoise.calibrate(EPS, DELTA)
+
+
+def test_gaussian_value_at_eps8(z_pld, z_mfnoise_pld):
+    assert z_mfnoise_pld == pytest.approx(Z_8, abs=5e-5)
+    assert z_mfnoise_pld == pytest.approx(z_pld, abs=2e-6)
+    # and the analytic Gaussian mechanism (Balle & Wang), independent of the PLD grid
+    assert z_mfnoise_pld == pytest.approx(dp_accounting.get_sigma_gaussian(EPS, DELTA), abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 16])
+@pytest.mark.parametrize("family", ["identity", "bsr", "sqrt-toeplitz"])
+def test_unamplified_is_one_gaussian_for_any_k(k, family, z_mfnoise_pld):
+    """Sensitivity-normalised MF is one Gaussian mechanism: the same event, hence z, for every k."""
+    n = 32
+    p = mfnoise.Participation.epochs(n, k)
+    strategy = {"identity": mfnoise.Identity(n), "bsr": mfnoise.bsr(n, p.min_sep),
+                "sqrt-toeplitz": mfnoise.sqrt_toeplitz(n)}[family]
+    event = accounting.dp_event(Z_8, p, strategy=strategy)
+    assert event == dp_accounting.GaussianDpEvent(Z_8)
+    # the full PLD search for every (k, family) would cost ~4 s each; RDP is checked instead
+    z_rdp = mfnoise.calibrate(EPS, DELTA, p, strategy=strategy, accountant="rdp")
+    assert z_rdp == pytest.approx(direct(dp_accounting.GaussianDpEvent, acc=dp_accounting.rdp.RdpAccountant),
+                                  abs=2e-6)
+    assert z_rdp > z_mfnoise_pld  # RDP is looser than PLD
+
+
+def test_epsilon_round_trip(z_mfnoise_pld):
+    eps = mfnoise.epsilon(z_mfnoise_pld, DELTA)
+    assert eps <= EPS + 1e-9
+    assert eps == pytest.approx(EPS, abs=1e-3)
+    acc = dp_accounting.pld.PLDAccountant()
+    assert eps == pytest.approx(acc.compose(dp_accounting.GaussianDpEvent(z_mfnoise_pld)).get_epsilon(DELTA))
+
+
+@settings(max_examples=15)
+@given(z=st.floats(0.3, 5.0), delta=st.sampled_from([1e-3, 1e-5, 1e-7]))
+def test_epsilon_rdp_matches_direct(z, delta):
+    acc = dp_accounting.rdp.RdpAccountant()
+    expected = acc.compose(dp_accounting.GaussianDpEvent(z)).get_epsilon(delta)
+    assert mfnoise.epsilon(z, delta, accountant="rdp") == pytest.approx(expected, rel=1e-12)
+
+
+# -- amplified BandMF ----------------------------------------------------------------------------
+def test_amplified_column_normalised_matches_direct():
+    """ceil(n / b) rounds of PoissonSampled(q, Gaussian(z sqrt(k))) with q = batch * b / dataset."""
+    n, b, dataset, batch = 60, 6, 600, 20
+    p = mfnoise.Participation.epochs(n, n // b)
+    rounds, q = 10, batch * b / dataset
+    s = direct(lambda s: dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), rounds),
+        acc=dp_accounting.rdp.RdpAccountant)
+    for kwargs in ({"bands": 4}, {"strategy": mfnoise.bsr(n, 4)}):
+        z = mfnoise.calibrate(EPS, DELTA, p, sampling="cyclic-poisson", dataset_size=dataset,
+                              batch_size=batch, accountant="rdp", **kwargs)
+        # bsr columns all have norm 1, so sens = sqrt(rounds) and the round multiplier is z sqrt(rounds)
+        assert z * math.sqrt(rounds) == pytest.approx(s, abs=1e-5)
+    # amplification helps: less noise than the unamplified Gaussian
+    assert z < mfnoise.calibrate(EPS, DELTA, p, accountant="rdp")
+
+
+def test_amplified_pld_matches_direct():
+    n, b, dataset, batch = 12, 4, 400, 25
+    p = mfnoise.Participation.epochs(n, n // b)
+    q, rounds = batch * b / dataset, 3
+    z = mfnoise.calibrate(EPS, DELTA, p, sampling="cyclic-poisson", dataset_size=dataset, batch_size=batch,
+                          bands=b, pld_discretization=1e-3)
+    make = lambda: dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)  # noqa: E731
+    s = dp_accounting.calibrate_dp_mechanism(make, lambda s: dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), rounds), EPS, DELTA)
+    assert z * math.sqrt(rounds) == pytest.approx(s, abs=1e-5)
+    eps = mfnoise.epsilon(z, DELTA, p, sampling="cyclic-poisson", dataset_size=dataset, batch_size=batch,
+                          bands=b, pld_discretization=1e-3)
+    assert eps <= EPS + 1e-9
+
+
+def test_dpsgd_with_poisson_sampling_is_the_classic_accounting():
+    """Identity with b = 1 (one group: the whole dataset) is DP-SGD with Poisson sampling."""
+    n, dataset, batch, sigma = 50, 1000, 10, 1.1
+    p = mfnoise.Participation(n, n, 1)
+    z = sigma / math.sqrt(n)  # mfnoise's convention: noise = z * clip * sens, sens(I, p) = sqrt(n)
+    event = accounting.dp_event(z, p, sampling="cyclic-poisson", dataset_size=dataset, batch_size=batch,
+                                strategy=mfnoise.Identity(n))
+    classic = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(batch / dataset, dp_accounting.GaussianDpEvent(sigma)), n)
+    acc = dp_accounting.rdp.RdpAccountant
+    assert acc().compose(event).get_epsilon(DELTA) == pytest.approx(acc().compose(classic).get_epsilon(DELTA))
+
+
+@settings(max_examples=20)
+@given(n=st.integers(2, 9), b=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_amplification_scale_against_dense(n, b, seed):
+    """scale = sens(C, p) / max column norm, both computed here from the dense C by brute force."""
+    b = min(b, n)
+    rng = np.random.default_rng(seed)
+    bands = int(rng.integers(1, b + 1))
+    strategy, c = make_strategy("banded", n, rng, bands=bands)
+    p = mfnoise.Participation(n, -(-n // b), b, cyclic=True)
+    sq = np.sum(c**2, axis=0)
+    sens = math.sqrt(max(sq[list(P)].sum() for P in all_patterns(n, p.max_participations, b, True)))
+    amp = accounting.amplification(p, dataset_size=100 * b, batch_size=3, strategy=strategy)
+    assert amp.scale == pytest.approx(sens / math.sqrt(sq.max()), rel=1e-9)
+    assert amp.rounds == -(-n // b) and amp.q == pytest.approx(3 * b / (100 * b)) and amp.bands == bands
+
+
+# -- refusals ------------------------------------------------------------------------------------
+AMP = dict(sampling="cyclic-poisson", dataset_size=1000, batch_size=10)
+
+
+def test_refuses_amplification_with_more_bands_than_min_sep():
+    p = mfnoise.Participation.epochs(40, 10)  # min_sep 4
+    with pytest.raises(ValueError, match=r"bands=5 > min_sep=4.*disjoint supports"):
+        mfnoise.calibrate(EPS, DELTA, p, bands=5, **AMP)
+    with pytest.raises(ValueError, match=r"bands=8 > min_sep=4"):
+        mfnoise.calibrate(EPS, DELTA, p, strategy=mfnoise.bsr(40, 8), **AMP)
+    with pytest.raises(ValueError, match=r"bands=40 > min_sep=4"):  # a full (non-banded-enough) Toeplitz
+        mfnoise.epsilon(1.0, DELTA, p, strategy=mfnoise.sqrt_toeplitz(40), **AMP)
+
+
+@pytest.mark.parametrize("strategy", [mfnoise.BLT([0.5], [0.3], 40), mfnoise.bisr(40, 2),
+                                      mfnoise.Dense(np.eye(40))])
+def test_refuses_amplification_for_non_banded_strategies(strategy):
+    p = mfnoise.Participation.epochs(40, 10)
+    with pytest.raises(ValueError, match="only proved for banded strategies"):
+        mfnoise.calibrate(EPS, DELTA, p, strategy=strategy, **AMP)
+
+
+def test_other_refusals():
+    p = mfnoise.Participation.epochs(40, 10)
+    with pytest.raises(ValueError, match="q = .* > 1"):
+        mfnoise.calibrate(EPS, DELTA, p, bands=2, sampling="cyclic-poisson", dataset_size=40, batch_size=20)
+    with pytest.raises(ValueError, match="needs the strategy or its number of bands"):
+        mfnoise.calibrate(EPS, DELTA, p, **AMP)
+    with pytest.raises(ValueError, match="needs the participation"):
+        mfnoise.calibrate(EPS, DELTA, bands=2, **AMP)
+    with pytest.raises(ValueError, match="only matter with sampling='cyclic-poisson'"):
+        mfnoise.calibrate(EPS, DELTA, p, dataset_size=100)
+    with pytest.raises(ValueError, match="allows only max_participations=3"):
+        mfnoise.calibrate(EPS, DELTA, mfnoise.Participation(40, 3, 4), bands=2, **AMP)
+    with pytest.raises(ValueError, match="has n=30"):
+        mfnoise.calibrate(EPS, DELTA, p, strategy=mfnoise.bsr(30, 2), **AMP)
+    with pytest.raises(ValueError, match="unknown accountant"):
+        mfnoise.calibrate(EPS, DELTA, accountant="moments")
+    with pytest.raises(ValueError, match="delta"):
+        mfnoise.calibrate(EPS, 0.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        mfnoise.calibrate(0.0, DELTA)
+
+
+# -- command line --------------------------------------------------------------------------------
+def run_cli(capsys, *argv):
+    code = cli_main(["calibrate", "--json", *argv])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_cli_calibrate(capsys):
+    code, out = run_cli(capsys, "--epsilon", "8", "--delta", "1e-5", "--n", "100", "--epochs", "4",
+                        "--accountant", "rdp")
+    assert code == 0
+    assert {"noise_multiplier", "epsilon", "delta", "accountant", "achieved_epsilon"} <= out.keys()
+    assert out["noise_multiplier"] == pytest.approx(
+        direct(dp_accounting.GaussianDpEvent, acc=dp_accounting.rdp.RdpAccountant), abs=2e-6)
+    assert out["max_participations"] == 4 and out["min_sep"] == 25 and out["accountant"] == "rdp"
+
+    code, out = run_cli(capsys, "--epsilon", "8", "--delta", "1e-5", "--n", "100", "--epochs", "20",
+                        "--sampling", "cyclic-poisson", "--bands", "5", "--dataset-size", "1000",
+                        "--batch-size", "50", "--accountant", "rdp")
+    assert code == 0
+    assert out["rounds"] == 20 and out["sampling_probability"] == pytest.approx(0.25)
+    assert out["round_noise_multiplier"] == pytest.approx(out["noise_multiplier"] * math.sqrt(20))
+
+
+def test_cli_refuses_amplification(capsys):
+    code, out = run_cli(capsys, "--epsilon", "8", "--delta", "1e-5", "--n", "100", "--epochs", "20",
+                        "--sampling", "cyclic-poisson", "--bands", "6", "--dataset-size", "1000",
+                        "--batch-size", "50")
+    assert code == 2
+    assert "bands=6 > min_sep=5" in out["error"]
