@@ -56,14 +56,22 @@ def blt_inverse(theta: np.ndarray, omega: np.ndarray) -> tuple[np.ndarray, np.nd
 
     theta' are the reciprocal roots of N; by partial fractions of D / N at x = 1 / theta'_i,
     omega'_i = theta'_i * D(1/theta'_i) / prod_{l != i} (1 - theta'_l / theta'_i).
+    With omega > 0 the theta' are the roots y of the secular equation 1 + sum_i omega_i / (y - theta_i)
+    = 0, one below theta_1 and one between each pair of consecutive theta_i; they are found by
+    bisection in those brackets, which stays accurate when decays cluster next to 1 (the
+    polynomial roots of N lose all accuracy there). Otherwise np.roots of N.
     Raises ValueError when the result is not real with distinct decays.
     """
-    num, den = rational(theta, omega)
-    # Reciprocal roots of N(x) = sum_k num[k] x^k are the roots of y^d N(1/y).
-    new_theta = np.roots(num)
-    if new_theta.size != len(theta) or np.any(np.abs(new_theta.imag) > 1e-9 * (1 + np.abs(new_theta.real))):
-        raise ValueError(f"BLT inverse has non-real or missing decays {new_theta}")
-    new_theta = np.sort(new_theta.real)
+    theta = np.asarray(theta, np.float64)
+    omega = np.asarray(omega, np.float64)
+    new_theta = _secular_roots(theta, omega)
+    if new_theta is None:
+        num, _ = rational(theta, omega)
+        # Reciprocal roots of N(x) = sum_k num[k] x^k are the roots of y^d N(1/y).
+        new_theta = np.roots(num)
+        if new_theta.size != len(theta) or np.any(np.abs(new_theta.imag) > 1e-9 * (1 + np.abs(new_theta.real))):
+            raise ValueError(f"BLT inverse has non-real or missing decays {new_theta}")
+        new_theta = np.sort(new_theta.real)
     if np.any(np.diff(new_theta) == 0):
         raise ValueError(f"BLT inverse has repeated decays {new_theta}")
     new_omega = np.empty_like(new_theta)
@@ -73,6 +81,26 @@ def blt_inverse(theta: np.ndarray, omega: np.ndarray) -> tuple[np.ndarray, np.nd
         others = np.prod(1.0 - np.delete(new_theta, i) / th) if th != 0 else 1.0
         new_omega[i] = th * d_val / others
     return new_theta, new_omega
+
+
+def _secular_roots(theta: np.ndarray, omega: np.ndarray) -> np.ndarray | None:
+    """Roots of f(y) = 1 + sum_i omega_i / (y - theta_i) by bisection (None unless omega > 0, distinct theta)."""
+    order = np.argsort(theta)
+    th, om = theta[order], omega[order]
+    if np.any(om <= 0) or np.any(np.diff(th) <= 0):
+        return None
+    # f increases from 1 - ... : on (-inf, th_0) it falls from 1 to -inf; on (th_{i-1}, th_i) from +inf to -inf.
+    lo = np.concatenate([[th[0] - om.sum() - 1.0], th[:-1]])
+    hi = th.copy()
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if np.all((mid == lo) | (mid == hi)):
+            break
+        f = 1.0 + (om[None, :] / (mid[:, None] - th[None, :])).sum(axis=1)
+        pos = f > 0
+        lo = np.where(pos, mid, lo)
+        hi = np.where(pos, hi, mid)
+    return 0.5 * (lo + hi)
 
 
 @frozen_dataclass
@@ -117,13 +145,18 @@ class BLT(Strategy):
         return series.to_dense(self.toeplitz_coeffs(), self.n)
 
     def apply(self, z: np.ndarray) -> np.ndarray:
-        """C z by the recurrence N / D, z of shape (n, ...)."""
-        num, den = rational(self.theta, self.omega)
-        return scipy.signal.lfilter(num, den, np.asarray(z, np.float64), axis=0)
+        """C z = z + sum_i omega_i F_i z, F_i = x / (1 - theta_i x): d stable first-order recurrences."""
+        return _parallel_filter(self.theta, self.omega, z)
 
     def inverse_apply(self, z: np.ndarray) -> np.ndarray:
-        num, den = rational(self.theta, self.omega)
-        return scipy.signal.lfilter(den, num, np.asarray(z, np.float64), axis=0)
+        """C^{-1} z by the inverse BLT's first-order recurrences (stable for decays next to 1, unlike
+        one order-d recurrence N / D whose polynomial coefficients lose the clustered roots)."""
+        if _secular_roots(np.asarray(self.theta), np.asarray(self.omega)) is None:
+            # omega of mixed signs: the inverse's decays may be complex; one order-d recurrence.
+            num, den = rational(self.theta, self.omega)
+            return scipy.signal.lfilter(den, num, np.asarray(z, np.float64), axis=0)
+        theta_inv, omega_inv = blt_inverse(self.theta, self.omega)
+        return _parallel_filter(theta_inv, omega_inv, z)
 
     def sensitivity(self, p: Participation) -> sens_lib.Sensitivity:
         self._check_participation(p)
@@ -138,6 +171,15 @@ class BLT(Strategy):
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "BLT":
         return cls(arrays["theta"], arrays["omega"], int(params["n"]))
+
+
+def _parallel_filter(theta: np.ndarray, omega: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """(I + sum_i omega_i T_i) z with T_i the Toeplitz matrix of x / (1 - theta_i x), z of shape (n, ...)."""
+    z = np.asarray(z, np.float64)
+    out = z.copy()
+    for th, om in zip(np.asarray(theta, np.float64), np.asarray(omega, np.float64)):
+        out += om * scipy.signal.lfilter([0.0, 1.0], [1.0, -th], z, axis=0)
+    return out
 
 
 register(BLT, data_fields=["theta", "omega"], meta_fields=["n"])
