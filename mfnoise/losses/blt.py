@@ -1,0 +1,301 @@
+"""Optimization problem for BLT (buffered linear Toeplitz) strategies, in closed form.
+
+A BLT with d buffers is the Toeplitz C with c(x) = N(x) / D(x), D = prod_i (1 - theta_i x),
+N = prod_k (1 - theta'_k x), and C^{-1} is the BLT with decays theta' ("Efficient and Near-Optimal
+Noise Generation for Streaming Differential Privacy", Dvijotham et al. 2024; mfnoise.blt).
+
+Parametrisation. The 2d decays interlace, 0 < theta'_1 < theta_1 < theta'_2 < ... < theta'_d <
+theta_d < 1, which is exactly the set of BLTs with output scales omega_i > 0 whose inverse has
+positive decays. Then c_0 = 1 >= c_1 = sum_i omega_i = sum_i (theta_i - theta'_i) > 0 and
+c_j > 0 decreases, so the exact Toeplitz sensitivity (pattern {0, b, 2b, ...}) applies to any
+participation schema. The decays are held as delta = 1 - theta in log space (precision next to
+1 for n up to 10^7 and more): log delta_(1) = -softplus(v_1), log delta_(k+1) = log delta_(k) -
+softplus(v_{k+1}), the odd-ranked ones theta', the even-ranked ones theta. Any v in R^{2d} is valid.
+
+Closed forms (no loss term touches n elements). Every sequence is a sum of geometric ones:
+* c_j = s_0 [j = 0] + sum_i r_i theta_i^j, r_i = omega_i / theta_i = res_{1/theta_i} N / D.
+* for a rational workload a(x) = eta / prod_p (1 - alpha_p x) (prefix sum: alpha = 1; momentum
+  beta with constant learning rate: alpha = 1, beta), b = a / c = eta D / (prod_p (1 - alpha_p x) N)
+  = sum_m A_m rho_m^j over the poles rho = (alpha, theta'), by partial fractions.
+* sum_{j<n} s_j^2 and sum_{j<n} (n - j) s_j^2 of s_j = sum_m A_m rho_m^j are
+  sum_{m,l} A_m A_l G_n(rho_m rho_l) and sum A_m A_l H_n(rho_m rho_l) with
+  G_n(q) = sum_{j<n} q^j, H_n(q) = sum_{j<n} (n - j) q^j, evaluated stably for q next to 1.
+* sens^2 = sum_{i, j in P} X[i, j], P = {0, b, ..., (m-1) b}, X[i, j] = sum_{l<=n-1-j} c_l c_{l+j-i}:
+  O(m^2 d^2).
+Other Toeplitz workloads use the materialised b = a * (1 / c) (O(n d + n log n)).
+
+The loss is log(objective), objective = max_error or rmse. The final strategy's numbers come from
+mfnoise.error.evaluate.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mfnoise.blt import BLT
+from mfnoise.losses import Problem
+from mfnoise.losses.toeplitz import series_multiply, workload_coeffs
+from mfnoise.participation import Participation
+from mfnoise.workloads import Workload
+
+DEFAULT_BUFFERS = 4
+SERIES_TERMS = 16
+SMALL_X = 0.5
+
+
+# -- stable geometric sums -----------------------------------------------------------------------
+def power_sums(n: int, k_max: int) -> np.ndarray:
+    """S_k = sum_{j<n} j^k for k = 0..k_max, exactly (sum_{i<=k} C(k+1, i) S_i = n^{k+1})."""
+    s: list[Fraction] = []
+    for k in range(k_max + 1):
+        acc = Fraction(n) ** (k + 1) - sum(math.comb(k + 1, i) * s[i] for i in range(k))
+        s.append(acc / (k + 1))
+    return np.array([float(x) for x in s])
+
+
+def _psi(eps: jax.Array) -> jax.Array:
+    """-log1p(-eps) / eps (-> 1 as eps -> 0), eps in [0, 1)."""
+    small = eps < 1e-8
+    safe = jnp.where(small, 0.5, eps)
+    return jnp.where(small, 1.0 + eps / 2, -jnp.log1p(-safe) / safe)
+
+
+def _phi(x: jax.Array) -> jax.Array:
+    """-expm1(-x) / x (-> 1 as x -> 0), x >= 0."""
+    small = x < 1e-8
+    safe = jnp.where(small, 1.0, x)
+    return jnp.where(small, 1.0 - x / 2, -jnp.expm1(-safe) / safe)
+
+
+def geometric_sums(eps: jax.Array, n: jax.Array | int, sums: np.ndarray | None = None,
+                   weighted: bool = False) -> jax.Array:
+    """G_n(q) = sum_{j<n} q^j, or H_n(q) = sum_{j<n} (n - j) q^j if ``weighted``, q = 1 - eps.
+
+    eps in [0, 1) (elementwise, any shape); n broadcasts (int or array) for G, must be a Python
+    int for H (``sums`` = power_sums(n, SERIES_TERMS)). With L = -log(q), x = n L:
+    G = n phi(x) psi(eps); H = G + (n - G) / eps with n - G = sum_{j<n} (1 - e^{-jL}) from its
+    alternating series in L when x is small (no cancellation), else directly.
+    """
+    big_l = eps * _psi(eps)
+    x = n * big_l
+    g = n * _phi(x) * _psi(eps)
+    if not weighted:
+        return g
+    small = x < SMALL_X
+    # (n - G) / eps = psi * sum_{k>=1} (-1)^{k+1} L^{k-1} S_k / k!
+    l_small = jnp.where(small, big_l, 0.0)
+    series = 0.0
+    for k in range(SERIES_TERMS, 0, -1):  # Horner in L
+        series = series * l_small + (-1) ** (k + 1) * sums[k] / math.factorial(k)
+    series = series * _psi(eps)
+    eps_safe = jnp.where(small, 1.0, eps)
+    direct = (n - g) / eps_safe
+    return g + jnp.where(small, series, direct)
+
+
+# -- decays and residues -------------------------------------------------------------------------
+def log_deltas(v: jax.Array) -> jax.Array:
+    """log(1 - decay) of the 2d interlaced decays, decreasing (decays increasing), shape (2d,)."""
+    return -jnp.cumsum(jax.nn.softplus(v))
+
+
+def split(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(delta, delta') = 1 - (theta, theta') from the parameters (each shape (d,))."""
+    ld = log_deltas(v)
+    return jnp.exp(ld[1::2]), jnp.exp(ld[0::2])
+
+
+def _residues(eps_poles: jax.Array, eps_zeros: jax.Array, extra_power: int = 0) -> jax.Array:
+    """A_m of P / prod_m (1 - rho_m x), P = prod_z (1 - zeta_z x), in 1 - decay coordinates.
+
+    A_m = rho_m^extra_power prod_z (eps_z - eps_m) / prod_{l != m} (eps_l - eps_m), where the
+    extra power is (#poles - 1 - #zeros) (rho_m^(M-1-Z) from clearing 1/rho_m factors).
+    """
+    diff_z = eps_zeros[None, :] - eps_poles[:, None]  # (M, Z)
+    diff_p = eps_poles[None, :] - eps_poles[:, None]  # (M, M)
+    diff_p = diff_p + jnp.eye(eps_poles.shape[0])
+    res = jnp.prod(diff_z, axis=1) / jnp.prod(diff_p, axis=1)
+    if extra_power:
+        res = res * (1.0 - eps_poles) ** extra_power
+    return res
+
+
+def strategy_terms(delta: jax.Array, delta_inv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(s0, r): c_j = s0 [j = 0] + sum_i r_i theta_i^j, with c_0 = s0 + sum r = 1."""
+    theta = 1.0 - delta
+    # r_i = prod_k (theta_i - theta'_k) / (theta_i prod_{l != i} (theta_i - theta_l))
+    r = _residues(delta, delta_inv) / theta
+    s0 = 1.0 - jnp.sum(r)
+    return s0, r
+
+
+def rational_workload(workload: Workload) -> tuple[float, np.ndarray] | None:
+    """(eta, alpha) with a(x) = eta / prod_p (1 - alpha_p x), or None for other workloads."""
+    if not workload.is_toeplitz:
+        return None
+    a = np.asarray(workload.coeffs, np.float64)
+    n = a.size
+    d = np.arange(n)
+    if workload.beta is not None and 0.0 < workload.beta < 1.0:
+        beta = float(workload.beta)
+        eta = float(a[0])
+        if np.allclose(a, eta * (1.0 - beta ** (d + 1)) / (1.0 - beta), rtol=1e-12, atol=0):
+            return eta, np.array([1.0, beta])
+    if np.all(a == a[0]) and a[0] > 0:
+        return float(a[0]), np.array([1.0])
+    return None
+
+
+def decoder_terms(delta: jax.Array, delta_inv: jax.Array, eta: float, alpha: np.ndarray):
+    """(A, eps): b_j = sum_m A_m (1 - eps_m)^j for a = eta / prod_p (1 - alpha_p x)."""
+    eps_poles = jnp.concatenate([jnp.asarray(1.0 - alpha), delta_inv])
+    m = eps_poles.shape[0]
+    d = delta.shape[0]
+    return eta * _residues(eps_poles, delta, extra_power=m - 1 - d), eps_poles
+
+
+def pair_eps(eps: jax.Array) -> jax.Array:
+    """1 - rho_m rho_l for all pairs, shape (M, M)."""
+    return eps[:, None] + eps[None, :] - eps[:, None] * eps[None, :]
+
+
+def sum_squares(amps: jax.Array, eps: jax.Array, n: int, sums: np.ndarray, weighted: bool) -> jax.Array:
+    """sum_{j<n} w_j s_j^2 for s_j = sum_m amps_m (1 - eps_m)^j, w = 1 or n - j."""
+    g = geometric_sums(pair_eps(eps), n, sums, weighted)
+    return amps @ g @ amps
+
+
+def sensitivity_squared(s0: jax.Array, r: jax.Array, delta: jax.Array, p: Participation) -> jax.Array:
+    """sens^2 = sum_{i,j in {0, b, ..}} X[i, j] for c_j = s0 [j = 0] + sum_i r_i theta_i^j (c >= 0 decreasing)."""
+    n, b = p.n, p.min_sep
+    m = p.reachable_participations
+    # Pairs (i, j) = (a b, (a + q) b): lag d = q b, last index L = n - 1 - j (terms l = 0..L).
+    qs, lens, weights = [], [], []
+    for q in range(m):
+        for a_ in range(m - q):
+            j = (a_ + q) * b
+            qs.append(q * b)
+            lens.append(n - j)  # number of terms L + 1
+            weights.append(1.0 if q == 0 else 2.0)
+    lag = np.array(qs, np.float64)
+    count = np.array(lens, np.float64)
+    w = np.array(weights)
+    eps2 = pair_eps(delta)  # (d, d)
+    big_l = -jnp.log1p(-delta)  # -log theta
+    # sum_{l<=L} c_l c_{l+lag}: s0 c_lag + sum_{i,k} r_i r_k theta_k^lag G_{L+1}(theta_i theta_k), plus
+    # s0^2 + 2 s0 sum r for lag = 0 (c_0 = s0 + sum r).
+    g = geometric_sums(eps2[None], count[:, None, None])  # (P, d, d)
+    theta_lag = jnp.exp(-lag[:, None] * big_l[None, :])  # (P, d)
+    geo = jnp.einsum("i,k,pk,pik->p", r, r, theta_lag, g)
+    c_lag = theta_lag @ r
+    head = jnp.where(lag == 0, s0 * s0 + 2.0 * s0 * jnp.sum(r), s0 * c_lag)
+    return jnp.sum(w * (geo + head))
+
+
+# -- the problem -----------------------------------------------------------------------------------
+def init_params(buffers: int, n: int) -> np.ndarray:
+    """v whose 2d decays have 1 - decay log-spaced from 1/2 down to about 1/n (an exponential-sum
+    quadrature of the square root's j^(-1/2) decay)."""
+    k = 2 * buffers
+    ld = np.linspace(np.log(0.5), np.log(0.5 / n), k) if k > 1 else np.array([np.log(0.5)])
+    gaps = -np.diff(np.concatenate([[0.0], ld]))
+    return np.log(np.expm1(gaps))  # softplus^{-1}
+
+
+def params_from_blt(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    """v for a BLT with omega > 0 (its inverse decays must be positive and distinct)."""
+    from mfnoise.blt import blt_inverse
+
+    theta = np.sort(np.asarray(theta, np.float64))
+    inv_theta, _ = blt_inverse(theta, np.asarray(omega, np.float64)[np.argsort(theta)])
+    decays = np.empty(2 * theta.size)
+    decays[0::2], decays[1::2] = np.sort(inv_theta), theta
+    if np.any(np.diff(decays) <= 0) or decays[0] <= 0 or decays[-1] >= 1:
+        raise ValueError("init BLT must have omega > 0 and positive inverse decays (interlacing)")
+    ld = np.log1p(-decays)
+    gaps = -np.diff(np.concatenate([[0.0], ld]))
+    return np.log(np.expm1(gaps))
+
+
+def problem(workload: Workload, participation: Participation, *, objective: str = "rmse",
+            bands: int | None = None, buffers: int | None = None, init=None) -> Problem:
+    """min over v in R^{2d} of log(objective) for the BLT with d = ``buffers`` (see module docstring).
+
+    ``init``: None (log-spaced decays), a parameter vector v of length 2 * buffers, or a BLT
+    (its decays must interlace with its inverse's, i.e. omega > 0).
+    """
+    p = participation
+    n = p.n
+    if workload.n != n:
+        raise ValueError(f"workload has n={workload.n}, participation has n={n}")
+    if objective not in ("rmse", "max"):
+        raise ValueError(f"objective must be 'rmse' or 'max', got {objective!r}")
+    if bands is not None:
+        raise ValueError("bands applies to banded families, not blt (use buffers)")
+    d = DEFAULT_BUFFERS if buffers is None else int(buffers)
+    if d < 1:
+        raise ValueError(f"buffers must be positive, got {d}")
+    if init is None:
+        v0 = init_params(d, n)
+    elif isinstance(init, BLT):
+        if init.buffers != d:
+            raise ValueError(f"init BLT has {init.buffers} buffers, expected {d}")
+        v0 = params_from_blt(init.theta, init.omega)
+    else:
+        v0 = np.asarray(init, np.float64)
+        if v0.shape != (2 * d,):
+            raise ValueError(f"init has shape {v0.shape}, expected ({2 * d},)")
+    rational = rational_workload(workload)
+    a = None if rational is not None else workload_coeffs(workload)
+    weighted = objective == "rmse"
+    sums = power_sums(n, SERIES_TERMS)
+
+    def loss(v: jax.Array) -> jax.Array:
+        delta, delta_inv = split(v)
+        s0, r = strategy_terms(delta, delta_inv)
+        sens2 = sensitivity_squared(s0, r, delta, p)
+        if rational is not None:
+            amps, eps = decoder_terms(delta, delta_inv, *rational)
+            err2 = sum_squares(amps, eps, n, sums, weighted)
+        else:
+            b = materialized_decoder(delta, delta_inv, jnp.asarray(a), n)
+            w = jnp.arange(n, 0, -1, dtype=b.dtype) if weighted else 1.0
+            err2 = jnp.sum(w * b * b)
+        if weighted:
+            err2 = err2 / n
+        return 0.5 * (jnp.log(sens2) + jnp.log(err2))
+
+    def to_strategy(v: np.ndarray) -> BLT:
+        with jax.enable_x64(True):
+            delta, delta_inv = split(jnp.asarray(v, jnp.float64))
+            _, r = strategy_terms(delta, delta_inv)
+            theta = 1.0 - np.asarray(delta)
+            omega = np.asarray(r) * theta
+        return BLT(theta, omega, n)
+
+    return Problem(
+        x0=np.asarray(v0, np.float64),
+        value_and_grad=jax.value_and_grad(loss),
+        to_strategy=to_strategy,
+        bounds=None,
+        name=f"blt(n={n}, buffers={d}, {objective})",
+    )
+
+
+def inverse_coeffs(delta: jax.Array, delta_inv: jax.Array, n: int) -> jax.Array:
+    """First n coefficients of 1 / c = D / N (materialised, O(n d))."""
+    amps = _residues(delta_inv, delta, extra_power=-1)  # prod (eps_z - eps_m) / (rho_m prod ...)
+    s0_inv = 1.0 - jnp.sum(amps)
+    j = jnp.arange(n, dtype=delta.dtype)
+    geo = jnp.exp(-j[:, None] * (-jnp.log1p(-delta_inv))[None, :]) @ amps
+    return geo.at[0].add(s0_inv)
+
+
+def materialized_decoder(delta: jax.Array, delta_inv: jax.Array, a: jax.Array, n: int) -> jax.Array:
+    """b = a * (1 / c) mod x^n, shape (n,) (any Toeplitz workload)."""
+    return series_multiply(a, inverse_coeffs(delta, delta_inv, n), n)

@@ -1,0 +1,306 @@
+"""Offline strategy optimization: ``mfnoise.optimize(workload, participation, family=...)``.
+
+Each family has a problem module (``mfnoise.losses.<family>``) giving a flat float64 parameter
+vector, a jittable loss (an increasing function of rmse or max_error) with its gradient, and the
+map back to a Strategy. Here a quasi-Newton method minimises it:
+
+* ``method="scipy"`` (default): scipy's L-BFGS-B (Byrd, Lu, Nocedal & Zhu 1995) on the jitted
+  float64 value-and-gradient; box bounds are honoured. benchmarks/optimize.py compares it with
+  ``method="optax"`` (optax.lbfgs with its zoom line search, one jitted step per iteration).
+* Stopping on a tolerance: relative decrease of the loss below ``tol`` (L-BFGS-B's ftol) or
+  projected gradient below ``gtol``, with ``max_iterations`` as a safety net only.
+* Progress: a tqdm bar on stderr (loss, iteration) once a run has lasted ``progress_delay``
+  seconds; ``callback(Progress)`` after every iteration (return True to stop); Ctrl-C stops the
+  run and keeps the best strategy found so far (``report["interrupted"]``).
+
+The returned strategy's sensitivity, rmse and max_error are always recomputed by the
+foundation's exact routines (``mfnoise.error.evaluate``), never taken from the loss.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+from mfnoise import error
+from mfnoise.losses import Problem
+from mfnoise.participation import Participation
+from mfnoise.strategy import Strategy
+from mfnoise.workloads import Workload, parse
+
+PROBLEMS = {
+    "banded": "mfnoise.losses.banded",
+    "dense": "mfnoise.losses.dense",
+    "banded-toeplitz": "mfnoise.losses.toeplitz",
+    "blt": "mfnoise.losses.blt",
+}
+METHODS = ("scipy", "optax")
+
+
+class Progress(NamedTuple):
+    """What ``callback`` receives after each iteration."""
+
+    iteration: int
+    loss: float
+    best_loss: float
+    seconds: float
+    x: np.ndarray
+
+
+class _Tracker:
+    """Records every evaluated point and keeps the best one (what Ctrl-C returns)."""
+
+    def __init__(self) -> None:
+        self.best_x: np.ndarray | None = None
+        self.best_loss = math.inf
+        self.evaluations = 0
+
+    def see(self, x: np.ndarray, loss: float) -> None:
+        self.evaluations += 1
+        if math.isfinite(loss) and loss < self.best_loss:
+            self.best_loss = loss
+            self.best_x = np.array(x, dtype=np.float64, copy=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def problem_module(family: str):
+    """The problem module of a family (ValueError naming the families if unknown)."""
+    if family not in PROBLEMS:
+        raise ValueError(f"unknown family {family!r}: expected one of {sorted(PROBLEMS)}")
+    try:
+        return importlib.import_module(PROBLEMS[family])
+    except ModuleNotFoundError as e:
+        if e.name == PROBLEMS[family]:
+            raise ValueError(f"family {family!r} is not available in this build ({e.name} missing)") from None
+        raise
+
+
+def optimize(
+    workload: Workload | str,
+    participation: Participation,
+    family: str = "banded-toeplitz",
+    *,
+    bands: int | None = None,
+    buffers: int | None = None,
+    objective: str = "rmse",
+    init: Any = None,
+    method: str = "scipy",
+    tol: float = 1e-12,
+    gtol: float = 1e-9,
+    max_iterations: int = 20_000,
+    max_seconds: float | None = None,
+    callback: Callable[[Progress], bool | None] | None = None,
+    progress: bool | None = None,
+    progress_delay: float = 2.0,
+) -> tuple[Strategy, dict]:
+    """Finds a strategy of ``family`` minimising ``objective`` for ``workload`` under ``participation``.
+
+    Args:
+      workload: a Workload (or its spec string, e.g. "prefix", "momentum:0.9") of size n.
+      participation: the schema the strategy must be private for (its sensitivity is exact for it).
+      family: "banded" (column-normalised BandMF), "banded-toeplitz", "blt" or "dense".
+      bands / buffers: the size of the banded / BLT strategy (family defaults when None).
+      objective: "rmse" (sens * ||A C^-1||_F / sqrt(n)) or "max" (sens * max row norm).
+      init: the family's initial value (see its problem module); default a closed form.
+      method: "scipy" (L-BFGS-B) or "optax" (optax.lbfgs).
+      tol, gtol: stop when the relative loss decrease is below tol or the gradient below gtol.
+      max_iterations, max_seconds: safety limits (the report says when one of them stopped it).
+      callback: called with a Progress after each iteration; returning True stops the run.
+      progress: show a progress bar on stderr (None: only once the run lasts progress_delay s).
+
+    Returns:
+      (strategy, report): report has family, n, objective, method, iterations, evaluations,
+      history (the loss after each iteration), initial_loss, loss, seconds (total wall time),
+      optimize_seconds, converged, stopped (why), interrupted, and the exact sensitivity,
+      sensitivity_exact, rmse and max_error from ``mfnoise.error.evaluate``.
+    """
+    start = time.perf_counter()
+    if not isinstance(participation, Participation):
+        raise TypeError(f"participation must be a Participation, got {type(participation).__name__}")
+    if isinstance(workload, str):
+        workload = parse(workload, participation.n)
+    if workload.n != participation.n:
+        raise ValueError(f"workload has n={workload.n} but participation has n={participation.n}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    module = problem_module(family)
+    with jax.enable_x64(True):
+        prob = module.problem(workload, participation, objective=objective, bands=bands, buffers=buffers, init=init)
+        run = _run_scipy if method == "scipy" else _run_optax
+        result = run(prob, tol=tol, gtol=gtol, max_iterations=max_iterations, max_seconds=max_seconds,
+                     callback=callback, progress=progress, progress_delay=progress_delay, start=start)
+    optimize_seconds = time.perf_counter() - start
+    strategy = prob.to_strategy(result["x"])
+    exact = error.evaluate(strategy, workload, participation)
+    report = {
+        "family": family,
+        "n": participation.n,
+        "max_participations": participation.max_participations,
+        "min_sep": participation.min_sep,
+        "participation": participation.kind,
+        "workload": workload.name,
+        **strategy.params(),
+        "objective": objective,
+        "method": method,
+        "problem": prob.name,
+        "iterations": result["iterations"],
+        "evaluations": result["evaluations"],
+        "history": result["history"],
+        "initial_loss": result["initial_loss"],
+        "loss": result["loss"],
+        "converged": result["converged"],
+        "stopped": result["stopped"],
+        "interrupted": result["stopped"] == "interrupted",
+        "optimize_seconds": optimize_seconds,
+        **exact,
+    }
+    report["seconds"] = time.perf_counter() - start
+    return strategy, report
+
+
+def _progress_bar(prob: Problem, progress: bool | None, delay: float):
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=prob.name or "optimize", unit="it", file=sys.stderr, leave=False,
+                disable=progress is False, delay=0.0 if progress else delay, dynamic_ncols=True)
+
+
+def _jitted(prob: Problem):
+    vg = jax.jit(prob.value_and_grad)
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        v, g = vg(jnp.asarray(x, jnp.float64))
+        return float(v), np.asarray(g, np.float64)
+
+    return fun
+
+
+def _run_scipy(prob: Problem, *, tol, gtol, max_iterations, max_seconds, callback, progress,
+               progress_delay, start) -> dict:
+    fun = _jitted(prob)
+    tracker = _Tracker()
+    history: list[float] = []
+    x0 = np.asarray(prob.x0, np.float64)
+    initial_loss, _ = fun(x0)
+    tracker.see(x0, initial_loss)
+    bar = _progress_bar(prob, progress, progress_delay)
+    stopped = None
+
+    def f(x):
+        v, g = fun(x)
+        tracker.see(x, v)
+        if not math.isfinite(v) or not np.all(np.isfinite(g)):
+            # Outside the loss's domain (e.g. an overflowing trial step): a wall the line search backs off from.
+            return 1e300, np.zeros_like(x)
+        return v, g
+
+    def cb(intermediate_result):
+        nonlocal stopped
+        v = float(intermediate_result.fun)
+        history.append(v)
+        bar.update(1)
+        bar.set_postfix(loss=f"{v:.8g}", refresh=False)
+        if callback is not None and callback(Progress(len(history), v, tracker.best_loss,
+                                                      time.perf_counter() - start, intermediate_result.x)):
+            stopped = "callback"
+            raise StopIteration
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            stopped = "max_seconds"
+            raise StopIteration
+
+    bounds = None
+    if prob.bounds is not None:
+        bounds = list(zip(np.asarray(prob.bounds[0], np.float64), np.asarray(prob.bounds[1], np.float64)))
+    converged = False
+    try:
+        res = scipy.optimize.minimize(
+            f, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=cb,
+            options={"maxiter": max_iterations, "ftol": tol, "gtol": gtol, "maxcor": 30, "maxls": 40},
+        )
+        if stopped is None:
+            converged = res.status == 0
+            stopped = "converged" if converged else ("max_iterations" if res.status == 1 else str(res.message))
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    finally:
+        bar.close()
+    return {"x": tracker.best_x, "loss": tracker.best_loss, "initial_loss": initial_loss, "history": history,
+            "iterations": len(history), "evaluations": tracker.evaluations, "converged": converged,
+            "stopped": stopped}
+
+
+def _run_optax(prob: Problem, *, tol, gtol, max_iterations, max_seconds, callback, progress,
+               progress_delay, start) -> dict:
+    import optax
+
+    loss_fn = lambda x: prob.value_and_grad(x)[0]  # noqa: E731
+    opt = optax.lbfgs(memory_size=30)
+    lower = upper = None
+    if prob.bounds is not None:
+        lower = jnp.asarray(prob.bounds[0], jnp.float64)
+        upper = jnp.asarray(prob.bounds[1], jnp.float64)
+
+    @jax.jit
+    def step(x, state):
+        v, g = prob.value_and_grad(x)
+        updates, state = opt.update(g, state, x, value=v, grad=g, value_fn=loss_fn)
+        x_new = optax.apply_updates(x, updates)
+        if lower is not None:
+            x_new = jnp.clip(x_new, lower, upper)  # projection: optax.lbfgs has no bounds
+        return x_new, state, v, g
+
+    tracker = _Tracker()
+    history: list[float] = []
+    x = jnp.asarray(prob.x0, jnp.float64)
+    state = opt.init(x)
+    bar = _progress_bar(prob, progress, progress_delay)
+    stopped = None
+    initial_loss = None
+    prev = math.inf
+    try:
+        for it in range(max_iterations + 1):
+            x_new, state, v, g = step(x, state)
+            v = float(v)
+            tracker.see(np.asarray(x), v)
+            if initial_loss is None:
+                initial_loss = v
+            else:
+                history.append(v)
+                bar.update(1)
+                bar.set_postfix(loss=f"{v:.8g}", refresh=False)
+                if callback is not None and callback(Progress(len(history), v, tracker.best_loss,
+                                                              time.perf_counter() - start, np.asarray(x))):
+                    stopped = "callback"
+                    break
+            gnorm = float(jnp.max(jnp.abs(g)))
+            if not math.isfinite(v):
+                stopped = "non-finite loss"
+                break
+            if gnorm <= gtol or (prev - v) <= tol * max(abs(v), abs(prev), 1.0) and it > 0:
+                stopped = "converged"
+                break
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                stopped = "max_seconds"
+                break
+            prev = v
+            x = x_new
+        else:
+            stopped = "max_iterations"
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    finally:
+        bar.close()
+    return {"x": tracker.best_x, "loss": tracker.best_loss, "initial_loss": initial_loss, "history": history,
+            "iterations": len(history), "evaluations": tracker.evaluations, "converged": stopped == "converged",
+            "stopped": stopped}
