@@ -1,0 +1,389 @@
+"""Streaming correlated noise: row t of C^{-1} W, one step at a time, with O(bands) state.
+
+The mechanism releases C G + Z; the optimizer sees g_t + (C^{-1} Z)_t (DESIGN.md). This module
+yields z_t = (C^{-1} W)_t for W with iid N(0, 1) rows shaped like the parameters, for C exactly as
+``strategy.dense()`` returns it (no normalisation here: ``mfnoise.transforms.dp_aggregate`` scales by
+the sensitivity). Per family ("Multi-Epoch Matrix Factorization Mechanisms for Private Machine
+Learning", Choquette-Choo et al. 2023; "Efficient and Near-Optimal Noise Generation for Streaming
+Differential Privacy", Dvijotham et al. 2024; "Banded Square Root Matrix Factorization for
+Differentially Private Model Training", Kalinin & Lampert 2024):
+
+==================  ================================================================  ================
+family              recurrence (state after step t)                                   state arrays m
+==================  ================================================================  ================
+identity            z_t = w_t                                                         0
+banded (b bands)    z_t = (w_t - sum_{j=1..b-1} C[t, t-j] z_{t-j}) / C[t, t]          b - 1 outputs z
+toeplitz (b coeffs) same with C[t, t-j] = c_j (b = n: a full Toeplitz C)              b - 1 outputs z
+blt (d buffers)     z_t = w_t + sum_i omega'_i s_i;  s_i <- theta'_i s_i + w_t         d buffers s
+                    (theta', omega') = BLT.inverse(): C^{-1} is again a BLT
+inverse-toeplitz    z_t = sum_{j=0..b-1} r_j w_{t-j}  (BISR: C^{-1} banded Toeplitz)   b - 1 inputs w
+dense               the banded recurrence with b = n                                  n - 1 outputs z
+==================  ================================================================  ================
+
+State memory is exactly m x (number of parameters) x itemsize, in the parameters' dtype (float32
+params keep float32 state). A dense or full-Toeplitz C needs the whole history (m = n - 1
+parameter-sized arrays): allowed, but only sensible for small models.
+
+Determinism: w_t for leaf i (in ``jax.tree_util`` flatten order) is
+``jax.random.normal(fold_in(fold_in(key, i), t), leaf.shape, leaf.dtype)``, so z_t is a pure
+function of (key, t, state). Saving ``NoiseState`` and resuming gives bit-identical noise, and with
+JAX's partitionable threefry (the default) the values do not depend on how arrays are sharded.
+
+Ring buffers: the m state arrays of a leaf are stacked into one array of shape (m, *leaf.shape);
+the array written at step t is slot t mod m (``dynamic_update_slice``, in place when the state is
+donated), and the m coefficients are permuted to match the slots, so no roll or gather of
+parameter-sized data ever happens.
+
+Past the end: the strategy is defined (and its sensitivity computed) for steps 0..n-1. Asking for
+step t >= n sets ``NoiseState.exhausted`` and makes the noise NaN (so it cannot silently reach the
+parameters); ``check(state)`` raises on the host, and eager (un-jitted) calls raise at once. The
+last row is never reused.
+
+Sharding: by default each state array takes its parameter's sharding (PartitionSpec (None, *spec)).
+With ``state_sharding="all_devices"`` (params replicated over a data-parallel mesh) each state array
+is split across every device of the mesh along its first divisible dimension (ZeRO style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mfnoise.strategy import Strategy
+
+
+class NoiseState(NamedTuple):
+    """State of a noise generator.
+
+    Attributes:
+      step: int32 scalar, the next step t.
+      buffers: pytree shaped like the params; each leaf (m, *param.shape) in the param's dtype
+        (``None`` leaves for stateless families).
+      exhausted: bool scalar; True once a step t >= n was requested (noise is NaN from then on).
+    """
+
+    step: jax.Array
+    buffers: Any
+    exhausted: jax.Array
+
+
+class ExhaustedError(RuntimeError):
+    """A noise step past the strategy's n was requested."""
+
+
+# -- per-family coefficient tables (numpy float64, built once per generator) --------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How a family streams.
+
+    kind: "identity", "output" (recurrence over past outputs z), "input" (past inputs w) or "blt".
+    m: number of state arrays per parameter.
+    table: float64 coefficients; for "output"/"input" shape (rows, m + 1) with table[r, j] the
+      coefficient of lag j at step t (row r = min(t, rows - 1)); for "blt" shape (2, d) =
+      (theta', omega').
+    """
+
+    kind: str
+    m: int
+    table: np.ndarray
+
+
+def _plan(strategy: Strategy) -> _Plan:
+    family = strategy.family
+    n = strategy.n
+    if family == "identity":
+        return _Plan("identity", 0, np.zeros((1, 1)))
+    if family == "banded":
+        cols = np.asarray(strategy.columns)
+        bands = cols.shape[1]
+        rows = np.zeros((n, bands))  # rows[t, j] = C[t, t - j] = columns[t - j, j]
+        for j in range(bands):
+            rows[j:, j] = cols[: n - j, j]
+        return _Plan("output", bands - 1, rows)
+    if family == "dense":
+        c = np.asarray(strategy.matrix)
+        rows = np.zeros((n, n))
+        for j in range(n):
+            rows[j:, j] = np.diagonal(c, -j)
+        return _Plan("output", n - 1, rows)
+    if family == "toeplitz":
+        coeffs = np.asarray(strategy.coeffs)
+        return _Plan("output", coeffs.size - 1, coeffs[None, :])
+    if family == "inverse-toeplitz":
+        r = np.asarray(strategy.inverse_coeffs)
+        return _Plan("input", r.size - 1, r[None, :])
+    if family == "blt":
+        try:
+            theta, omega = strategy.inverse()
+        except ValueError as e:
+            raise ValueError(
+                f"cannot stream this BLT: its inverse is not a real BLT ({e}); use Toeplitz(coeffs) "
+                "with the needed number of coefficients instead"
+            ) from None
+        theta, omega = _polish_inverse(strategy, theta, omega)
+        return _Plan("blt", theta.size, np.stack([theta, omega]))
+    raise ValueError(f"no noise generator for strategy family {family!r}")
+
+
+def _polish_inverse(strategy: Strategy, theta: np.ndarray, omega: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Refines omega' by least squares so that (C^{-1})'s first coefficients match 1 / c(x).
+
+    np.roots gives theta' to ~1e-15 but omega' through a partial-fraction product that can lose a
+    few digits; fitting omega' to the exact series reciprocal keeps the streamed noise equal to the
+    dense C^{-1} W to ~1e-13 in float64. The fit is only accepted if it is at least as good.
+    """
+    from mfnoise import series
+
+    m = min(strategy.n, 4 * theta.size + 64)
+    if m < 2 * theta.size + 2:  # too few coefficients to pin omega' down: keep the closed form
+        return theta, omega
+    target = series.reciprocal(strategy.toeplitz_coeffs()[:m], m)[1:]
+    powers = np.power.outer(theta, np.arange(m - 1)).T  # (m - 1, d)
+    fit, *_ = np.linalg.lstsq(powers, target, rcond=None)
+    if np.max(np.abs(powers @ fit - target)) <= np.max(np.abs(powers @ omega - target)):
+        omega = fit
+    return theta, omega
+
+
+# -- sharding helpers ------------------------------------------------------------------------------
+
+
+def _explicit_sharding(x: Any) -> NamedSharding | None:
+    """x's NamedSharding when its mesh has Explicit axes (sharding in types), else None."""
+    try:
+        s = jax.typeof(x).sharding
+    except Exception:
+        return None
+    if isinstance(s, NamedSharding) and not s.mesh.empty:
+        if any(t == jax.sharding.AxisType.Explicit for t in s.mesh.axis_types):
+            return s
+    return None
+
+
+def _concrete_sharding(x: Any) -> NamedSharding | None:
+    if isinstance(x, jax.core.Tracer):
+        return _explicit_sharding(x)
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, NamedSharding) else None
+
+
+def _stacked_sharding(s: NamedSharding | None, ndim: int) -> NamedSharding | None:
+    if s is None:
+        return None
+    spec = tuple(s.spec) + (None,) * (ndim - len(s.spec))
+    return NamedSharding(s.mesh, PartitionSpec(None, *spec))
+
+
+def _all_devices_sharding(mesh: jax.sharding.Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Splits the first dimension divisible by the mesh size across every mesh axis (ZeRO)."""
+    size = mesh.devices.size
+    spec: list[Any] = [None] * (len(shape) + 1)
+    for d, dim in enumerate(shape):
+        if dim % size == 0:
+            spec[d + 1] = tuple(mesh.axis_names)
+            break
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+# -- the generator ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NoiseGenerator:
+    """Streams (C^{-1} W)_t for a strategy C; see the module docstring.
+
+    Use: ``state = gen.init(params)``; then, inside or outside ``jax.jit``,
+    ``noise, state = gen.next(state, params_like)``. ``params_like`` gives the noise's shapes,
+    dtypes and (with Explicit mesh axes) shardings; it may be the updates.
+    """
+
+    strategy: Strategy
+    key: jax.Array
+    plan: _Plan
+    state_sharding: str = "params"
+    mesh: jax.sharding.Mesh | None = None
+
+    @property
+    def n(self) -> int:
+        return self.strategy.n
+
+    @property
+    def state_arrays(self) -> int:
+        """m: state arrays per parameter (state bytes = m x params x itemsize)."""
+        return self.plan.m
+
+    def state_bytes(self, params: Any) -> int:
+        """Exact bytes of the buffers ``init(params)`` allocates."""
+        return sum(self.plan.m * math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+
+    # -- init ------------------------------------------------------------------------------------
+    def init(self, params: Any) -> NoiseState:
+        """Zero state shaped like ``params`` (arrays or ShapeDtypeStructs), step 0.
+
+        Called outside jit with sharded params (or under jit with Explicit mesh axes), each state
+        array takes its parameter's sharding, or is split across all devices with
+        ``state_sharding="all_devices"``. Under jit with Auto axes, pass ``out_shardings``.
+        """
+        m = self.plan.m
+
+        def leaf_state(x: Any) -> Any:
+            if m == 0:
+                return None
+            shape = (m, *x.shape)
+            dtype = jnp.dtype(x.dtype)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(f"noise needs floating-point parameters, got dtype {dtype}")
+            sharding = self._state_sharding_for(x)
+            if sharding is not None and not isinstance(x, jax.core.Tracer):
+                return jnp.zeros(shape, dtype, device=sharding)
+            z = jnp.zeros(shape, dtype, out_sharding=sharding) if _explicit_sharding(x) else jnp.zeros(shape, dtype)
+            return z if sharding is None else jax.lax.with_sharding_constraint(z, sharding)
+
+        buffers = jax.tree.map(leaf_state, params)
+        return NoiseState(jnp.zeros((), jnp.int32), buffers, jnp.zeros((), bool))
+
+    def _state_sharding_for(self, x: Any) -> NamedSharding | None:
+        if self.state_sharding == "all_devices":
+            mesh = self.mesh
+            if mesh is None:
+                s = _concrete_sharding(x)
+                mesh = s.mesh if s is not None else None
+            if mesh is None:
+                raise ValueError('state_sharding="all_devices" needs a mesh (pass mesh= or sharded params)')
+            return _all_devices_sharding(mesh, tuple(x.shape))
+        return _stacked_sharding(_concrete_sharding(x), len(x.shape))
+
+    # -- step ------------------------------------------------------------------------------------
+    def next(self, state: NoiseState, params_like: Any) -> tuple[Any, NoiseState]:
+        """(z_t, state after step t) for t = state.step; z_t shaped like ``params_like``.
+
+        Jittable. For t >= n the noise is NaN and ``exhausted`` is set (raises at once if t is
+        concrete, i.e. outside jit).
+        """
+        t = state.step
+        if not isinstance(t, jax.core.Tracer) and int(t) >= self.n:
+            raise ExhaustedError(f"noise step {int(t)} requested but the strategy has only n={self.n} steps")
+        past_end = t >= self.n
+        leaves, treedef = jax.tree.flatten(params_like)
+        buf_leaves = treedef.flatten_up_to(state.buffers) if self.plan.m else [None] * len(leaves)
+        outs, new_bufs = [], []
+        for i, (x, buf) in enumerate(zip(leaves, buf_leaves)):
+            z, nb = self._leaf_step(i, t, past_end, x, buf)
+            outs.append(z)
+            new_bufs.append(nb)
+        new_state = NoiseState(
+            t + 1,
+            jax.tree.unflatten(treedef, new_bufs) if self.plan.m else state.buffers,
+            state.exhausted | past_end,
+        )
+        return jax.tree.unflatten(treedef, outs), new_state
+
+    def _w(self, i: int, t: jax.Array, x: Any, dtype: Any) -> jax.Array:
+        key = jax.random.fold_in(jax.random.fold_in(self.key, i), t)
+        sharding = _explicit_sharding(x)
+        if sharding is not None:
+            return jax.random.normal(key, x.shape, dtype, out_sharding=sharding)
+        return jax.random.normal(key, x.shape, dtype)
+
+    def _leaf_step(self, i: int, t: jax.Array, past_end: jax.Array, x: Any, buf: Any) -> tuple[jax.Array, Any]:
+        dtype = jnp.dtype(x.dtype)
+        plan = self.plan
+        m = plan.m
+        # NaN past the end: multiplying w by a scalar is exact for 1.0 and fuses with the sampling.
+        poison = jnp.where(past_end, jnp.array(jnp.nan, dtype), jnp.array(1.0, dtype))
+        w = self._w(i, t, x, dtype) * poison
+        if plan.kind == "identity":
+            return w, None
+        table = jnp.asarray(plan.table, dtype)  # converted once per trace, to the params' dtype
+        if plan.kind == "blt":
+            theta, omega = table[0], table[1]
+            z = w + _weighted_sum(omega, buf)
+            new = theta.reshape((m,) + (1,) * w.ndim) * buf + w[None]
+            return z, new
+        row = table[jnp.minimum(t, table.shape[0] - 1)]  # (m + 1,) coefficients of lags 0..m
+        if m == 0:
+            return (w / row[0] if plan.kind == "output" else w * row[0]), buf
+        slot = jnp.arange(m)
+        lag = jnp.mod(t - 1 - slot, m) + 1  # slot s holds the value of step t - lag[s]
+        coef = jnp.where(t - lag >= 0, row[lag], jnp.zeros((), dtype))
+        write = jnp.mod(t, m)
+        if plan.kind == "output":
+            z = (w - _weighted_sum(coef, buf)) / row[0]
+            stored = z
+        else:  # "input"
+            z = row[0] * w + _weighted_sum(coef, buf)
+            stored = w
+        new = jax.lax.dynamic_update_index_in_dim(buf, stored.astype(dtype), write, 0)
+        return z, new
+
+
+def _weighted_sum(coef: jax.Array, buf: jax.Array) -> jax.Array:
+    """sum_s coef[s] * buf[s] over the stacked axis: one fused pass, no parameter-sized copies."""
+    m = buf.shape[0]
+    if m > 8:  # long histories (dense, full Toeplitz, many bands): one contraction compiles faster
+        return jnp.tensordot(coef, buf, axes=1)
+    acc = coef[0] * buf[0]
+    for s in range(1, m):
+        acc = acc + coef[s] * buf[s]
+    return acc
+
+
+def generator(
+    strategy: Strategy,
+    key: jax.Array | int,
+    *,
+    state_sharding: str = "params",
+    mesh: jax.sharding.Mesh | None = None,
+) -> NoiseGenerator:
+    """A streaming generator of (C^{-1} W)_t for ``strategy`` (C exactly as ``strategy.dense()``).
+
+    Args:
+      strategy: any streamable family (identity, banded, toeplitz, blt, inverse-toeplitz, dense).
+      key: a JAX PRNG key (typed or raw uint32) or an int seed.
+      state_sharding: "params" (each state array sharded like its parameter) or "all_devices"
+        (ZeRO style: split across every device of ``mesh``, for replicated params).
+      mesh: the mesh for "all_devices" (default: the params' mesh).
+
+    State memory: ``state_arrays`` x params x itemsize (0 for identity, bands - 1 for banded,
+    Toeplitz and inverse-Toeplitz, buffers for BLT, n - 1 for dense or full Toeplitz C).
+    """
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"expected a Strategy, got {type(strategy).__name__}")
+    if state_sharding not in ("params", "all_devices"):
+        raise ValueError(f'state_sharding must be "params" or "all_devices", got {state_sharding!r}')
+    if isinstance(key, (int, np.integer)):
+        key = jax.random.key(int(key))
+    return NoiseGenerator(strategy, key, _plan(strategy), state_sharding, mesh)
+
+
+def check(state: Any) -> None:
+    """Raises ExhaustedError if any NoiseState inside ``state`` stepped past its strategy's n.
+
+    Call it on the host (e.g. when logging or checkpointing) on a jitted training loop's state.
+    """
+    for s in _noise_states(state):
+        if bool(jax.device_get(s.exhausted)):
+            raise ExhaustedError(
+                f"noise generator stepped past the strategy's last step (state step {int(jax.device_get(s.step))});"
+                " its noise is NaN from then on"
+            )
+
+
+def _noise_states(tree: Any) -> list[NoiseState]:
+    found = []
+
+    def visit(x: Any) -> Any:
+        if isinstance(x, NoiseState):
+            found.append(x)
+        return x
+
+    jax.tree.map(visit, tree, is_leaf=lambda x: isinstance(x, NoiseState))
+    return found
