@@ -26,6 +26,7 @@ The folder is found, in order, from ``$MFNOISE_LIBRARY``, the installed package
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
@@ -116,8 +117,22 @@ class Spec:
         return {"family": self.family, self.size_key: self.size, "objective": self.objective}
 
 
+# Build order: the most useful entries first, so that a partial build (on a small machine) already
+# covers every schema with a few memory sizes; `mfnoise library build --missing` does the rest.
+_BLT_TIERS = {(4, "rmse"): 1, (2, "rmse"): 2, (4, "max"): 3, (6, "rmse"): 4, (3, "rmse"): 6, (5, "rmse"): 6,
+              (2, "max"): 7, (6, "max"): 7, (3, "max"): 8, (5, "max"): 8}
+
+
+def _tier(s: "Spec") -> int:
+    if s.family == "banded-toeplitz":
+        return 0
+    if s.family == "banded":
+        return 5 if s.size < 64 else 9  # 64 general bands: minutes per entry here
+    return _BLT_TIERS[(s.size, s.objective)]
+
+
 def grid() -> list[Spec]:
-    """Every entry of the full library (issue 5), in build order: small n first."""
+    """Every entry of the full library (issue 5), in build order (``_tier``, then n)."""
     specs = []
     for n in NS:
         for wl in WORKLOADS:
@@ -130,7 +145,7 @@ def grid() -> list[Spec]:
                 if n <= BANDED_MAX_N:
                     for b in BANDED_BANDS:
                         specs.append(Spec(wl, n, k, "banded", b))
-    return [s for s in specs if s.fits()]
+    return sorted((s for s in specs if s.fits()), key=lambda s: (_tier(s), s.n, s.workload, s.epochs, s.size))
 
 
 GRID_BY_NAME: dict[str, Spec] = {}
@@ -219,6 +234,22 @@ def write_index(index: dict[str, Any], folder: str | os.PathLike) -> Path:
         f.write("\n")
     os.replace(tmp, path)
     return path
+
+
+def add_entries(folder: str | os.PathLike, new: list[dict[str, Any]]) -> Path:
+    """Adds (or replaces, by name) entries in the index of ``folder``.
+
+    Read-modify-write under an exclusive lock, so several builds may fill one library at once.
+    """
+    folder = Path(folder)
+    with _locked(folder):
+        try:
+            index = read_index(folder)
+        except FileNotFoundError:
+            index = empty_index()
+        names = {e["name"] for e in new}
+        index["strategies"] = [e for e in index["strategies"] if e["name"] not in names] + list(new)
+        return write_index(index, folder)
 
 
 def entries(folder: str | os.PathLike | None = None, **criteria: Any) -> list[dict[str, Any]]:
@@ -386,11 +417,6 @@ def build(specs: Iterable[Spec], out: str | os.PathLike, *, shipped: str | os.Pa
     except FileNotFoundError:
         old_index = empty_index()
     old = {e["name"]: e for e in old_index["strategies"]}
-    if update_index:
-        try:
-            index = read_index(out)
-        except FileNotFoundError:
-            index = empty_index()
     start = time.perf_counter()
     built = []
     for i, s in enumerate(specs):
@@ -403,8 +429,7 @@ def build(specs: Iterable[Spec], out: str | os.PathLike, *, shipped: str | os.Pa
                      f"({e['seconds']:.1f} s){'' if row['ok'] else '  DIFFERS FROM SHIPPED'}")
         if update_index:
             # Rewritten after every entry, so an interrupted build keeps what it finished.
-            index["strategies"] = [x for x in index["strategies"] if x["name"] != s.name] + [e]
-            write_index(index, out)
+            add_entries(out, [e])
     seconds = time.perf_counter() - start
     return {"ok": all(r["ok"] for r in built), "seconds": seconds, "directory": os.fspath(out),
             "built": built}
@@ -434,3 +459,23 @@ def iter_files(folder: str | os.PathLike | None = None) -> Iterator[tuple[dict[s
     folder = directory() if folder is None else Path(folder)
     for e in read_index(folder)["strategies"]:
         yield e, Path(folder) / e["file"]
+
+
+def record_build(folder: str | os.PathLike, **info: Any) -> Path:
+    """Stores how the library was built (wall time, machine, date, ...) in its index."""
+    folder = Path(folder)
+    with _locked(folder):
+        index = read_index(folder)
+        index["build"] = {**index.get("build", {}), **info}
+        return write_index(index, folder)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the index of ``folder`` (a lock file outside the library folder)."""
+    import fcntl
+
+    digest = hashlib.sha256(os.fspath(folder.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"mfnoise-library-{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--in-place", action="store_true", help="write into the library folder and its index")
     p.add_argument("--rtol", type=float, default=1e-3,
                    help="largest relative difference from the shipped rmse / max_error (default 1e-3)")
+    p.add_argument("--shard", metavar="I/N", help="build every N-th entry starting at I (parallel builds)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be built")
 
 
@@ -102,6 +103,14 @@ def _build(args: argparse.Namespace) -> dict:
         specs = library.shipped_specs(folder)
     if args.only:
         specs = library.select(args.only, specs)
+    if args.shard:
+        try:
+            i, count = (int(x) for x in args.shard.split("/"))
+            if not 0 <= i < count:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}") from None
+        specs = specs[i::count]
     if args.dry_run:
         return {"action": "build", "ok": True, "dry_run": True, "names": [s.name for s in specs]}
     if args.in_place:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 
 from mfnoise import library, verify
@@ -34,7 +35,7 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
     if args.library:
         folder = library.directory()
         out += [(os.fspath(p), e) for e, p in library.iter_files(folder)
-                if args.match is None or library.fnmatch.fnmatchcase(e["name"], args.match)]
+                if args.match is None or fnmatch.fnmatchcase(e["name"], args.match)]
     for f in args.files:
         if os.path.exists(f) or f.endswith(".npz"):
             out.append((f, _index_entry(f)))
