@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import tempfile
-import zipfile
 from typing import Any
 
 import numpy as np
@@ -97,10 +96,13 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             arrays = {k[len("array/"):]: z[k] for k in z.files if k.startswith("array/")}
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a readable mfnoise strategy file ({e})") from None
+    except Exception as e:
+        # Any damage to the container (bad CRC, a flipped compression method or encryption flag,
+        # a broken .npy header, ...) is a refusal, never an unexpected exception type.
+        raise ValueError(f"{path} is not a readable mfnoise strategy file ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not an mfnoise strategy file (format={meta.get('format')!r})")
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path} is not an mfnoise strategy file (format={found!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version={meta.get('format_version')!r}; "
                          f"this mfnoise reads version {FORMAT_VERSION}")

@@ -95,6 +95,26 @@ def toeplitz(coeffs: np.ndarray, p: Participation) -> Sensitivity:
     return Sensitivity(math.sqrt(total), True, "toeplitz-decreasing")
 
 
+def toeplitz_envelope(coeffs: np.ndarray, p: Participation) -> tuple[Sensitivity, float]:
+    """An upper bound for a Toeplitz C whose coefficients are nearly non-negative non-increasing.
+
+    With e = (the smallest non-negative non-increasing majorant of c) - c >= 0 and C = C' - E:
+    sens(C) <= sens(C') + sens(E) <= sens(C') + sqrt(m) ||E||_2 <= sens(C') + sqrt(m) sum_j e_j
+    (triangle inequality; the m unit vectors u_t give ||E_P U||_F <= ||E||_2 sqrt(m); a Toeplitz
+    E has ||E||_2 <= sum_j |e_j|). sens(C') is exact (``toeplitz``). Returns (bound, sum_j e_j).
+    Used when rounding (e.g. of a series reciprocal) leaves c monotone only up to ~1e-16.
+    """
+    n = p.n
+    c = np.zeros(n)
+    coeffs = np.asarray(coeffs, dtype=np.float64)[:n]
+    c[: coeffs.size] = coeffs
+    envelope = np.maximum.accumulate(np.maximum(c, 0.0)[::-1])[::-1]
+    gap = float(np.sum(envelope - c))
+    base = toeplitz(envelope, p).value
+    bound = base + math.sqrt(p.reachable_participations) * gap
+    return Sensitivity(bound, False, "toeplitz-decreasing-envelope"), gap
+
+
 def is_nonneg_nonincreasing(c: np.ndarray) -> bool:
     c = np.asarray(c)
     return bool(np.all(c >= 0) and np.all(np.diff(c) <= 0))

@@ -120,7 +120,8 @@ def as_float64(name: str, x: Any, ndim: int) -> np.ndarray:
     if a.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {a.shape}")
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} has non-finite entries")
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        raise ValueError(f"{name} has a non-finite entry {a[bad]} at index {bad if len(bad) != 1 else bad[0]}")
     a.setflags(write=False)
     return a
 

@@ -7,6 +7,7 @@ error and sensitivity cost O(n log n) or O(n * bands), never O(n^2).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,8 @@ def toeplitz_sensitivity(strategy: Strategy, coeffs: np.ndarray, p: Participatio
     """Sensitivity of a Toeplitz C from its first column ``coeffs`` (zero-padded to n).
 
     Banded with bands <= min_sep: the exact column-norm DP (any signs). Non-negative,
-    non-increasing: the exact worst pattern {0, b, 2b, ...}. Otherwise the dense routine.
+    non-increasing: the exact worst pattern {0, b, 2b, ...}; the same up to rounding: a proven bound
+    within 1e-9 of it (``sensitivity.toeplitz_envelope``). Otherwise the dense routine.
     """
     n = p.n
     c = np.asarray(coeffs, dtype=np.float64)[:n]
@@ -32,6 +34,12 @@ def toeplitz_sensitivity(strategy: Strategy, coeffs: np.ndarray, p: Participatio
         return sens_lib.column_norms(sq[np.minimum(bands, n - np.arange(n)) - 1], p)
     if sens_lib.is_nonneg_nonincreasing(c):
         return sens_lib.toeplitz(c, p)
+    if c[0] > 0:
+        # Monotone up to rounding (e.g. BISR's C = 1 / r computed by FFT at large n): a proven
+        # upper bound within 1e-9 relative of the exact value, instead of a refusal.
+        bound, gap = sens_lib.toeplitz_envelope(c, p)
+        if gap <= 1e-9 * c[0] / math.sqrt(p.reachable_participations):
+            return bound
     return strategy._dense_sensitivity(
         p, f"its coefficients are not non-negative and non-increasing and bands={bands} > min_sep={p.min_sep}"
     )
