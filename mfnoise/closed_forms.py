@@ -23,11 +23,11 @@ from mfnoise.workloads import Workload
 
 def _workload_sqrt(n: int, workload: Workload | None, m: int) -> np.ndarray:
     """First m coefficients of A^{1/2} for a Toeplitz workload (prefix sum by default)."""
+    if workload is not None and workload.n != n:
+        raise ValueError(f"workload has n={workload.n}, expected n={n}")
     if workload is None or workload.name == "prefix":
         j = np.arange(1, m)
         return np.concatenate([[1.0], np.cumprod((2 * j - 1) / (2 * j))])
-    if workload.n != n:
-        raise ValueError(f"workload has n={workload.n}, expected n={n}")
     if not workload.is_toeplitz:
         raise ValueError(f"closed forms need a Toeplitz workload, got {workload.name!r}")
     return series.sqrt(workload.coeffs, m)

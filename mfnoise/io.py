@@ -124,7 +124,8 @@ def load(path: str) -> Strategy:
         strategy = FAMILIES[family].from_arrays(arrays, meta.get("params", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path} holds an invalid {family} strategy: {e}") from None
-    n = meta.get("params", {}).get("n")
+    params = meta.get("params")
+    n = params.get("n") if isinstance(params, dict) else None
     if n is not None and strategy.n != n:
         raise ValueError(f"{path}: strategy has n={strategy.n} but metadata says n={n}")
     return strategy

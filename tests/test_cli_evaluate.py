@@ -87,6 +87,13 @@ def test_strategy_file(capsys, tmp_path):
     assert r["rmse"] == pytest.approx(ev["rmse"], rel=1e-12)
 
 
+def test_strategy_file_half_schema_refused(capsys, tmp_path):
+    """--max-participations without --min-sep is refused, not silently replaced by the file's schema."""
+    path = mfnoise.sqrt_toeplitz(12).save(str(tmp_path / "s.npz"), participation=mfnoise.Participation.single(12))
+    assert main(["evaluate", path, "--max-participations", "3"]) == 2
+    assert "--min-sep" in capsys.readouterr().err
+
+
 def test_text_output(capsys):
     assert main(["evaluate", "--family", "sqrt-toeplitz", "--n", "64"]) == 0
     out = capsys.readouterr().out

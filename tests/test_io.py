@@ -191,6 +191,11 @@ def test_consistent_but_invalid_files_are_refused(saved, tmp_path):
         mfnoise.load(write(arrays, dict(meta, format_version=2), "d.npz"))
     with pytest.raises(ValueError, match="format="):
         mfnoise.load(write(arrays, dict(meta, format="other"), "e.npz"))
+    dense = mfnoise.Dense(np.eye(3))
+    d_arrays, d_meta = io.read(dense.save(str(tmp_path / "dense.npz")))
+    with pytest.raises(ValueError, match="metadata says n=5"):
+        mfnoise.load(write(d_arrays, dict(d_meta, params={"n": 5}), "f.npz"))
+    assert isinstance(mfnoise.load(write(d_arrays, dict(d_meta, params=[3]), "g.npz")), mfnoise.Dense)
 
 
 def test_not_a_strategy_file(tmp_path):

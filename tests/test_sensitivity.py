@@ -250,3 +250,27 @@ def test_bisr_large_n_multi_epoch():
     want = sum(x[i, j] if i <= j else x[j, i] for i in pat for j in pat)
     assert got.value**2 == pytest.approx(want, rel=1e-8)
     assert got.value**2 >= want * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("family", ["dense-nonneg", "dense-mixed", "banded", "toeplitz-arbitrary", "inverse-toeplitz"])
+def test_row_bound_when_patterns_are_too_many(family, monkeypatch):
+    """Force the min-sep row bound (used when exhaustive search is too big): still above brute force."""
+    monkeypatch.setattr(sens_lib, "EXHAUSTIVE_PATTERN_LIMIT", 0)
+    rng = np.random.default_rng(zlib.crc32(family.encode()) + 1)
+    for n in (4, 7, 9):
+        for b in range(1, n):
+            for k in range(2, -(-n // b) + 1):
+                s, c = make_strategy(family, n, rng, bands=b + 1)  # bands > min_sep: no column DP
+                out, ref = check_against_brute_force(s, c, mfnoise.Participation(n, k, b))
+                if not out.exact:
+                    assert out.method == "row-bound"
+
+
+def test_row_bound_at_n30_dominates_the_full_pattern():
+    """n = 30, b = 1, k = 30: 2^30 patterns, so the row bound; the full set is one pattern."""
+    rng = np.random.default_rng(9)
+    c = np.tril(rng.uniform(0, 1, (30, 30))) + np.eye(30)
+    out = mfnoise.Dense(c).sensitivity(mfnoise.Participation(30, 30, 1))
+    x = c.T @ c
+    assert out.value**2 >= x.sum() * (1 - 1e-14)
+    assert out.value**2 == pytest.approx(x.sum(), rel=1e-12)  # X >= 0: the bound is tight here

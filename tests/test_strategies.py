@@ -210,6 +210,8 @@ def test_closed_forms_refuse_bad_input():
         mfnoise.sqrt_toeplitz(10, sched)
     with pytest.raises(ValueError, match="n=12"):
         mfnoise.sqrt_toeplitz(10, mfnoise.workloads.momentum(12, 0.5))
+    with pytest.raises(ValueError, match="n=12"):
+        mfnoise.bsr(10, 2, mfnoise.workloads.prefix_sum(12))
 
 
 # ------------------------------------------------------------------------------------- validation

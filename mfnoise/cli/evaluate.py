@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> dict:
             args.n = strategy.n
         elif args.n != strategy.n:
             raise ValueError(f"--n {args.n} does not match the strategy file's n={strategy.n}")
-        if args.epochs is None and args.min_sep is None and "participation" in meta:
+        schema_given = not (args.epochs is None and args.min_sep is None and args.max_participations is None)
+        if not schema_given and "participation" in meta:
             from mfnoise.participation import Participation
 
             p = Participation.from_dict(meta["participation"])
