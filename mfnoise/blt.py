@@ -28,10 +28,19 @@ def blt_coeffs(theta: np.ndarray, omega: np.ndarray, n: int) -> np.ndarray:
     """c_0 = 1, c_j = sum_i omega_i theta_i^(j-1): the first column of a BLT, shape (n,)."""
     c = np.zeros(n)
     c[0] = 1.0
-    powers = np.arange(n - 1)
     for th, om in zip(np.asarray(theta, np.float64), np.asarray(omega, np.float64)):
-        c[1:] += om * np.power(th, powers)
+        c[1:] += om * _powers(th, n - 1)
     return c
+
+
+def _powers(th: float, m: int, block: int = 4096) -> np.ndarray:
+    """th^j for j = 0..m-1 as th^(j mod B) * th^(B (j div B)): two short np.power tables and one
+    product per entry (within 2 ulp of np.power, and far faster at n = 10^7)."""
+    if m <= block:
+        return np.power(th, np.arange(m))
+    low = np.power(th, np.arange(block))
+    high = np.power(th, block * np.arange(-(-m // block)))
+    return (high[:, None] * low[None, :]).reshape(-1)[:m]
 
 
 def rational(theta: np.ndarray, omega: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
