@@ -30,8 +30,10 @@ mfnoise.error.evaluate.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from fractions import Fraction
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,23 @@ from mfnoise.workloads import Workload
 DEFAULT_BUFFERS = 4
 SERIES_TERMS = 16
 SMALL_X = 0.5
+CANCEL = -40.0
+"""Gap parameter of a cancelled pair: softplus(-40) ~ 4e-18 is below float64 resolution of log(1 - decay),
+so theta' == theta exactly, omega = 0, and the pair contributes exactly nothing (a BLT with one buffer fewer)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedProblem(Problem):
+    """A Problem solved in ``stages`` rounds: round s starts from ``next_stage(best x so far, s)``.
+
+    For BLTs with d buffers, round s optimises s active buffers (the others cancelled exactly),
+    starting from the best (s-1)-buffer solution with one buffer inserted; the best point over
+    all rounds is kept, so d buffers are never worse than d - 1 ("Efficient and Near-Optimal Noise
+    Generation for Streaming Differential Privacy" grows buffers the same way).
+    """
+
+    stages: int = 1
+    next_stage: Callable[[np.ndarray, int], np.ndarray] | None = None
 
 
 # -- stable geometric sums -----------------------------------------------------------------------
@@ -110,16 +129,18 @@ def split(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.exp(ld[1::2]), jnp.exp(ld[0::2])
 
 
-def _residues(eps_poles: jax.Array, eps_zeros: jax.Array, extra_power: int = 0) -> jax.Array:
+def _residues(eps_poles, eps_zeros, extra_power: int = 0):
     """A_m of P / prod_m (1 - rho_m x), P = prod_z (1 - zeta_z x), in 1 - decay coordinates.
 
     A_m = rho_m^extra_power prod_z (eps_z - eps_m) / prod_{l != m} (eps_l - eps_m), where the
     extra power is (#poles - 1 - #zeros) (rho_m^(M-1-Z) from clearing 1/rho_m factors).
+    numpy in, numpy out (for to_strategy); JAX otherwise.
     """
+    xp = np if isinstance(eps_poles, np.ndarray) else jnp
     diff_z = eps_zeros[None, :] - eps_poles[:, None]  # (M, Z)
     diff_p = eps_poles[None, :] - eps_poles[:, None]  # (M, M)
-    diff_p = diff_p + jnp.eye(eps_poles.shape[0])
-    res = jnp.prod(diff_z, axis=1) / jnp.prod(diff_p, axis=1)
+    diff_p = diff_p + xp.eye(eps_poles.shape[0])
+    res = xp.prod(diff_z, axis=1) / xp.prod(diff_p, axis=1)
     if extra_power:
         res = res * (1.0 - eps_poles) ** extra_power
     return res
@@ -198,13 +219,44 @@ def sensitivity_squared(s0: jax.Array, r: jax.Array, delta: jax.Array, p: Partic
 
 
 # -- the problem -----------------------------------------------------------------------------------
+def _v_from_log_deltas(ld: np.ndarray) -> np.ndarray:
+    gaps = -np.diff(np.concatenate([[0.0], ld]))
+    return np.log(np.expm1(np.maximum(gaps, 1e-300)))  # softplus^{-1}
+
+
 def init_params(buffers: int, n: int) -> np.ndarray:
     """v whose 2d decays have 1 - decay log-spaced from 1/2 down to about 1/n (an exponential-sum
     quadrature of the square root's j^(-1/2) decay)."""
     k = 2 * buffers
-    ld = np.linspace(np.log(0.5), np.log(0.5 / n), k) if k > 1 else np.array([np.log(0.5)])
-    gaps = -np.diff(np.concatenate([[0.0], ld]))
-    return np.log(np.expm1(gaps))  # softplus^{-1}
+    ld = np.linspace(np.log(0.5), np.log(0.5 / n), k)
+    return _v_from_log_deltas(ld)
+
+
+def _with_cancelled(active_ld: np.ndarray, buffers: int) -> np.ndarray:
+    """v for the active (interlaced) log-deltas followed by cancelled pairs (omega = 0) below them."""
+    v = list(_v_from_log_deltas(active_ld))
+    for _ in range(buffers - active_ld.size // 2):
+        v += [math.log(math.expm1(1.0)), CANCEL]
+    return np.array(v)
+
+
+def staged_start(buffers: int, n: int) -> np.ndarray:
+    """Round 1: one active buffer (log-spaced init), the other pairs cancelled."""
+    return _with_cancelled(np.log([0.5, 0.5 / n]), buffers)
+
+
+def next_stage(v: np.ndarray, stage: int, buffers: int, n: int) -> np.ndarray:
+    """Round ``stage``: the stage - 1 active pairs of v plus one new pair in the widest log gap."""
+    ld = -np.cumsum(np.logaddexp(0.0, v))  # log_deltas in numpy
+    pairs = ld.reshape(-1, 2)
+    active = pairs[pairs[:, 0] - pairs[:, 1] > 1e-12][: stage - 1].reshape(-1)
+    # Slots where a pair may go without breaking interlacing: above the first, between pairs, below the last.
+    bounds = np.concatenate([[0.0], active, [min(active[-1], 0.0) - 3.0 if active.size else math.log(0.5 / n)]])
+    slots = [(bounds[2 * i], bounds[2 * i + 1]) for i in range(active.size // 2 + 1)]
+    hi, lo = max(slots, key=lambda s: s[0] - s[1])
+    new = np.array([hi - (hi - lo) / 3, hi - 2 * (hi - lo) / 3])
+    merged = np.sort(np.concatenate([active, new]))[::-1]
+    return _with_cancelled(merged, buffers)
 
 
 def params_from_blt(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
@@ -217,9 +269,7 @@ def params_from_blt(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
     decays[0::2], decays[1::2] = np.sort(inv_theta), theta
     if np.any(np.diff(decays) <= 0) or decays[0] <= 0 or decays[-1] >= 1:
         raise ValueError("init BLT must have omega > 0 and positive inverse decays (interlacing)")
-    ld = np.log1p(-decays)
-    gaps = -np.diff(np.concatenate([[0.0], ld]))
-    return np.log(np.expm1(gaps))
+    return _v_from_log_deltas(np.log1p(-decays))
 
 
 def problem(workload: Workload, participation: Participation, *, objective: str = "rmse",
@@ -240,8 +290,9 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
     d = DEFAULT_BUFFERS if buffers is None else int(buffers)
     if d < 1:
         raise ValueError(f"buffers must be positive, got {d}")
+    stages = 1
     if init is None:
-        v0 = init_params(d, n)
+        v0, stages = staged_start(d, n), d
     elif isinstance(init, BLT):
         if init.buffers != d:
             raise ValueError(f"init BLT has {init.buffers} buffers, expected {d}")
@@ -271,19 +322,21 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         return 0.5 * (jnp.log(sens2) + jnp.log(err2))
 
     def to_strategy(v: np.ndarray) -> BLT:
-        with jax.enable_x64(True):
-            delta, delta_inv = split(jnp.asarray(v, jnp.float64))
-            _, r = strategy_terms(delta, delta_inv)
-            theta = 1.0 - np.asarray(delta)
-            omega = np.asarray(r) * theta
-        return BLT(theta, omega, n)
+        ld = -np.cumsum(np.logaddexp(0.0, np.asarray(v, np.float64)))  # log_deltas, in numpy
+        delta, delta_inv = np.exp(ld[1::2]), np.exp(ld[0::2])
+        theta = 1.0 - delta
+        omega = _residues(delta, delta_inv)  # r_i theta_i
+        keep = omega != 0  # cancelled pairs (omega = 0 exactly) are no buffers at all
+        return BLT(theta[keep], omega[keep], n)
 
-    return Problem(
+    return StagedProblem(
         x0=np.asarray(v0, np.float64),
         value_and_grad=jax.value_and_grad(loss),
         to_strategy=to_strategy,
         bounds=None,
         name=f"blt(n={n}, buffers={d}, {objective})",
+        stages=stages,
+        next_stage=lambda v, stage: next_stage(v, stage, d, n),
     )
 
 

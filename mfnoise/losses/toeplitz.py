@@ -56,23 +56,17 @@ def series_multiply(a: jax.Array, b: jax.Array, m: int) -> jax.Array:
 def series_reciprocal(t: jax.Array, n: int) -> jax.Array:
     """First n coefficients of 1 / t(x) (t_0 != 0), shape (n,).
 
-    Newton's iteration g <- g (2 - t g) mod x^n doubles the number of exact coefficients, so
-    ceil(log2 n) steps give all n. Each step is two FFT products of size 2n; the fixed shape keeps
-    one compiled loop body (fast to compile, and differentiable as a scan).
+    Newton's iteration g <- g (2 - t g) mod x^m with m doubling: each step keeps exactly the
+    coefficients that are already correct (so nothing spurious can grow), ceil(log2 n) steps.
     """
-    t = jnp.pad(t[:n], (0, max(0, n - t.shape[0])))
-    size = _fft_size(2 * n - 1)
-    t_hat = jnp.fft.rfft(t, size)
-
-    def newton(_, g):
-        g_hat = jnp.fft.rfft(g, size)
-        e = -jnp.fft.irfft(t_hat * g_hat, size)[:n]
+    g = (1.0 / t[0])[None]
+    m = 1
+    while m < n:
+        m = min(2 * m, n)
+        e = -series_multiply(t, g, m)
         e = e.at[0].add(2.0)
-        return jnp.fft.irfft(g_hat * jnp.fft.rfft(e, size), size)[:n]
-
-    g0 = jnp.zeros(n, t.dtype).at[0].set(1.0 / t[0])
-    steps = max(0, (n - 1).bit_length())
-    return jax.lax.fori_loop(0, steps, newton, g0)
+        g = series_multiply(g, e, m)
+    return g
 
 
 BLOCK = 128
@@ -210,9 +204,10 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         return 0.5 * (jnp.log(sens2) + jnp.log(err2))
 
     def to_strategy(x: np.ndarray) -> Toeplitz:
-        with jax.enable_x64(True):
-            c = np.asarray(coeffs(jnp.asarray(x, jnp.float64)), np.float64)
-        return Toeplitz(c, n)
+        x = np.asarray(x, np.float64)
+        if monotone:  # the same map as coeffs(), in numpy: log_sigmoid(u) = -log(1 + e^-u)
+            return Toeplitz(np.concatenate([[1.0], np.exp(np.cumsum(-np.logaddexp(0.0, -x)))]), n)
+        return Toeplitz(np.concatenate([[1.0], x]), n)
 
     kind = "monotone" if monotone else "banded"
     return Problem(
