@@ -14,7 +14,8 @@ pattern the schema allows. Two samplers, both deterministic from a seed and both
   capacity is the largest group, so nothing is ever truncated (truncation would void the
   Poisson analysis).
 
-``check(plan, participation)`` scans a plan and reports every example that takes part more than
+``pack(plan)`` moves each step's real slots to the front and cuts the padding to the largest batch
+the plan holds. ``check(plan, participation)`` scans a plan and reports every example that takes part more than
 k times, twice in one step, or closer than min_sep (for a cyclic schema, also outside one residue
 class mod b). ``schedule(dataset_size, batch_size, epochs)`` names the schema such a plan follows.
 
@@ -159,9 +160,43 @@ def cyclic_poisson_batches(
     )
 
 
+def pack(plan: BatchPlan, capacity: int | None = None) -> BatchPlan:
+    """The same plan with each step's real slots moved to the front and the capacity cut to the
+    largest batch the plan actually holds (at least 1).
+
+    Every step keeps exactly the same set of examples, so the schema and the sampling
+    distribution are unchanged; only the padding shrinks (for Poisson sampling from a large group,
+    from the group size to about q * group + a few standard deviations). The capacity then
+    depends on the sampled batch sizes (never on the data): normalise updates by
+    ``expected_batch_size``, not by the capacity. ``capacity`` fixes a larger common shape (e.g.
+    the largest over several seeds, for one compilation); one below a batch is refused, never
+    truncated.
+    """
+    mask = np.asarray(plan.mask, dtype=bool)
+    largest = max(int(mask.sum(axis=1).max(initial=0)), 1)
+    if capacity is None:
+        capacity = largest
+    elif capacity < largest:
+        raise ValueError(f"capacity={capacity} is smaller than the plan's largest batch ({largest}); "
+                         "packing never drops examples")
+    order = np.argsort(~mask, axis=1, kind="stable")  # real slots first, in their original order
+    if capacity > order.shape[1]:  # widen with padding slots
+        extra = capacity - order.shape[1]
+        mask = np.concatenate([mask, np.zeros((mask.shape[0], extra), bool)], axis=1)
+        plan = dataclasses.replace(plan, indices=np.concatenate(
+            [np.asarray(plan.indices), np.zeros((mask.shape[0], extra), np.int32)], axis=1))
+        order = np.argsort(~mask, axis=1, kind="stable")
+    order = order[:, :capacity]
+    indices = np.take_along_axis(np.asarray(plan.indices), order, axis=1)
+    new_mask = np.take_along_axis(mask, order, axis=1)
+    indices = np.where(new_mask, indices, 0).astype(np.int32)
+    return dataclasses.replace(plan, indices=indices, mask=new_mask)
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanCheck:
-    """The result of ``check``: ``ok`` and one line per violation (at most ``limit`` kept)."""
+    """The result of ``check``: ``ok`` and one line per violation (the first ``limit``, then a
+    line counting the rest)."""
 
     ok: bool
     violations: tuple[str, ...]
@@ -199,7 +234,12 @@ def check(plan: BatchPlan, participation: Participation, limit: int = 20) -> Pla
     steps, examples = steps[order], examples[order]
     counts = np.bincount(examples, minlength=max(plan.dataset_size, 1))
     worst = int(counts.max()) if counts.size else 0
-    for e in np.flatnonzero(counts > p.max_participations)[:limit]:
+    total = len(violations)
+    # Count every violation, but format only the first ``limit`` (a badly broken plan of a large
+    # dataset can have millions).
+    too_many = np.flatnonzero(counts > p.max_participations)
+    total += too_many.size
+    for e in too_many[: max(0, limit - len(violations))]:
         violations.append(
             f"example {e} takes part {counts[e]} times (steps {_steps_of(e, steps, examples)}), "
             f"more than max_participations={p.max_participations}"
@@ -208,20 +248,23 @@ def check(plan: BatchPlan, participation: Participation, limit: int = 20) -> Pla
     gaps = np.diff(steps)[same]
     min_gap = int(gaps.min()) if gaps.size else None
     close = np.flatnonzero(same & (np.diff(steps) < p.min_sep))
-    for i in close[:limit]:
+    total += close.size
+    for i in close[: max(0, limit - len(violations))]:
         e, s0, s1 = examples[i], steps[i], steps[i + 1]
         what = "twice in step" if s0 == s1 else "in steps"
         where = f"{s0}" if s0 == s1 else f"{s0} and {s1}"
         violations.append(f"example {e} takes part {what} {where}, closer than min_sep={p.min_sep}")
     if p.cyclic:
         mixed = np.flatnonzero(same & (steps[1:] % p.min_sep != steps[:-1] % p.min_sep))
-        for i in mixed[:limit]:
+        total += mixed.size
+        for i in mixed[: max(0, limit - len(violations))]:
             violations.append(
                 f"example {examples[i]} takes part in steps {steps[i]} and {steps[i + 1]}, of different "
                 f"residues mod min_sep={p.min_sep}: not a cyclic pattern"
             )
-    return PlanCheck(ok=not violations, violations=tuple(violations[: 3 * limit + 2]),
-                     max_participations=worst, min_gap=min_gap)
+    if total > len(violations):
+        violations.append(f"({total - len(violations)} more violations not listed)")
+    return PlanCheck(ok=total == 0, violations=tuple(violations), max_participations=worst, min_gap=min_gap)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -240,7 +283,9 @@ def _group_table(groups: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _steps_of(e: int, steps: np.ndarray, examples: np.ndarray) -> list[int]:
-    return [int(s) for s in steps[examples == e][:10]]
+    """The first steps of example e (``examples`` sorted, ``steps`` sorted within each example)."""
+    lo, hi = np.searchsorted(examples, [e, e + 1])
+    return [int(s) for s in steps[lo : min(hi, lo + 10)]]
 
 
 def _seed_seq(seed: int, stream: int) -> np.random.SeedSequence:
@@ -272,6 +317,7 @@ __all__ = [
     "check",
     "cyclic_batches",
     "cyclic_poisson_batches",
+    "pack",
     "sampling_probability",
     "schedule",
 ]

@@ -117,7 +117,8 @@ def test_check_catches_broken_plans(p, dataset_size, seed, data):
         broken = plan.indices.shape[1] > 1 and with_extra(plan, 0, 1, e)
         if broken is False:
             indices = np.concatenate([plan.indices, plan.indices[:, :1]], axis=1)
-            mask = np.concatenate([plan.mask, plan.mask[:, :1]], axis=1)
+            mask = np.concatenate([plan.mask, np.zeros_like(plan.mask[:, :1])], axis=1)
+            mask[0, -1] = True  # only step 0 holds e twice
             broken = dataclasses.replace(plan, indices=indices, mask=mask)
     elif kind == "too-close" and p.min_sep > 1:
         t = data.draw(st.integers(1, p.min_sep - 1))
@@ -181,3 +182,37 @@ def test_schedule_and_refusals():
         batching.cyclic_batches(10, p, -1)
     with pytest.raises(TypeError, match="Participation"):
         batching.cyclic_batches(10, (20, 2, 10), 0)
+
+
+@settings(max_examples=40)
+@given(p=schemas(), data=st.data(), seed=st.integers(0, 2**16))
+def test_pack_keeps_every_step_and_the_schema(p, data, seed):
+    dataset_size = data.draw(st.integers(p.min_sep, 300))
+    batch_size = data.draw(st.integers(1, dataset_size // p.min_sep))
+    plan = batching.cyclic_poisson_batches(dataset_size, p, batch_size, seed)
+    packed = batching.pack(plan)
+    assert packed.capacity == max(1, int(plan.mask.sum(axis=1).max()))
+    for t in range(p.n):
+        assert sorted(packed.indices[t][packed.mask[t]]) == sorted(plan.indices[t][plan.mask[t]])
+        k = int(packed.mask[t].sum())
+        assert packed.mask[t, :k].all() and not packed.mask[t, k:].any()
+    assert batching.check(packed, p).ok
+    assert packed.expected_batch_size == plan.expected_batch_size
+    wide = batching.pack(plan, capacity=packed.capacity + 3)
+    assert wide.capacity == packed.capacity + 3
+    assert np.array_equal(wide.indices[:, : packed.capacity], packed.indices)
+    assert not wide.mask[:, packed.capacity:].any()
+    if packed.capacity > 1:
+        with pytest.raises(ValueError, match="never drops"):
+            batching.pack(plan, capacity=packed.capacity - 1)
+
+
+def test_check_counts_all_violations_but_lists_a_few():
+    p = mfnoise.Participation.epochs(40, 4)
+    plan = batching.cyclic_batches(1000, p, 0)
+    doubled = dataclasses.replace(plan, indices=np.concatenate([plan.indices, plan.indices], axis=1),
+                                  mask=np.concatenate([plan.mask, plan.mask], axis=1))
+    result = batching.check(doubled, p, limit=5)
+    assert not result.ok and len(result.violations) == 6
+    # every example is doubled in each of its 4 steps: 1000 count violations + 4000 repeats
+    assert result.violations[-1] == "(4995 more violations not listed)"
