@@ -161,9 +161,12 @@ class BLT(Strategy):
         """C^{-1} z by the inverse BLT's first-order recurrences (stable for decays next to 1, unlike
         one order-d recurrence N / D whose polynomial coefficients lose the clustered roots)."""
         if _secular_roots(np.asarray(self.theta), np.asarray(self.omega)) is None:
-            # omega of mixed signs: the inverse's decays may be complex; one order-d recurrence.
-            num, den = rational(self.theta, self.omega)
-            return scipy.signal.lfilter(den, num, np.asarray(z, np.float64), axis=0)
+            # omega of mixed signs or zero: the inverse's decays may be complex. The series
+            # reciprocal of c (O(n log n), ~1e-15), not the order-d recurrence D / N, whose
+            # expanded coefficients cost ~1e-9 relative error in B = A C^{-1} when decays cluster.
+            from mfnoise import series
+
+            return series.solve(self.toeplitz_coeffs(), np.asarray(z, np.float64))
         theta_inv, omega_inv = blt_inverse(self.theta, self.omega)
         return _parallel_filter(theta_inv, omega_inv, z)
 

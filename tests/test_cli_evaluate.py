@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mfnoise
-from mfnoise import io, workloads
+from mfnoise import workloads
 from mfnoise.cli import main
 
 REQUIRED = {"family", "n", "max_participations", "min_sep", "sensitivity", "rmse", "max_error", "seconds"}

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import mfnoise
 from mfnoise import workloads
 
-from conftest import FAMILIES, decoder, make_strategy, momentum_matrix, prefix_matrix
+from conftest import FAMILIES, decoder, make_strategy, momentum_matrix, prefix_matrix, toeplitz_matrix
 
 SIZES = st.one_of(st.integers(1, 70), st.sampled_from([127, 128, 129, 200, 256, 300, 511, 512]))
 
@@ -158,3 +158,37 @@ def test_mismatched_sizes_refused():
         mfnoise.rmse(s, workloads.prefix_sum(9), mfnoise.Participation.single(8))
     with pytest.raises(ValueError, match="n=9"):
         mfnoise.max_error(s, workloads.prefix_sum(8), mfnoise.Participation.single(9))
+
+
+@pytest.mark.parametrize(
+    "theta,omega",
+    [
+        # From an optimized library strategy: decays clustered next to 1, one omega 0, one ~1e-15.
+        ([0.89335971, 0.9891131, 0.990796, 0.999999999419611], [0.438589321, 2.55109973e-15, 0.504370909, 0.0]),
+        # All omega > 0 with clustered decays next to 1.
+        ([0.9, 0.999, 0.9999, 0.99999], [0.3, 0.1, 0.05, 0.01]),
+        # Mixed signs.
+        ([0.5, 0.95, 0.999], [0.4, -0.02, 0.01]),
+    ],
+)
+@pytest.mark.parametrize("workload", ["prefix", "momentum:0.9"])
+def test_ill_conditioned_blt_matches_dense(theta, omega, workload):
+    """Optimized BLTs are ill-conditioned as polynomials: rmse / max_error still to 1e-10."""
+    n = 512
+    theta, omega = np.array(theta), np.array(omega)
+    c = np.zeros(n)
+    c[0] = 1.0
+    for j in range(1, n):
+        c[j] = sum(om * th ** (j - 1) for th, om in zip(theta, omega))
+
+    cm = toeplitz_matrix(c, n)
+    a = prefix_matrix(n) if workload == "prefix" else momentum_matrix(n, 0.9, 1.0)
+    s = mfnoise.BLT(theta, omega, n)
+    out = mfnoise.evaluate(s, workloads.parse(workload, n), mfnoise.Participation.epochs(n, 4))
+    b = decoder(a, cm)
+    sens = out["sensitivity"]
+    assert out["rmse"] == pytest.approx(sens * np.linalg.norm(b, "fro") / math.sqrt(n), rel=1e-10)
+    assert out["max_error"] == pytest.approx(sens * np.linalg.norm(b, axis=1).max(), rel=1e-10)
+    z = np.random.default_rng(0).normal(size=(n, 2))
+    want = np.linalg.solve(cm, z)
+    np.testing.assert_allclose(s.inverse_apply(z), want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
