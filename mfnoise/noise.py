@@ -128,29 +128,8 @@ def _plan(strategy: Strategy) -> _Plan:
                 f"cannot stream this BLT: its inverse is not a real BLT ({e}); use Toeplitz(coeffs) "
                 "with the needed number of coefficients instead"
             ) from None
-        theta, omega = _polish_inverse(strategy, theta, omega)
         return _Plan("blt", theta.size, np.stack([theta, omega]))
     raise ValueError(f"no noise generator for strategy family {family!r}")
-
-
-def _polish_inverse(strategy: Strategy, theta: np.ndarray, omega: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Refines omega' by least squares so that (C^{-1})'s first coefficients match 1 / c(x).
-
-    np.roots gives theta' to ~1e-15 but omega' through a partial-fraction product that can lose a
-    few digits; fitting omega' to the exact series reciprocal keeps the streamed noise equal to the
-    dense C^{-1} W to ~1e-13 in float64. The fit is only accepted if it is at least as good.
-    """
-    from mfnoise import series
-
-    m = min(strategy.n, 4 * theta.size + 64)
-    if m < 2 * theta.size + 2:  # too few coefficients to pin omega' down: keep the closed form
-        return theta, omega
-    target = series.reciprocal(strategy.toeplitz_coeffs()[:m], m)[1:]
-    powers = np.power.outer(theta, np.arange(m - 1)).T  # (m - 1, d)
-    fit, *_ = np.linalg.lstsq(powers, target, rcond=None)
-    if np.max(np.abs(powers @ fit - target)) <= np.max(np.abs(powers @ omega - target)):
-        omega = fit
-    return theta, omega
 
 
 # -- sharding helpers ------------------------------------------------------------------------------
@@ -306,34 +285,51 @@ class NoiseGenerator:
         if plan.kind == "blt":
             theta, omega = table[0], table[1]
             z = w + _weighted_sum(omega, buf)
-            new = theta.reshape((m,) + (1,) * w.ndim) * buf + w[None]
+            # Adding 0 * z[0] (exact: +-0, NaN only if z is already NaN) makes the in-place buffer
+            # update depend on z, so XLA orders it after the reads of z and does not copy the
+            # whole state to protect them (measured: 3 parameter-sized temporaries fewer).
+            # (Not with Explicit mesh axes, where slicing a sharded dimension is not allowed.)
+            if z.size and _explicit_sharding(x) is None:
+                w_dep = w + z[(0,) * z.ndim] * jnp.zeros((), dtype)
+            else:
+                w_dep = w
+            new = theta.reshape((m,) + (1,) * w.ndim) * buf + w_dep[None]
             return z, new
         row = table[jnp.minimum(t, table.shape[0] - 1)]  # (m + 1,) coefficients of lags 0..m
+        # Multiply by a reciprocal computed once per step: the same rounding on every device layout.
+        scale = (1 / row[0]) if plan.kind == "output" else row[0]
         if m == 0:
-            return (w / row[0] if plan.kind == "output" else w * row[0]), buf
+            return w * scale, buf
         slot = jnp.arange(m)
         lag = jnp.mod(t - 1 - slot, m) + 1  # slot s holds the value of step t - lag[s]
         coef = jnp.where(t - lag >= 0, row[lag], jnp.zeros((), dtype))
         write = jnp.mod(t, m)
         if plan.kind == "output":
-            z = (w - _weighted_sum(coef, buf)) / row[0]
+            z = (w - _contract(coef, buf)) * scale
             stored = z
         else:  # "input"
-            z = row[0] * w + _weighted_sum(coef, buf)
+            z = scale * w + _contract(coef, buf)
             stored = w
         new = jax.lax.dynamic_update_index_in_dim(buf, stored.astype(dtype), write, 0)
         return z, new
 
 
 def _weighted_sum(coef: jax.Array, buf: jax.Array) -> jax.Array:
-    """sum_s coef[s] * buf[s] over the stacked axis: one fused pass, no parameter-sized copies."""
-    m = buf.shape[0]
-    if m > 8:  # long histories (dense, full Toeplitz, many bands): one contraction compiles faster
-        return jnp.tensordot(coef, buf, axes=1)
+    """sum_s coef[s] * buf[s] over the stacked axis, as one elementwise fused pass (BLT)."""
     acc = coef[0] * buf[0]
-    for s in range(1, m):
+    for s in range(1, buf.shape[0]):
         acc = acc + coef[s] * buf[s]
     return acc
+
+
+def _contract(coef: jax.Array, buf: jax.Array) -> jax.Array:
+    """sum_s coef[s] * buf[s] as a dot (ring-buffer recurrences).
+
+    A dot is never fused into its consumer, so the in-place ``dynamic_update_slice`` of z into
+    the ring reads only the dot's result, not other rows of the ring it writes: XLA then needs no
+    copy of the state (an elementwise sum here made XLA copy the whole ring every step).
+    """
+    return jnp.tensordot(coef, buf, axes=1)
 
 
 def generator(

@@ -79,12 +79,17 @@ def clipped_sum(per_example: Any, l2_clip_norm: float) -> tuple[Any, jax.Array]:
     norm = jnp.sqrt(jnp.where(finite, sq, 0.0))
     scale = jnp.where(finite, jnp.minimum(1.0, l2_clip_norm / jnp.maximum(norm, 1e-30)), 0.0)
 
+    all_finite = jnp.all(finite)
+
     def leaf_sum(x: jax.Array) -> jax.Array:
-        shape = (batch,) + (1,) * (x.ndim - 1)
-        keep = finite.reshape(shape)
-        # select before multiplying: NaN * 0 would still be NaN
-        contrib = jnp.where(keep, x, jnp.zeros((), x.dtype)) * scale.astype(x.dtype).reshape(shape)
-        return jnp.sum(contrib, axis=0)
+        flat = x.reshape(batch, -1)
+        w = scale.astype(x.dtype)
+        # The weighted sum over examples as a dot (XLA:CPU reduces over a major axis ~30x slower).
+        # A dropped example has weight 0, but NaN * 0 = NaN: only when some example is non-finite,
+        # its rows are zeroed first (a select over the batch, never on the common path).
+        fast = lambda: jnp.tensordot(w, flat, axes=1)  # noqa: E731
+        slow = lambda: jnp.tensordot(w, jnp.where(finite[:, None], flat, jnp.zeros((), x.dtype)), axes=1)  # noqa: E731
+        return jax.lax.cond(all_finite, fast, slow).reshape(x.shape[1:])
 
     return jax.tree.map(leaf_sum, per_example), jnp.sum(~finite).astype(jnp.int32)
 

@@ -1,0 +1,335 @@
+"""Benchmark: streaming correlated noise and the dp_aggregate step, against DP-SGD and jax-privacy.
+
+Measures, for float32 parameter vectors of 1M / 10M / 100M entries (one leaf):
+  * a plain memory copy of the same bytes (``x + 1``: read P, write P): the bandwidth reference;
+  * the noise step alone (``mfnoise.noise`` generator, jitted with the state donated) for identity
+    (DP-SGD's independent Gaussian noise), banded 4/16/64 bands (BSR) and BLT 2/4/8 buffers:
+    median step time, ratio to the identity step, exact state bytes, and the compiled peak memory
+    (arguments + outputs + temporaries - aliased, from XLA's memory analysis) in parameter-sized
+    arrays;
+  * jax-privacy 2.0.0's ``matrix_factorization_privatizer`` on the same strategies (Gaussian, BLT-4,
+    banded 4/16, banded Toeplitz 16), run in the same benchmark run from a separate venv;
+  * a full ``dp_aggregate`` step (per-example gradients by vmap(grad), clipping, noise) for a
+    1M-parameter MLP at batch 32, against plain vmap(grad) + sum + the same noise.
+
+jax-privacy lives in its own venv so that it cannot change this project's jax/numpy:
+
+    python3 -m venv /work/bench-venv
+    /work/bench-venv/bin/pip install jax-privacy==2.0.0
+    /work/bench-venv/bin/pip install -e /work/main
+
+Run:  .venv/bin/python benchmarks/noise.py [--quick] [--sizes 1e6,1e7] [--jax-privacy-python PY]
+Writes benchmarks/results/noise.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+N_STEPS = 1000  # strategy length; the benchmark runs far fewer steps
+
+
+def blt_params(d: int) -> tuple[np.ndarray, np.ndarray]:
+    """A valid d-buffer BLT (decays spread in (0, 1), small positive scales)."""
+    theta = 1.0 - np.logspace(-3, -0.3, d)
+    omega = np.full(d, 0.5 / d) * (1 - theta) ** 0.5
+    return theta, omega
+
+
+def timeit(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_arrays(compiled, param_bytes: int) -> float:
+    m = compiled.memory_analysis()
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return peak / param_bytes
+
+
+# -- mfnoise ---------------------------------------------------------------------------------------
+
+
+def mfnoise_strategies(quick: bool, size: int) -> dict:
+    import mfnoise
+
+    out = {"identity": mfnoise.Identity(N_STEPS)}
+    bands = [4, 16] if quick else [4, 16, 64]
+    buffers = [4] if quick else [2, 4, 8]
+    for b in bands:
+        if size * (b - 1) * 4 <= 8e9:  # state that fits this machine next to everything else
+            out[f"banded-{b}"] = mfnoise.bsr(N_STEPS, b)
+    for d in buffers:
+        out[f"blt-{d}"] = mfnoise.BLT(*blt_params(d), N_STEPS)
+    return out
+
+
+def bench_copy(size: int, reps: int) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros((size,), jnp.float32)
+    f = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+    x = f(x)
+    x.block_until_ready()
+
+    def run():
+        nonlocal x
+        x = f(x)
+        x.block_until_ready()
+
+    return timeit(run, reps)
+
+
+def bench_mfnoise_noise(strategy, size: int, reps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    p = {"w": jax.ShapeDtypeStruct((size,), jnp.float32)}
+    gen = strategy.noise_generator(jax.random.key(0))
+    state = gen.init(p)
+    step = jax.jit(gen.next, donate_argnums=0)
+    compiled = step.lower(state, p).compile()
+    peak = peak_arrays(compiled, size * 4)
+    z, state = step(state, p)
+    jax.block_until_ready((z, state))
+
+    def run():
+        nonlocal state
+        z, state = step(state, p)
+        jax.block_until_ready((z, state))
+
+    t = timeit(run, reps)
+    return {"seconds": t, "state_bytes": gen.state_bytes(p), "peak_param_arrays": peak}
+
+
+def bench_dp_step(strategy, reps: int, batch: int = 32) -> dict:
+    """Full dp_aggregate step vs vmap(grad) + sum + the same noise, 1M-parameter MLP."""
+    import jax
+    import jax.numpy as jnp
+
+    import mfnoise
+    from mfnoise.per_example import per_example_grads
+
+    sizes = [784, 1024, 256, 10]
+    rng = np.random.default_rng(0)
+    params = {f"w{i}": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32) for i, (a, b) in enumerate(zip(sizes, sizes[1:]))}
+    params.update({f"b{i}": jnp.zeros((b,), jnp.float32) for i, b in enumerate(sizes[1:])})
+    nparams = sum(int(np.prod(v.shape)) for v in params.values())
+    x = jnp.asarray(rng.normal(size=(batch, 784)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, size=batch))
+
+    def loss(p, ex):
+        h = ex[0]
+        for i in range(len(sizes) - 1):
+            h = h @ p[f"w{i}"] + p[f"b{i}"]
+            if i < len(sizes) - 2:
+                h = jax.nn.relu(h)
+        return -jax.nn.log_softmax(h)[ex[1]]
+
+    grads = per_example_grads(loss)
+    part = mfnoise.Participation.epochs(strategy.n, 1)
+    dp = mfnoise.dp_aggregate(strategy, 1.0, 1.0, jax.random.key(1), participation=part)
+    plain = mfnoise.correlated_noise(strategy, 1.0, jax.random.key(1))
+
+    def dp_step(p, st):
+        u, st = dp.update(grads(p, (x, y)), st, p)
+        return u, st
+
+    def plain_step(p, st):
+        g = jax.tree.map(lambda a: jnp.sum(a, axis=0), grads(p, (x, y)))
+        u, st = plain.update(g, st, p)
+        return u, st
+
+    out = {"params": nparams, "batch": batch}
+    for name, tx, fn in (("dp_aggregate", dp, dp_step), ("vmap_grad_sum_noise", plain, plain_step)):
+        st = tx.init(params)
+        step = jax.jit(fn, donate_argnums=1)
+        u, st = step(params, st)
+        jax.block_until_ready((u, st))
+
+        def run():
+            nonlocal st
+            u, st = step(params, st)
+            jax.block_until_ready((u, st))
+
+        out[name] = timeit(run, reps)
+    out["ratio"] = out["dp_aggregate"] / out["vmap_grad_sum_noise"]
+    return out
+
+
+# -- jax-privacy (run in its own venv) -------------------------------------------------------------
+
+
+def jax_privacy_main(sizes: list[int], reps: int, quick: bool) -> dict:
+    """Runs inside the jax-privacy venv; prints one JSON object."""
+    import jax
+    import jax.numpy as jnp
+    import jax_privacy
+    from jax_privacy import noise_addition
+    from jax_privacy.matrix_factorization import banded, buffered_toeplitz, toeplitz
+
+    import mfnoise
+
+    results: dict = {"version": jax_privacy.__version__, "sizes": {}}
+    for size in sizes:
+        p = {"w": jnp.zeros((size,), jnp.float32)}
+        cases = {"gaussian": lambda: noise_addition.gaussian_privatizer(stddev=1.0, prng_key=0)}
+        with jax.enable_x64(True):
+            theta, omega = blt_params(4)
+            blt = buffered_toeplitz.BufferedToeplitz.build(theta, omega, dtype=jnp.float64)
+            blt_inv = blt.inverse_as_streaming_matrix()
+        cases["blt-4"] = lambda: noise_addition.matrix_factorization_privatizer(blt_inv, stddev=1.0, prng_key=0)
+        for b in ([4, 16] if not quick else [4]):
+            if size * b * 4 * 3 > 8e9:
+                continue
+            cols = jnp.asarray(mfnoise.bsr(N_STEPS, b).columns, jnp.float32)
+            cases[f"banded-{b}"] = (lambda c=cols: noise_addition.matrix_factorization_privatizer(
+                banded.ColumnNormalizedBanded(c).inverse_as_streaming_matrix(), stddev=1.0, prng_key=0))
+        if not quick and size * 16 * 4 * 3 <= 8e9:
+            coef = jnp.asarray(mfnoise.bsr(N_STEPS, 16).columns[0] / mfnoise.bsr(N_STEPS, 16).columns[0, 0])
+            cases["banded-toeplitz-16"] = lambda: noise_addition.matrix_factorization_privatizer(
+                toeplitz.inverse_as_streaming_matrix(coef, column_normalize_for_n=N_STEPS), stddev=1.0, prng_key=0)
+        row = {}
+        for name, make in cases.items():
+            try:
+                tx = make()
+                state = tx.init(p)
+                step = jax.jit(tx.update, donate_argnums=1)
+                compiled = step.lower(p, state).compile()
+                peak = peak_arrays(compiled, size * 4)
+                state_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if x.size >= size)
+                u, state = step(p, state)
+                jax.block_until_ready((u, state))
+
+                def run():
+                    nonlocal state
+                    u, state = step(p, state)
+                    jax.block_until_ready((u, state))
+
+                row[name] = {"seconds": timeit(run, reps), "state_bytes": state_bytes, "peak_param_arrays": peak}
+                del state, u
+            except Exception as e:  # record, do not hide
+                row[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        results["sizes"][str(size)] = row
+    return results
+
+
+def run_jax_privacy(python: str, sizes: list[int], reps: int, quick: bool) -> dict:
+    cmd = [python, __file__, "--_jax-privacy-worker", "--sizes", ",".join(map(str, sizes)), "--reps", str(reps)]
+    if quick:
+        cmd.append("--quick")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
+    if r.returncode != 0:
+        return {"error": r.stderr[-2000:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1M params only, fewer strategies and repetitions")
+    ap.add_argument("--sizes", default=None, help="comma-separated parameter counts (default 1e6,1e7,1e8)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (median reported)")
+    ap.add_argument("--jax-privacy-python", default="/work/bench-venv/bin/python",
+                    help="python of a venv with jax-privacy==2.0.0 (skipped if missing)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "noise.json"))
+    ap.add_argument("--_jax-privacy-worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    sizes = [int(float(s)) for s in (args.sizes or ("1e6" if args.quick else "1e6,1e7,1e8")).split(",")]
+    reps = args.reps or (3 if args.quick else 7)
+    if args.worker:
+        print(json.dumps(jax_privacy_main(sizes, reps, args.quick)))
+        return
+
+    import jax
+
+    result: dict = {
+        "machine": f"{platform.machine()} {os.cpu_count()}-core CPU container, jax {jax.__version__}",
+        "devices": str(jax.devices()),
+        "n_steps": N_STEPS,
+        "reps": reps,
+        "sizes": {},
+    }
+    for size in sizes:
+        row: dict = {"copy_seconds": bench_copy(size, reps)}
+        for name, s in mfnoise_strategies(args.quick, size).items():
+            row[name] = bench_mfnoise_noise(s, size, reps)
+        base = row["identity"]["seconds"]
+        for name, v in row.items():
+            if isinstance(v, dict):
+                v["ratio_vs_dpsgd"] = v["seconds"] / base
+                v["ratio_vs_copy"] = v["seconds"] / row["copy_seconds"]
+        result["sizes"][str(size)] = row
+        print(f"done {size}", file=sys.stderr, flush=True)
+
+    import mfnoise
+
+    result["dp_step"] = {
+        name: bench_dp_step(s, reps)
+        for name, s in {"identity": mfnoise.Identity(N_STEPS), "banded-4": mfnoise.bsr(N_STEPS, 4),
+                        "blt-4": mfnoise.BLT(*blt_params(4), N_STEPS)}.items()
+    }
+
+    if os.path.exists(args.jax_privacy_python):
+        jp = run_jax_privacy(args.jax_privacy_python, sizes, reps, args.quick)
+        result["jax_privacy"] = jp
+        for size, row in jp.get("sizes", {}).items():
+            ours = result["sizes"].get(size, {})
+            for name, v in row.items():
+                if "seconds" in v:
+                    v["ratio_vs_our_dpsgd"] = v["seconds"] / ours["identity"]["seconds"]
+                    mine = ours.get("identity" if name == "gaussian" else name.replace("banded-toeplitz", "banded"))
+                    if isinstance(mine, dict):
+                        v["mfnoise_speedup"] = v["seconds"] / mine["seconds"]
+    else:
+        result["jax_privacy"] = {"skipped": f"{args.jax_privacy_python} not found"}
+
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(format_table(result))
+
+
+def format_table(result: dict) -> str:
+    lines = [f"machine: {result['machine']}"]
+    for size, row in result["sizes"].items():
+        lines.append(f"\n{int(size):,} float32 params; memory copy {row['copy_seconds'] * 1e3:.1f} ms")
+        lines.append(f"  {'mfnoise noise step':22s} {'ms':>8s} {'x DP-SGD':>9s} {'x copy':>7s} {'state MB':>9s} {'peak arrays':>12s}")
+        for name, v in row.items():
+            if isinstance(v, dict):
+                lines.append(f"  {name:22s} {v['seconds'] * 1e3:8.1f} {v['ratio_vs_dpsgd']:9.2f} {v['ratio_vs_copy']:7.2f} "
+                             f"{v['state_bytes'] / 1e6:9.1f} {v['peak_param_arrays']:12.1f}")
+        jp = result.get("jax_privacy", {}).get("sizes", {}).get(size)
+        if jp:
+            lines.append(f"  {'jax-privacy 2.0.0':22s} {'ms':>8s} {'x ourDPSGD':>10s} {'ours faster':>11s} {'state MB':>9s} {'peak arrays':>12s}")
+            for name, v in jp.items():
+                if "seconds" in v:
+                    lines.append(f"  {name:22s} {v['seconds'] * 1e3:8.1f} {v['ratio_vs_our_dpsgd']:10.2f} "
+                                 f"{v.get('mfnoise_speedup', float('nan')):11.2f} {v['state_bytes'] / 1e6:9.1f} {v['peak_param_arrays']:12.1f}")
+                else:
+                    lines.append(f"  {name:22s} {v.get('error', '')[:100]}")
+    lines.append("\nfull step, 1M-param MLP, batch 32 (ms): dp_aggregate vs vmap(grad)+sum+same noise")
+    for name, v in result.get("dp_step", {}).items():
+        lines.append(f"  {name:12s} {v['dp_aggregate'] * 1e3:8.1f} {v['vmap_grad_sum_noise'] * 1e3:8.1f}  ratio {v['ratio']:.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
