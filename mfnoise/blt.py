@@ -105,7 +105,8 @@ def _secular_roots(theta: np.ndarray, omega: np.ndarray) -> np.ndarray | None:
         mid = 0.5 * (lo + hi)
         if np.all((mid == lo) | (mid == hi)):
             break
-        f = 1.0 + (om[None, :] / (mid[:, None] - th[None, :])).sum(axis=1)
+        with np.errstate(divide="ignore"):  # a bracket already closed on theta_i gives f = +inf: fine
+            f = 1.0 + (om[None, :] / (mid[:, None] - th[None, :])).sum(axis=1)
         pos = f > 0
         lo = np.where(pos, mid, lo)
         hi = np.where(pos, hi, mid)
