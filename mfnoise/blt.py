@@ -20,7 +20,7 @@ import scipy.signal
 
 from mfnoise import sensitivity as sens_lib
 from mfnoise.participation import Participation
-from mfnoise.strategy import Strategy, as_float64, frozen_dataclass, register
+from mfnoise.strategy import Strategy, as_float64, check_n, frozen_dataclass, register
 from mfnoise.toeplitz import toeplitz_sensitivity
 
 
@@ -127,7 +127,7 @@ class BLT(Strategy):
         omega = as_float64("BLT omega", self.omega, 1)
         object.__setattr__(self, "theta", theta)
         object.__setattr__(self, "omega", omega)
-        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "n", check_n(self.n))
         if not isinstance(theta, np.ndarray) or not isinstance(omega, np.ndarray):
             return
         if theta.shape != omega.shape or theta.size < 1:

@@ -9,7 +9,7 @@ import numpy as np
 
 from mfnoise import sensitivity as sens_lib
 from mfnoise.participation import Participation
-from mfnoise.strategy import Strategy, frozen_dataclass, register
+from mfnoise.strategy import Strategy, check_n, frozen_dataclass, register
 
 
 @frozen_dataclass
@@ -20,8 +20,7 @@ class Identity(Strategy):
     family = "identity"
 
     def __post_init__(self) -> None:
-        if int(self.n) < 1:
-            raise ValueError(f"n must be positive, got {self.n}")
+        object.__setattr__(self, "n", check_n(self.n))
 
     def _dense(self) -> np.ndarray:
         return np.eye(self.n)

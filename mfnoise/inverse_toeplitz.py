@@ -14,7 +14,7 @@ import numpy as np
 from mfnoise import sensitivity as sens_lib
 from mfnoise import series
 from mfnoise.participation import Participation
-from mfnoise.strategy import Strategy, as_float64, frozen_dataclass, register
+from mfnoise.strategy import Strategy, as_float64, check_n, frozen_dataclass, register
 from mfnoise.toeplitz import toeplitz_sensitivity
 
 
@@ -29,7 +29,7 @@ class InverseToeplitz(Strategy):
     def __post_init__(self) -> None:
         r = as_float64("inverse toeplitz coefficients", self.inverse_coeffs, 1)
         object.__setattr__(self, "inverse_coeffs", r)
-        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "n", check_n(self.n))
         if not isinstance(r, np.ndarray):
             return
         if not 1 <= r.size <= self.n:

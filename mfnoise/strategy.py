@@ -17,7 +17,7 @@ import numpy as np
 
 from mfnoise import sensitivity as sens_lib
 from mfnoise.participation import Participation
-from mfnoise.workloads import check_dense_size
+from mfnoise.workloads import check_dense_size, check_n  # noqa: F401  (re-exported)
 
 FAMILIES: dict[str, type["Strategy"]] = {}
 

@@ -15,7 +15,7 @@ import numpy as np
 from mfnoise import sensitivity as sens_lib
 from mfnoise import series
 from mfnoise.participation import Participation
-from mfnoise.strategy import Strategy, as_float64, frozen_dataclass, register
+from mfnoise.strategy import Strategy, as_float64, check_n, frozen_dataclass, register
 
 
 def toeplitz_sensitivity(strategy: Strategy, coeffs: np.ndarray, p: Participation) -> sens_lib.Sensitivity:
@@ -56,7 +56,7 @@ class Toeplitz(Strategy):
     def __post_init__(self) -> None:
         c = as_float64("toeplitz coefficients", self.coeffs, 1)
         object.__setattr__(self, "coeffs", c)
-        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "n", check_n(self.n))
         if not isinstance(c, np.ndarray):
             return
         if not 1 <= c.size <= self.n:

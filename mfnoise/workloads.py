@@ -72,7 +72,7 @@ class Workload:
 
 def prefix_sum(n: int) -> Workload:
     """A[i, j] = 1 for j <= i (SGD with a constant learning rate)."""
-    _check_n(n)
+    check_n(n)
     return Workload(n=n, name="prefix", coeffs=np.ones(n))
 
 
@@ -82,7 +82,7 @@ def momentum(n: int, beta: float, learning_rates: np.ndarray | float | None = No
     ``learning_rates``: None (eta = 1), a scalar, or an array of n values (see ``cooldown``).
     A constant schedule gives a Toeplitz workload, a_d = eta (1 - beta^(d+1)) / (1 - beta).
     """
-    _check_n(n)
+    check_n(n)
     beta = float(beta)
     if not (0.0 <= beta < 1.0):
         raise ValueError(f"momentum beta must be in [0, 1), got {beta}")
@@ -92,7 +92,7 @@ def momentum(n: int, beta: float, learning_rates: np.ndarray | float | None = No
             raise ValueError(f"learning rate must be positive and finite, got {eta}")
         d = np.arange(n)
         coeffs = eta * (1.0 - beta ** (d + 1)) / (1.0 - beta)
-        name = f"momentum:{beta:g}" if eta == 1.0 else f"momentum:{beta:g}:lr={eta:g}"
+        name = f"momentum:{beta!r}" if eta == 1.0 else f"momentum:{beta!r}:lr={eta!r}"
         return Workload(n=n, name=name, coeffs=coeffs, beta=beta)
     eta = np.asarray(learning_rates, dtype=np.float64)
     if eta.shape != (n,):
@@ -107,7 +107,7 @@ def momentum(n: int, beta: float, learning_rates: np.ndarray | float | None = No
 
 def cooldown(n: int, lr: float = 1.0, fraction: float = 0.2, final: float = 0.0) -> np.ndarray:
     """Learning rates: ``lr`` for the first (1 - fraction) n steps, then linear decay to ``final``."""
-    _check_n(n)
+    check_n(n)
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"cooldown fraction must be in [0, 1], got {fraction}")
     eta = np.full(n, float(lr))
@@ -130,7 +130,8 @@ def matrix(a: np.ndarray, name: str = "matrix") -> Workload:
 
 
 def parse(spec: str, n: int) -> Workload:
-    """A workload from its spec string: "prefix", "momentum:BETA" or "momentum:BETA:cooldown:F"."""
+    """A workload from its spec string: "prefix", "momentum:BETA", "momentum:BETA:lr=ETA" or
+    "momentum:BETA:cooldown:F" (the names the constructors give, so files can be re-evaluated)."""
     parts = spec.split(":")
     if parts == ["prefix"]:
         return prefix_sum(n)
@@ -141,6 +142,8 @@ def parse(spec: str, n: int) -> Workload:
             raise ValueError(f"bad momentum beta in workload spec {spec!r}") from None
         if len(parts) == 2:
             return momentum(n, beta)
+        if len(parts) == 3 and parts[2].startswith("lr="):
+            return momentum(n, beta, float(parts[2][3:]))
         if len(parts) == 4 and parts[2] == "cooldown":
             w = momentum(n, beta, cooldown(n, fraction=float(parts[3])))
             return dataclasses.replace(w, name=spec)
@@ -149,9 +152,11 @@ def parse(spec: str, n: int) -> Workload:
     )
 
 
-def _check_n(n: int) -> None:
+def check_n(n: int) -> int:
+    """n as a positive int; a float, bool or non-positive n is refused, never truncated."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
+    return int(n)
 
 
 jax.tree_util.register_dataclass(
