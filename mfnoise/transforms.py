@@ -74,7 +74,8 @@ def clipped_sum(per_example: Any, l2_clip_norm: float) -> tuple[Any, jax.Array]:
         return per_example, jnp.zeros((), jnp.int32)
     batch = leaves[0].shape[0]
     acc = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])  # norms in >= float32
-    sq = sum(jnp.sum(jnp.square(x.reshape(batch, -1).astype(acc)), axis=1) for x in leaves)
+    # no reshapes: merging sharded dimensions is not allowed with Explicit mesh axes
+    sq = sum(jnp.sum(jnp.square(x.astype(acc)), axis=tuple(range(1, x.ndim))) for x in leaves)
     finite = jnp.isfinite(sq)  # any NaN/inf entry makes the squared norm non-finite
     norm = jnp.sqrt(jnp.where(finite, sq, 0.0))
     scale = jnp.where(finite, jnp.minimum(1.0, l2_clip_norm / jnp.maximum(norm, 1e-30)), 0.0)
@@ -82,14 +83,14 @@ def clipped_sum(per_example: Any, l2_clip_norm: float) -> tuple[Any, jax.Array]:
     all_finite = jnp.all(finite)
 
     def leaf_sum(x: jax.Array) -> jax.Array:
-        flat = x.reshape(batch, -1)
         w = scale.astype(x.dtype)
+        keep = finite.reshape((batch,) + (1,) * (x.ndim - 1))
         # The weighted sum over examples as a dot (XLA:CPU reduces over a major axis ~30x slower).
         # A dropped example has weight 0, but NaN * 0 = NaN: only when some example is non-finite,
         # its rows are zeroed first (a select over the batch, never on the common path).
-        fast = lambda: jnp.tensordot(w, flat, axes=1)  # noqa: E731
-        slow = lambda: jnp.tensordot(w, jnp.where(finite[:, None], flat, jnp.zeros((), x.dtype)), axes=1)  # noqa: E731
-        return jax.lax.cond(all_finite, fast, slow).reshape(x.shape[1:])
+        fast = lambda: jnp.tensordot(w, x, axes=1)  # noqa: E731
+        slow = lambda: jnp.tensordot(w, jnp.where(keep, x, jnp.zeros((), x.dtype)), axes=1)  # noqa: E731
+        return jax.lax.cond(all_finite, fast, slow)
 
     return jax.tree.map(leaf_sum, per_example), jnp.sum(~finite).astype(jnp.int32)
 

@@ -147,6 +147,33 @@ def main() -> None:
     for k in SHAPES:
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
     print("ok dp_aggregate sharded", flush=True)
+
+    # dp_aggregate alone on per-example gradients with Explicit mesh axes (jax.make_mesh's default).
+    g = {k: jnp.asarray(rng.normal(size=(6, *v)), jnp.float32) for k, v in SHAPES.items()}
+    g["w"] = g["w"].at[3, 0, 0].set(jnp.nan)
+    agg = mfnoise.dp_aggregate(mfnoise.bsr(N, 4), 1.0, 0.7, key, participation=mfnoise.Participation.epochs(N, 2))
+
+    def three_steps(p, g):
+        st = agg.init(p)
+        upd = jax.jit(agg.update)
+        outs = []
+        for _ in range(3):
+            u, st = upd(g, st)
+            outs.append(host(u))
+        return outs, int(st.nonfinite)
+
+    ref, dropped = three_steps(plain, g)
+    assert dropped == 3
+    specs = layouts["2d-sharded"][1]
+    with jax.set_mesh(meshx):
+        p = {k: jax.device_put(plain[k], NamedSharding(meshx, specs[k])) for k in SHAPES}
+        gx = {k: jax.device_put(g[k], NamedSharding(meshx, P(None, *specs[k]))) for k in SHAPES}
+        got, dropped = three_steps(p, gx)
+    assert dropped == 3
+    for a, b in zip(ref, got):
+        for k in SHAPES:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    print("ok dp_aggregate explicit", flush=True)
     print("ALL OK")
 
 
