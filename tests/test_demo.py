@@ -46,6 +46,7 @@ def test_demo_json(smoke):
         assert math.isfinite(r["noise_rmse"]) and r["noise_rmse"] > 0
     assert result["n"] == 2 * result["min_sep"] and result["participation"] == "cyclic"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0.2 < result["non_private"]["accuracy"] <= 1.0
 
 
 def test_demo_noise_multipliers_are_dp_accountings(smoke):
