@@ -25,6 +25,11 @@ Gaussian with sensitivity ||C[:, c + i b]|| <= m = max column norm. In mfnoise's
 per-round noise multiplier is z * sens(C, p) / m (sqrt(k) for a column-normalised C). With
 bands > b, or a strategy that is not banded, the rounds are coupled and the theorem says nothing:
 ``dp_event`` refuses.
+
+Neighbouring datasets differ by adding or removing one example (dp-accounting's default
+``ADD_OR_REMOVE_ONE``), whose clipped gradients change by at most ``l2_clip_norm`` per step; so
+divide the noisy sum by a data-independent batch size (as ``dp_aggregate`` does). Under
+replace-one adjacency the sensitivity doubles.
 """
 
 from __future__ import annotations

@@ -15,12 +15,17 @@ Everything private goes through mfnoise:
   Choquette-Choo et al. 2023);
 * clipping, summing and noise: ``mfnoise.dp_aggregate`` inside ``optax.chain``.
 
-Where correlated noise helps: several epochs with large batches (few steps per epoch is the
-regime where DP-SGD's per-step noise, sqrt(k) times the single-epoch noise, hurts most, and
-where anti-correlated noise cancels over the trajectory).
+For reference it also trains DP-SGD with Poisson sampling (``cyclic_poisson_batches`` with one
+group, ``pack``-ed to the largest sampled batch) under its amplified accounting
+(``calibrate(..., sampling="cyclic-poisson")``), and the same clipped training without noise.
 
-The data (1797 8x8 images, 10 classes) ships with scikit-learn: nothing is downloaded.
-Training runs all seeds of one method in one jitted ``vmap``-ed ``lax.scan``.
+Where correlated noise helps: several epochs with large batches (each example takes part k times,
+so DP-SGD's per-step noise is sqrt(k) times the single-epoch noise, while anti-correlated noise
+cancels over the trajectory; large batches also leave little for sampling to amplify).
+
+The data (1797 8x8 images, 10 classes) ships with scikit-learn: nothing is downloaded. Each run is
+one jitted ``lax.scan`` over the steps, compiled once per method (learning rate, keys and batches
+are arguments). Each method's learning rate is picked from a grid by validation accuracy.
 """
 
 from __future__ import annotations
