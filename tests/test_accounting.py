@@ -122,14 +122,15 @@ def test_dpsgd_with_poisson_sampling_is_the_classic_accounting():
     assert acc().compose(event).get_epsilon(DELTA) == pytest.approx(acc().compose(classic).get_epsilon(DELTA))
 
 
-@settings(max_examples=20)
-@given(n=st.integers(2, 9), b=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_amplification_scale_against_dense(n, b, seed):
+@settings(max_examples=30)
+@given(n=st.integers(2, 9), b=st.integers(1, 4), seed=st.integers(0, 2**16),
+       family=st.sampled_from(["banded", "banded-normalized", "toeplitz-arbitrary", "bsr", "identity"]))
+def test_amplification_scale_against_dense(n, b, seed, family):
     """scale = sens(C, p) / max column norm, both computed here from the dense C by brute force."""
     b = min(b, n)
     rng = np.random.default_rng(seed)
-    bands = int(rng.integers(1, b + 1))
-    strategy, c = make_strategy("banded", n, rng, bands=bands)
+    bands = 1 if family == "identity" else int(rng.integers(1, b + 1))
+    strategy, c = make_strategy(family, n, rng, bands=bands)
     p = mfnoise.Participation(n, -(-n // b), b, cyclic=True)
     sq = np.sum(c**2, axis=0)
     sens = math.sqrt(max(sq[list(P)].sum() for P in all_patterns(n, p.max_participations, b, True)))
