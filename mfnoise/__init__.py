@@ -19,10 +19,11 @@ from mfnoise.inverse_toeplitz import InverseToeplitz
 from mfnoise.closed_forms import bisr, bsr, sqrt_toeplitz
 from mfnoise.error import evaluate, max_error, rmse
 from mfnoise.io import load
+# Imported eagerly: a lazily imported submodule named like the function would shadow it.
+from mfnoise.optimize import optimize
 
 # Heavier parts load on first use, so `import mfnoise` stays quick and each part stays optional.
 _LAZY = {
-    "optimize": ("mfnoise.optimize", "optimize"),
     "dp_aggregate": ("mfnoise.transforms", "dp_aggregate"),
     "correlated_noise": ("mfnoise.transforms", "correlated_noise"),
     "mf_sgd": ("mfnoise.transforms", "mf_sgd"),
@@ -58,6 +59,7 @@ __all__ = [
     "bsr",
     "evaluate",
     "load",
+    "optimize",
     "max_error",
     "rmse",
     "sqrt_toeplitz",
