@@ -4,7 +4,7 @@ Measures, for float32 parameter vectors of 1M / 10M / 100M entries (one leaf):
   * a plain memory copy of the same bytes (``x + 1``: read P, write P): the bandwidth reference;
   * the noise step alone (``mfnoise.noise`` generator, jitted with the state donated) for identity
     (DP-SGD's independent Gaussian noise), banded 4/16/64 bands (BSR) and BLT 2/4/8 buffers:
-    median step time, ratio to the identity step, exact state bytes, and the compiled peak memory
+    minimum step time over the repetitions (least disturbed by other load), ratio to the identity step, exact state bytes, and the compiled peak memory
     (arguments + outputs + temporaries - aliased, from XLA's memory analysis) in parameter-sized
     arrays;
   * jax-privacy 2.0.0's ``matrix_factorization_privatizer`` on the same strategies (Gaussian, BLT-4,
@@ -47,12 +47,13 @@ def blt_params(d: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def timeit(fn, reps: int) -> float:
+    """Minimum over ``reps`` runs: on a shared machine the minimum is the least disturbed."""
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def peak_arrays(compiled, param_bytes: int) -> float:
@@ -199,7 +200,7 @@ def jax_privacy_main(sizes: list[int], reps: int, quick: bool) -> dict:
                 continue
             cols = jnp.asarray(mfnoise.bsr(N_STEPS, b).columns, jnp.float32)
             cases[f"banded-{b}"] = (lambda c=cols: noise_addition.matrix_factorization_privatizer(
-                banded.ColumnNormalizedBanded(c).inverse_as_streaming_matrix(), stddev=1.0, prng_key=0))
+                banded.ColumnNormalizedBanded(params=c).inverse_as_streaming_matrix(), stddev=1.0, prng_key=0))
         if not quick and size * 16 * 4 * 3 <= 8e9:
             coef = jnp.asarray(mfnoise.bsr(N_STEPS, 16).columns[0] / mfnoise.bsr(N_STEPS, 16).columns[0, 0])
             cases["banded-toeplitz-16"] = lambda: noise_addition.matrix_factorization_privatizer(
@@ -246,7 +247,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1M params only, fewer strategies and repetitions")
     ap.add_argument("--sizes", default=None, help="comma-separated parameter counts (default 1e6,1e7,1e8)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (median reported)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (minimum reported)")
     ap.add_argument("--jax-privacy-python", default="/work/bench-venv/bin/python",
                     help="python of a venv with jax-privacy==2.0.0 (skipped if missing)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "noise.json"))
@@ -262,6 +263,7 @@ def main() -> None:
 
     result: dict = {
         "machine": f"{platform.machine()} {os.cpu_count()}-core CPU container, jax {jax.__version__}",
+        "load_average_at_start": os.getloadavg(),
         "devices": str(jax.devices()),
         "n_steps": N_STEPS,
         "reps": reps,

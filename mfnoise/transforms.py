@@ -15,7 +15,11 @@
 Non-finite per-example gradients: an example whose gradient has any NaN or inf entry contributes
 zero (it is dropped before the sum, so it never reaches the parameters) and is counted in
 ``DPAggregateState.nonfinite``. Dropping an example is within the clipped-sum sensitivity (it is
-the same as a zero gradient), so privacy is unaffected.
+the same as a zero gradient), so privacy is unaffected. (A finite gradient whose squared norm
+overflows the accumulation dtype, |g| > ~1e19 in float32, is dropped and counted the same way.)
+
+Cost: the per-example gradients are materialised (B x params), as with any generic per-example
+clipping; ``mfnoise.per_example.per_example_grads`` computes them with vmap in microbatches.
 
 All transforms are jittable, work inside ``optax.chain`` and with sharded params (the noise state
 is sharded like the params; see ``mfnoise.noise``). Call ``mfnoise.noise.check(opt_state)`` on the
