@@ -204,6 +204,8 @@ def _run_staged(runner, prob: Problem, fun, **kw) -> dict:
     history: list[float] = []
     x = np.asarray(prob.x0, np.float64)
     initial_loss, _ = fun(x)
+    if not math.isfinite(initial_loss):
+        raise ValueError(f"the loss of {prob.name} is not finite at its initial point (loss={initial_loss})")
     tracker.see(x, initial_loss)
     bar = _progress_bar(prob, kw.pop("progress"), kw.pop("progress_delay"))
     stopped, converged = None, True

@@ -224,11 +224,16 @@ def _v_from_log_deltas(ld: np.ndarray) -> np.ndarray:
     return np.log(np.expm1(np.maximum(gaps, 1e-300)))  # softplus^{-1}
 
 
+INIT_TOP = 0.4571
+"""1 - the largest initial decay; not a round number, so that it does not coincide with a
+workload pole (momentum beta = 0.5 would make a double pole)."""
+
+
 def init_params(buffers: int, n: int) -> np.ndarray:
-    """v whose 2d decays have 1 - decay log-spaced from 1/2 down to about 1/n (an exponential-sum
-    quadrature of the square root's j^(-1/2) decay)."""
+    """v whose 2d decays have 1 - decay log-spaced from about 1/2 down to about 1/n (an
+    exponential-sum quadrature of the square root's j^(-1/2) decay)."""
     k = 2 * buffers
-    ld = np.linspace(np.log(0.5), np.log(0.5 / n), k)
+    ld = np.linspace(np.log(INIT_TOP), np.log(0.5 / n), k)
     return _v_from_log_deltas(ld)
 
 
@@ -242,7 +247,7 @@ def _with_cancelled(active_ld: np.ndarray, buffers: int) -> np.ndarray:
 
 def staged_start(buffers: int, n: int) -> np.ndarray:
     """Round 1: one active buffer (log-spaced init), the other pairs cancelled."""
-    return _with_cancelled(np.log([0.5, 0.5 / n]), buffers)
+    return _with_cancelled(np.log([INIT_TOP, 0.5 / n]), buffers)
 
 
 def next_stage(v: np.ndarray, stage: int, buffers: int, n: int) -> np.ndarray:
