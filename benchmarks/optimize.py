@@ -187,6 +187,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller n for every row (a few minutes)")
     parser.add_argument("--only", nargs="+", metavar="ROW", help=f"rows to run, of: {', '.join(ROWS)}")
     parser.add_argument("--no-baseline", action="store_true", help="mfnoise only (no jax-privacy)")
+    parser.add_argument("--all-baselines", action="store_true",
+                        help="also run jax-privacy where it needs many minutes and ~9 GB (banded-4096)")
     parser.add_argument("--baseline-python", default=DEFAULT_BASELINE_PYTHON,
                         help="python of the venv with jax-privacy 2.0.0 (default %(default)s)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {name} n={n}: mfnoise ...", file=sys.stderr, flush=True)
         entry["mfnoise"] = run_worker(sys.executable, name, "mfnoise", n, full, args.device, args.timeout)
         run_base = baseline and row.get("baseline", True) and (full or row.get("baseline_quick", True)) \
-            and (full or not row.get("baseline_full_only", False))
+            and (args.all_baselines or not row.get("baseline_full_only", False))
         if run_base:
             print(f"[{time.strftime('%H:%M:%S')}] {name} n={n}: jax-privacy ...", file=sys.stderr, flush=True)
             entry["jax_privacy"] = run_worker(args.baseline_python, name, "jax-privacy", n, full, args.device,
