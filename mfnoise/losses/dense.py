@@ -68,7 +68,7 @@ def best_pattern_sum(w: jax.Array, n: int, b: int, k: int) -> jax.Array:
     The dynamic programme of ``mfnoise.sensitivity.best_pattern_sum``, in JAX.
     """
     def cummax(v):
-        return jax.lax.associative_scan(jnp.maximum, v, axis=-1)
+        return jax.lax.cummax(v, axis=v.ndim - 1)
 
     g = cummax(w)
     for _ in range(k - 1):
