@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+
 from mfnoise import error, io, workloads
 from mfnoise.participation import Participation
 from mfnoise.strategy import Strategy
@@ -420,7 +422,14 @@ def build(specs: Iterable[Spec], out: str | os.PathLike, *, shipped: str | os.Pa
     start = time.perf_counter()
     built = []
     for i, s in enumerate(specs):
-        e = build_entry(s, out)
+        try:
+            e = build_entry(s, out)
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as err:
+            # One entry the optimizer cannot produce must not stop the rest; it is reported.
+            built.append({"name": s.name, "ok": False, "error": f"{type(err).__name__}: {err}"})
+            if progress is not None:
+                progress(f"[{i + 1}/{len(specs)}] {s.name}: FAILED ({type(err).__name__}: {err})")
+            continue
         row = {"name": s.name, "rmse": e["rmse"], "max_error": e["max_error"], "seconds": e["seconds"],
                **compare(e, old.get(s.name), rtol)}
         built.append(row)

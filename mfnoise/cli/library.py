@@ -165,6 +165,9 @@ def format_text(result: dict) -> str:
     lines = [f"built {result['count']} strategies in {result['seconds']:.1f} s"
              + (f" into {result['directory']}" if result["directory"] else " (temporary folder, discarded)")]
     for r in bad:
+        if "error" in r:
+            lines.append(f"  {r['name']}: {r['error']}")
+            continue
         lines.append(f"  {r['name']}: rmse {r['rmse']:.6g} vs shipped {r['shipped_rmse']:.6g}, "
                      f"max_error {r['max_error']:.6g} vs shipped {r['shipped_max_error']:.6g}")
     lines.append("all match the shipped losses" if not bad else f"{len(bad)} differ from the shipped losses")
