@@ -123,7 +123,8 @@ def optimize(
 
     Returns:
       (strategy, report): report has family, n, objective, method, iterations, evaluations,
-      history (the loss after each iteration), initial_loss, loss, seconds (total wall time),
+      history (the loss after each iteration), objective_history (the same as rmse / max_error
+      where the family's loss says how), initial_loss, loss, seconds (total wall time), compile_seconds,
       optimize_seconds, converged, stopped (why), interrupted, and the exact sensitivity,
       sensitivity_exact, rmse and max_error from ``mfnoise.error.evaluate``.
     """
@@ -162,6 +163,10 @@ def optimize(
         "iterations": result["iterations"],
         "evaluations": result["evaluations"],
         "history": result["history"],
+        # The objective itself per iteration, where the family's loss says how (log(objective) for
+        # banded-toeplitz and blt); otherwise only the loss history.
+        "objective_history": ([module.objective_from_loss(v) for v in result["history"]]
+                              if hasattr(module, "objective_from_loss") else None),
         "initial_loss": result["initial_loss"],
         "loss": result["loss"],
         "converged": result["converged"],
@@ -215,10 +220,14 @@ def _run_staged(runner, prob: Problem, fun, **kw) -> dict:
     stopped, converged = None, True
     try:
         for stage in range(1, stages + 1):
-            if stage > 1:
-                x = prob.next_stage(tracker.best_x, stage)
-            stopped, ok = runner(fun, x, tracker, history, bar, prob.bounds, **kw)
-            converged = converged and ok
+            starts = [x] if stage == 1 else prob.next_stage(tracker.best_x, stage)
+            if isinstance(starts, np.ndarray) and starts.ndim == 1:
+                starts = [starts]
+            for x in starts:  # the tracker keeps the best point over every start
+                stopped, ok = runner(fun, x, tracker, history, bar, prob.bounds, **kw)
+                converged = converged and ok
+                if stopped not in ("converged", "max_iterations") and not ok:
+                    break
             if stopped not in ("converged", "max_iterations") and not ok:
                 break
     except KeyboardInterrupt:

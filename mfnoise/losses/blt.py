@@ -250,26 +250,32 @@ def staged_start(buffers: int, n: int) -> np.ndarray:
     return _with_cancelled(np.log([INIT_TOP, 0.5 / n]), buffers)
 
 
-def next_stage(v: np.ndarray, stage: int, buffers: int, n: int) -> np.ndarray:
-    """Round ``stage``: the stage - 1 active pairs of v plus one new pair in the widest log gap."""
+def next_stage(v: np.ndarray, stage: int, buffers: int, n: int) -> list[np.ndarray]:
+    """Starts for round ``stage``: the active pairs of v plus one new pair, inserted either inside
+    each log gap between pairs (and above / below all) or right next to an existing decay (optima often hold two nearly equal decays,
+    approximating a double pole theta^j j, which local steps from a distant insertion miss)."""
     ld = -np.cumsum(np.logaddexp(0.0, v))  # log_deltas in numpy
     pairs = ld.reshape(-1, 2)
     active = pairs[pairs[:, 0] - pairs[:, 1] > 1e-12][: stage - 1].reshape(-1)
     # Slots where a pair may go without breaking interlacing: above the first, between pairs, below the last.
-    bounds = np.concatenate([[0.0], active, [min(active[-1], 0.0) - 3.0 if active.size else math.log(0.5 / n)]])
+    bottom = min(active[-1], 0.0) - 3.0 if active.size else math.log(0.5 / n)
+    bounds = np.concatenate([[0.0], active, [bottom]])
     slots = [(bounds[2 * i], bounds[2 * i + 1]) for i in range(active.size // 2 + 1)]
-    hi, lo = max(slots, key=lambda s: s[0] - s[1])
-    new = np.array([hi - (hi - lo) / 3, hi - 2 * (hi - lo) / 3])
-    merged = np.sort(np.concatenate([active, new]))[::-1]
-    return _with_cancelled(merged, buffers)
+    news = [np.array([hi - (hi - lo) / 3, hi - 2 * (hi - lo) / 3]) for hi, lo in slots]
+    for i in range(active.size // 2):  # just below decay i (theta slightly larger), inside its slot
+        hi, lo = slots[i + 1]
+        eta = min(1e-2, (hi - lo) / 3)
+        news.append(np.array([hi - eta, hi - 2 * eta]))
+    return [_with_cancelled(np.sort(np.concatenate([active, new]))[::-1], buffers) for new in news]
 
 
 def params_from_blt(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
     """v for a BLT with omega > 0 (its inverse decays must be positive and distinct)."""
     from mfnoise.blt import blt_inverse
 
-    theta = np.sort(np.asarray(theta, np.float64))
-    inv_theta, _ = blt_inverse(theta, np.asarray(omega, np.float64)[np.argsort(theta)])
+    order = np.argsort(np.asarray(theta, np.float64))
+    theta = np.asarray(theta, np.float64)[order]
+    inv_theta, _ = blt_inverse(theta, np.asarray(omega, np.float64)[order])
     decays = np.empty(2 * theta.size)
     decays[0::2], decays[1::2] = np.sort(inv_theta), theta
     if np.any(np.diff(decays) <= 0) or decays[0] <= 0 or decays[-1] >= 1:
@@ -357,3 +363,8 @@ def inverse_coeffs(delta: jax.Array, delta_inv: jax.Array, n: int) -> jax.Array:
 def materialized_decoder(delta: jax.Array, delta_inv: jax.Array, a: jax.Array, n: int) -> jax.Array:
     """b = a * (1 / c) mod x^n, shape (n,) (any Toeplitz workload)."""
     return series_multiply(a, inverse_coeffs(delta, delta_inv, n), n)
+
+
+def objective_from_loss(loss: float) -> float:
+    """The objective (rmse or max_error) that a loss value of this problem stands for."""
+    return math.exp(loss)
