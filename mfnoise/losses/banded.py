@@ -40,7 +40,6 @@ so L-BFGS applies; the reported max_error is always the exact one, recomputed by
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax

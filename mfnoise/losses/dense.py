@@ -26,8 +26,13 @@ Sensitivity by normalisation, inside the loss:
 
 The max objective uses ``mfnoise.losses.banded.smooth_max`` (an l_p norm within 1% above the max).
 A loss costs one triangular inversion and a product with A (O(n^3)); the returned strategy's
-sensitivity is recomputed exactly by ``mfnoise.error.evaluate``: exact when X >= 0 (which the
-prefix-sum optima satisfy), else flagged as a bound.
+sensitivity is recomputed by ``mfnoise.error.evaluate``. Single participation: exact (max column
+norm). Cyclic: the value is max_c S_c = 1, the same bound the loss used; it is attained (the value
+is exact) when X >= 0 within each pattern, which the optima satisfy up to rounding (some
+within-pattern entries settle at the kink X_ij = 0, around -1e-11), but
+``mfnoise.sensitivity.dense`` labels it exact only when all of X >= 0, and the optima have small
+negative entries across patterns (which the sensitivity does not involve), so it reports
+``exact=False`` ("cyclic-abs-bound") with the correct value.
 """
 
 from __future__ import annotations
