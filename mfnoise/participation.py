@@ -13,7 +13,6 @@ Single participation (k = 1) is both kinds.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import operator
 from typing import Any, Iterator
@@ -115,20 +114,25 @@ class Participation:
             yield tuple(range(c, self.n, self.min_sep))
 
     def patterns(self) -> Iterator[tuple[int, ...]]:
-        """Every maximal pattern (exponential in n; for brute force on small n only).
+        """Every pattern (exponential in n; for exhaustive search on small schemas only).
 
-        For min-sep these are all separated sets of exactly ``reachable`` size or that cannot
-        be extended; non-maximal sets are subsets of these.
+        Cyclic: the maximal patterns {c, c + b, ...} (every other pattern is a subset of one).
+        Min-sep: every separated set of 1..min(k, ceil(n / b)) steps, generated in time
+        proportional to their number.
         """
         if self.cyclic:
             yield from self.cyclic_patterns()
             return
-        n, b = self.n, self.min_sep
-        k = self.reachable_participations
-        for size in range(1, k + 1):
-            for combo in itertools.combinations(range(n), size):
-                if all(combo[i + 1] - combo[i] >= b for i in range(size - 1)):
-                    yield combo
+        n, b, k = self.n, self.min_sep, self.reachable_participations
+
+        def extend(prefix: tuple[int, ...], start: int) -> Iterator[tuple[int, ...]]:
+            for t in range(start, n):
+                pattern = prefix + (t,)
+                yield pattern
+                if len(pattern) < k:
+                    yield from extend(pattern, t + b)
+
+        yield from extend((), 0)
 
     def contains(self, pattern: tuple[int, ...] | list[int]) -> bool:
         """Whether a set of steps is a pattern the schema allows."""
