@@ -274,3 +274,17 @@ def test_row_bound_at_n30_dominates_the_full_pattern():
     x = c.T @ c
     assert out.value**2 >= x.sum() * (1 - 1e-14)
     assert out.value**2 == pytest.approx(x.sum(), rel=1e-12)  # X >= 0: the bound is tight here
+
+
+def test_dense_cyclic_exact_with_negative_entries_across_patterns():
+    # X = C^T C with X >= 0 inside each cyclic pattern ({0, 2}, {1, 3}) but negative across them:
+    # the cross entries never enter the sensitivity, so the value is exact: sqrt(max(3, 2.8)).
+    x = np.array([[1.0, -0.3, 0.5, -0.2], [-0.3, 1.0, -0.1, 0.4],
+                  [0.5, -0.1, 1.0, -0.3], [-0.2, 0.4, -0.3, 1.0]])
+    j = np.eye(4)[::-1]
+    lower = np.linalg.cholesky(j @ x @ j)
+    c = j @ lower.T @ j  # lower triangular with C^T C = X
+    assert np.allclose(np.triu(c, 1), 0) and np.allclose(c.T @ c, x)
+    s = sens_lib.dense(c, mfnoise.Participation.epochs(4, 2))
+    assert s.exact
+    assert s.value == pytest.approx(np.sqrt(3.0), rel=1e-12)
