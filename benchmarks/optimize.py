@@ -206,6 +206,7 @@ def main(argv=None) -> int:
     baseline = not args.no_baseline and os.path.exists(args.baseline_python)
     full = not args.quick
     results = []
+    machine = {"machine": "", "load_average_at_end": os.getloadavg()}
     previous = {}
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -241,8 +242,16 @@ def main(argv=None) -> int:
             entry["vs_sqrt_toeplitz"] = m["loss"] / REFERENCE[n] - 1
             if j and "loss" in j:
                 entry["jax_privacy_vs_sqrt_toeplitz"] = j["loss"] / REFERENCE[n] - 1
+        entry["load_average"] = os.getloadavg()
         results.append(entry)
         print(_table([entry], header=False), file=sys.stderr, flush=True)
+        machine = _write(args, previous, results)  # after every row, so a long run keeps what it has
+    print(_table(results))
+    print(f"\n{machine['machine']}, load average at end {machine['load_average_at_end']}; wrote {args.out}")
+    return 0
+
+
+def _write(args, previous, results) -> dict:
     merged = {**previous, **{r["row"]: r for r in results}}
     machine = {"machine": f"{os.cpu_count()}-core CPU container" if args.device == "cpu" else "GPU",
                "platform": platform.platform(), "python": platform.python_version(),
@@ -250,9 +259,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "rows": [merged[k] for k in ROWS if k in merged]}, f, indent=1)
-    print(_table(results))
-    print(f"\n{machine['machine']}, load average at end {machine['load_average_at_end']}; wrote {args.out}")
-    return 0
+    return machine
 
 
 def _fmt(x, spec):
