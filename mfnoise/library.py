@@ -347,6 +347,9 @@ def build_entry(s: Spec, folder: str | os.PathLike, command_folder: str = "strat
     start = time.perf_counter()
     strategy, report = optimize(w, p, **s.optimize_kwargs(), progress=False)
     seconds = time.perf_counter() - start
+    if _report_value(report, "interrupted"):
+        # The optimizer keeps its best point on Ctrl-C; an unconverged entry is never shipped.
+        raise KeyboardInterrupt
     result = error.evaluate(strategy, w, p)
     file = f"{s.name}.npz"
     command = s.command(f"{command_folder}/{file}")

@@ -170,5 +170,8 @@ def format_text(result: dict) -> str:
             continue
         lines.append(f"  {r['name']}: rmse {r['rmse']:.6g} vs shipped {r['shipped_rmse']:.6g}, "
                      f"max_error {r['max_error']:.6g} vs shipped {r['shipped_max_error']:.6g}")
+    diffs = [abs(r[k]) for r in result["built"] if r.get("shipped") for k in ("rel_diff_rmse", "rel_diff_max_error")]
+    if diffs:
+        lines.append(f"largest relative difference from the shipped rmse / max_error: {max(diffs):.3g}")
     lines.append("all match the shipped losses" if not bad else f"{len(bad)} differ from the shipped losses")
     return "\n".join(lines)

@@ -35,7 +35,7 @@ def format_text(r: dict) -> str:
     size = {k: r[k] for k in ("buffers", "bands") if k in r}
     lines = [
         f"recommended: {r['name']} ({r['family']}{', ' + ', '.join(f'{k} {v}' for k, v in size.items()) if size else ''})",
-        f"  {r['objective']} error {r['error']:.6g}; noise state {r['state_bytes']:,} bytes"
+        f"  {_key(r)} {r['error']:.6g}; noise state {r['state_bytes']:,} bytes"
         + (f" of a {r['memory_budget']:,}-byte budget" if r["memory_budget"] is not None else ""),
         f"  {r['relative_to_dp_sgd']:.3f} x DP-SGD's ({r['dp_sgd'][_key(r)]:.6g})",
         f"  {r['relative_to_best']:.3f} x the best without a budget ({r['best_unconstrained']['name']}, "
