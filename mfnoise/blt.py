@@ -121,6 +121,7 @@ class BLT(Strategy):
     omega: np.ndarray
     n: int
     family = "blt"
+    is_toeplitz = True
 
     def __post_init__(self) -> None:
         theta = as_float64("BLT theta", self.theta, 1)

@@ -34,7 +34,7 @@ def decoder_norms(strategy: Strategy, workload: Workload) -> DecoderNorms:
     if workload.n != strategy.n:
         raise ValueError(f"workload has n={workload.n} but the strategy has n={strategy.n}")
     n = strategy.n
-    if workload.is_toeplitz and strategy.toeplitz_coeffs() is not None:
+    if workload.is_toeplitz and strategy.is_toeplitz:
         b = strategy.inverse_apply(np.asarray(workload.coeffs, np.float64))
         sq = b * b
         return DecoderNorms(float(np.dot(n - np.arange(n), sq)), float(sq.sum()))

@@ -18,6 +18,7 @@ class Identity(Strategy):
 
     n: int
     family = "identity"
+    is_toeplitz = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n", check_n(self.n))

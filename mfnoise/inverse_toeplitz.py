@@ -25,6 +25,7 @@ class InverseToeplitz(Strategy):
     inverse_coeffs: np.ndarray
     n: int
     family = "inverse-toeplitz"
+    is_toeplitz = True
 
     def __post_init__(self) -> None:
         r = as_float64("inverse toeplitz coefficients", self.inverse_coeffs, 1)

@@ -26,6 +26,8 @@ class Strategy(abc.ABC):
     """Base class of the strategy families (identity, dense, banded, toeplitz, blt, ...)."""
 
     family: ClassVar[str]
+    is_toeplitz: ClassVar[bool] = False
+    """True when C[i, j] = c_{i-j}; then ``toeplitz_coeffs()`` returns c."""
     n: int
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

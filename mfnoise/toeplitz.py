@@ -52,6 +52,7 @@ class Toeplitz(Strategy):
     coeffs: np.ndarray
     n: int
     family = "toeplitz"
+    is_toeplitz = True
 
     def __post_init__(self) -> None:
         c = as_float64("toeplitz coefficients", self.coeffs, 1)

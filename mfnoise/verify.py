@@ -377,7 +377,7 @@ def noise_rows(noise_module, strategy: Strategy, t: int, rng, width: int = 3) ->
 
 def _losses(strategy, w, p, meta, rows_sq, dense_limit: int) -> dict[str, Any]:
     problems = []
-    cheap = (strategy.toeplitz_coeffs() is not None and w.is_toeplitz) or strategy.n <= dense_limit
+    cheap = (strategy.is_toeplitz and w.is_toeplitz) or strategy.n <= dense_limit
     if cheap or rows_sq is None:  # mfnoise.error's own route (dense for non-Toeplitz C)
         result = error.evaluate(strategy, w, p)
         for key in ("rmse", "max_error"):

@@ -429,7 +429,7 @@ def _initial_columns(workload: Workload, bands: int, init) -> np.ndarray:
             raise ValueError(f"init strategy has n={init.n}, expected n={n}")
         if isinstance(init, Banded):
             cols = np.asarray(init.columns)
-        elif init.toeplitz_coeffs() is not None:
+        elif init.is_toeplitz:
             c = np.zeros(bands)
             coeffs = np.asarray(init.toeplitz_coeffs(), dtype=np.float64)[:bands]
             c[: coeffs.size] = coeffs
