@@ -375,8 +375,11 @@ def build_entry(s: Spec, folder: str | os.PathLike, command_folder: str = "strat
         "max_participations": p.max_participations,
         "min_sep": p.min_sep,
         "participation": p.kind,
-        s.size_key: s.size,
-        "state_arrays": s.state_arrays,
+        # What the file holds (the optimizer may return fewer buffers than asked, e.g. when two
+        # decays merge); the noise state is that of the stored strategy.
+        s.size_key: strategy.params()[s.size_key],
+        "requested_" + s.size_key: s.size,
+        "state_arrays": state_arrays(strategy),
         "rmse": result["rmse"],
         "max_error": result["max_error"],
         "sensitivity": result["sensitivity"],
@@ -387,6 +390,12 @@ def build_entry(s: Spec, folder: str | os.PathLike, command_folder: str = "strat
         "command": command,
         "seconds": seconds,
     }
+
+
+def state_arrays(strategy: Strategy) -> int:
+    """Parameter-sized arrays of noise state: buffers for a BLT, bands - 1 for banded families."""
+    params = strategy.params()
+    return int(params["buffers"]) if "buffers" in params else int(params["bands"]) - 1
 
 
 def compare(new: dict[str, Any], old: dict[str, Any] | None, rtol: float) -> dict[str, Any]:

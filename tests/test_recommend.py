@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mfnoise import cli, recommend
+from mfnoise import cli, io, recommend
 
 FOLDER = Path(__file__).resolve().parent.parent / "strategies"
 ENTRIES = json.loads((FOLDER / "index.json").read_text())["strategies"]
@@ -18,8 +18,9 @@ KEYS = {"rmse": "rmse", "max": "max_error"}
 
 
 def _state_arrays(e: dict) -> int:
-    # Independent of the index's state_arrays field: BLT keeps d buffers, banded b - 1 outputs.
-    return e["buffers"] if e["optimizer_family"] == "blt" else e["bands"] - 1
+    # From the stored strategy's own parameters: a BLT keeps d buffers, banded b - 1 outputs.
+    params = io.read(str(FOLDER / e["file"]))[1]["params"]
+    return params["buffers"] if "buffers" in params else params["bands"] - 1
 
 
 def _dp_sgd(n: int, epochs: int, workload: str, key: str) -> float:
