@@ -17,7 +17,11 @@ from typing import Callable
 
 import numpy as np
 
+from mfnoise.participation import Participation
 from mfnoise.strategy import Strategy
+from mfnoise.workloads import Workload
+
+OBJECTIVES = ("rmse", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,3 +42,12 @@ class Problem:
     to_strategy: Callable[[np.ndarray], Strategy]
     bounds: tuple[np.ndarray, np.ndarray] | None = None
     name: str = ""
+
+
+def check_arguments(workload: Workload, participation: Participation, objective: str) -> int:
+    """The common checks of every ``problem``: matching n and a known objective; returns n."""
+    if participation.n != workload.n:
+        raise ValueError(f"participation has n={participation.n} but the workload has n={workload.n}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be 'rmse' or 'max', got {objective!r}")
+    return workload.n

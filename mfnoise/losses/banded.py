@@ -48,7 +48,7 @@ import numpy as np
 
 from mfnoise import closed_forms, series
 from mfnoise.banded import Banded
-from mfnoise.losses import Problem
+from mfnoise.losses import Problem, check_arguments
 from mfnoise.participation import Participation
 from mfnoise.strategy import Strategy
 from mfnoise.workloads import Workload
@@ -345,11 +345,7 @@ def problem(
     Returns:
       Problem over x = raw columns (n * bands,), x0 the initial columns, to_strategy -> Banded.
     """
-    n = workload.n
-    if participation.n != n:
-        raise ValueError(f"participation has n={participation.n} but the workload has n={n}")
-    if objective not in ("rmse", "max"):
-        raise ValueError(f"objective must be 'rmse' or 'max', got {objective!r}")
+    n = check_arguments(workload, participation, objective)
     if buffers is not None:
         raise ValueError(f"the banded family takes bands, not buffers (got buffers={buffers})")
     b = participation.min_sep

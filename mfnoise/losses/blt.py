@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mfnoise.blt import BLT
-from mfnoise.losses import Problem
+from mfnoise.losses import Problem, check_arguments
 from mfnoise.losses.toeplitz import series_multiply, workload_coeffs
 from mfnoise.participation import Participation
 from mfnoise.workloads import Workload
@@ -291,11 +291,7 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
     (its decays must interlace with its inverse's, i.e. omega > 0).
     """
     p = participation
-    n = p.n
-    if workload.n != n:
-        raise ValueError(f"workload has n={workload.n}, participation has n={n}")
-    if objective not in ("rmse", "max"):
-        raise ValueError(f"objective must be 'rmse' or 'max', got {objective!r}")
+    n = check_arguments(workload, p, objective)
     if bands is not None:
         raise ValueError("bands applies to banded families, not blt (use buffers)")
     d = DEFAULT_BUFFERS if buffers is None else int(buffers)

@@ -45,7 +45,7 @@ import numpy as np
 
 from mfnoise import closed_forms
 from mfnoise.dense import Dense
-from mfnoise.losses import Problem
+from mfnoise.losses import Problem, check_arguments
 from mfnoise.losses.banded import smooth_max
 from mfnoise.participation import Participation
 from mfnoise.strategy import Strategy
@@ -119,11 +119,7 @@ def problem(
       Problem over the n (n+1) / 2 lower-triangular entries of C (row-major, numpy.tril_indices),
       to_strategy -> Dense(C) with C scaled to sensitivity <= 1.
     """
-    n = workload.n
-    if participation.n != n:
-        raise ValueError(f"participation has n={participation.n} but the workload has n={n}")
-    if objective not in ("rmse", "max"):
-        raise ValueError(f"objective must be 'rmse' or 'max', got {objective!r}")
+    n = check_arguments(workload, participation, objective)
     if bands is not None or buffers is not None:
         raise ValueError(f"the dense family takes neither bands nor buffers (got bands={bands}, buffers={buffers})")
     if n > DENSE_LIMIT:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mfnoise import closed_forms
-from mfnoise.losses import Problem
+from mfnoise.losses import Problem, check_arguments
 from mfnoise.participation import Participation
 from mfnoise.toeplitz import Toeplitz
 from mfnoise.workloads import Workload
@@ -158,11 +158,7 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
     ``bands``), default the banded square root (the first ``bands`` coefficients of A^{1/2}).
     """
     p = participation
-    n = p.n
-    if workload.n != n:
-        raise ValueError(f"workload has n={workload.n}, participation has n={n}")
-    if objective not in ("rmse", "max"):
-        raise ValueError(f"objective must be 'rmse' or 'max', got {objective!r}")
+    n = check_arguments(workload, p, objective)
     if buffers is not None:
         raise ValueError("buffers applies to the blt family, not banded-toeplitz")
     bands = default_bands(p) if bands is None else int(bands)
