@@ -9,8 +9,10 @@ Measures, for float32 parameter vectors of 1M / 10M / 100M entries (one leaf):
     arrays;
   * jax-privacy 2.0.0's ``matrix_factorization_privatizer`` on the same strategies (Gaussian, BLT-4,
     banded 4/16, banded Toeplitz 16), run in the same benchmark run from a separate venv;
-  * a full ``dp_aggregate`` step (per-example gradients by vmap(grad), clipping, noise) for a
-    1M-parameter MLP at batch 32, against plain vmap(grad) + sum + the same noise.
+  * a full ``dp_aggregate`` step (per-example clipping, noise) for a 1M-parameter MLP at batch 32,
+    against plain vmap(grad) + sum + the same noise: clipping by ``mfnoise.clipping.clipped_grad``
+    (ghost norms, the recommended path) and by materialised per-example gradients
+    (``mfnoise.per_example.per_example_grads``, vmap(grad)) then clipping.
 
 jax-privacy lives in its own venv so that it cannot change this project's jax/numpy:
 
@@ -124,6 +126,7 @@ def bench_dp_step(strategy, reps: int, batch: int = 32) -> dict:
     import jax.numpy as jnp
 
     import mfnoise
+    from mfnoise.clipping import clipped_grad
     from mfnoise.per_example import per_example_grads
 
     sizes = [784, 1024, 256, 10]
@@ -143,11 +146,16 @@ def bench_dp_step(strategy, reps: int, batch: int = 32) -> dict:
         return -jax.nn.log_softmax(h)[ex[1]]
 
     grads = per_example_grads(loss)
+    ghost = clipped_grad(loss, 1.0)
     part = mfnoise.Participation.epochs(strategy.n, 1)
     dp = mfnoise.dp_aggregate(strategy, 1.0, 1.0, jax.random.key(1), participation=part)
     plain = mfnoise.correlated_noise(strategy, 1.0, jax.random.key(1))
 
-    def dp_step(p, st):
+    def dp_step(p, st):  # ghost clipping: no per-example gradients materialised for the weights
+        u, st = dp.update(ghost(p, (x, y)), st, p)
+        return u, st
+
+    def dp_materialised_step(p, st):  # per-example gradients (B x params) then clip
         u, st = dp.update(grads(p, (x, y)), st, p)
         return u, st
 
@@ -157,7 +165,8 @@ def bench_dp_step(strategy, reps: int, batch: int = 32) -> dict:
         return u, st
 
     out = {"params": nparams, "batch": batch}
-    for name, tx, fn in (("dp_aggregate", dp, dp_step), ("vmap_grad_sum_noise", plain, plain_step)):
+    runs = (("dp_aggregate", dp, dp_step), ("dp_aggregate_materialised", dp, dp_materialised_step), ("vmap_grad_sum_noise", plain, plain_step))
+    for name, tx, fn in runs:
         st = tx.init(params)
         step = jax.jit(fn, donate_argnums=1)
         u, st = step(params, st)
@@ -170,6 +179,7 @@ def bench_dp_step(strategy, reps: int, batch: int = 32) -> dict:
 
         out[name] = timeit(run, reps)
     out["ratio"] = out["dp_aggregate"] / out["vmap_grad_sum_noise"]
+    out["ratio_materialised"] = out["dp_aggregate_materialised"] / out["vmap_grad_sum_noise"]
     return out
 
 
@@ -250,6 +260,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (minimum reported)")
     ap.add_argument("--jax-privacy-python", default="/work/bench-venv/bin/python",
                     help="python of a venv with jax-privacy==2.0.0 (skipped if missing)")
+    ap.add_argument("--dp-step-only", action="store_true",
+                    help="only the full dp_aggregate step (no noise-alone sizes, no jax-privacy)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "noise.json"))
     ap.add_argument("--_jax-privacy-worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -269,7 +281,7 @@ def main() -> None:
         "reps": reps,
         "sizes": {},
     }
-    for size in sizes:
+    for size in [] if args.dp_step_only else sizes:
         row: dict = {"copy_seconds": bench_copy(size, reps)}
         for name, s in mfnoise_strategies(args.quick, size).items():
             row[name] = bench_mfnoise_noise(s, size, reps)
@@ -289,7 +301,9 @@ def main() -> None:
                         "blt-4": mfnoise.BLT(*blt_params(4), N_STEPS)}.items()
     }
 
-    if os.path.exists(args.jax_privacy_python):
+    if args.dp_step_only:
+        result["jax_privacy"] = {"skipped": "--dp-step-only"}
+    elif os.path.exists(args.jax_privacy_python):
         jp = run_jax_privacy(args.jax_privacy_python, sizes, reps, args.quick)
         result["jax_privacy"] = jp
         for size, row in jp.get("sizes", {}).items():
@@ -327,9 +341,12 @@ def format_table(result: dict) -> str:
                                  f"{v.get('mfnoise_speedup', float('nan')):11.2f} {v['state_bytes'] / 1e6:9.1f} {v['peak_param_arrays']:12.1f}")
                 else:
                     lines.append(f"  {name:22s} {v.get('error', '')[:100]}")
-    lines.append("\nfull step, 1M-param MLP, batch 32 (ms): dp_aggregate vs vmap(grad)+sum+same noise")
+    lines.append("\nfull step, 1M-param MLP, batch 32 (ms): dp_aggregate (ghost clipping | materialised per-example"
+                 " grads) vs vmap(grad)+sum+same noise")
+    lines.append(f"  {'strategy':12s} {'ghost':>8s} {'material':>8s} {'baseline':>8s} {'ratio':>6s} {'ratio mat':>9s}")
     for name, v in result.get("dp_step", {}).items():
-        lines.append(f"  {name:12s} {v['dp_aggregate'] * 1e3:8.1f} {v['vmap_grad_sum_noise'] * 1e3:8.1f}  ratio {v['ratio']:.2f}")
+        lines.append(f"  {name:12s} {v['dp_aggregate'] * 1e3:8.1f} {v['dp_aggregate_materialised'] * 1e3:8.1f} "
+                     f"{v['vmap_grad_sum_noise'] * 1e3:8.1f} {v['ratio']:6.2f} {v['ratio_materialised']:9.2f}")
     return "\n".join(lines)
 
 

@@ -27,6 +27,8 @@ _LAZY = {
     "dp_aggregate": ("mfnoise.transforms", "dp_aggregate"),
     "correlated_noise": ("mfnoise.transforms", "correlated_noise"),
     "mf_sgd": ("mfnoise.transforms", "mf_sgd"),
+    "clipped_grad": ("mfnoise.clipping", "clipped_grad"),
+    "per_example_grads": ("mfnoise.per_example", "per_example_grads"),
     "calibrate": ("mfnoise.accounting", "calibrate"),
     "epsilon": ("mfnoise.accounting", "epsilon"),
     "batching": ("mfnoise.batching", None),

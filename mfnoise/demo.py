@@ -13,7 +13,8 @@ Everything private goes through mfnoise:
   sensitivity 1 by ``dp_aggregate``, so all methods share one noise multiplier (one Gaussian
   mechanism, "Multi-Epoch Matrix Factorization Mechanisms for Private Machine Learning",
   Choquette-Choo et al. 2023);
-* clipping, summing and noise: ``mfnoise.dp_aggregate`` inside ``optax.chain``.
+* clipping and summing: ``mfnoise.clipping.clipped_grad`` (ghost clipping); noise: ``mfnoise.dp_aggregate``
+  inside ``optax.chain``.
 
 For reference it also trains DP-SGD with Poisson sampling (``cyclic_poisson_batches`` with one
 group, ``pack``-ed to the largest sampled batch) under its amplified accounting
@@ -187,8 +188,12 @@ def make_trainer(strategy: Strategy, p: Participation, noise_multiplier: float, 
     data too: as constants they slow XLA's compilation down).
     """
     sizes = (input_dim, cfg.hidden, classes)
-    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))
+    from mfnoise.clipping import clipped_grad
     from mfnoise.transforms import dp_aggregate
+
+    # Ghost clipping: the clipped sum without materialising per-example gradients. A padded slot
+    # (mask 0) has loss 0, hence gradient 0, and contributes nothing.
+    clipped = clipped_grad(lambda params, ex: ex[2] * example_loss(params, ex[0], ex[1]), cfg.clip)
 
     def train(data: Data, learning_rate, init_key, noise_key, indices, mask):
         params = init_mlp(init_key, sizes)
@@ -202,9 +207,7 @@ def make_trainer(strategy: Strategy, p: Participation, noise_multiplier: float, 
         def step(carry, batch):
             params, state = carry
             idx, m = batch
-            g = grads(params, data.x_train[idx], data.y_train[idx])
-            # padded slots (mask False) contribute nothing: a zero gradient clips to zero
-            g = jax.tree.map(lambda a: a * m.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype), g)
+            g = clipped(params, (data.x_train[idx], data.y_train[idx], m.astype(data.x_train.dtype)))
             updates, state = opt.update(g, state, params)
             params = optax.apply_updates(params, updates)
             return (params, state), (accuracy(params, data.x_val, data.y_val),

@@ -18,8 +18,10 @@ zero (it is dropped before the sum, so it never reaches the parameters) and is c
 the same as a zero gradient), so privacy is unaffected. (A finite gradient whose squared norm
 overflows the accumulation dtype, |g| > ~1e19 in float32, is dropped and counted the same way.)
 
-Cost: the per-example gradients are materialised (B x params), as with any generic per-example
-clipping; ``mfnoise.per_example.per_example_grads`` computes them with vmap in microbatches.
+Input: either per-example gradients (B x params, e.g. from ``mfnoise.per_example.per_example_grads``,
+vmap in microbatches), or the ``mfnoise.clipping.ClippedSum`` that ``mfnoise.clipping.clipped_grad``
+computes by ghost clipping without materialising them (about the cost of an ordinary minibatch
+gradient for dense layers). A ClippedSum must have been clipped to the same ``l2_clip_norm``.
 
 All transforms are jittable, work inside ``optax.chain`` and with sharded params (the noise state
 is sharded like the params; see ``mfnoise.noise``). Call ``mfnoise.noise.check(opt_state)`` on the
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from mfnoise import noise as noise_lib
+from mfnoise.clipping import ClippedSum, clipped_sum
 from mfnoise.participation import Participation
 from mfnoise.strategy import Strategy
 
@@ -65,38 +68,6 @@ def _sensitivity(strategy: Strategy, participation: Participation | None) -> flo
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError(f"strategy sensitivity {value} for {participation} is not a positive finite number")
     return value
-
-
-def clipped_sum(per_example: Any, l2_clip_norm: float) -> tuple[Any, jax.Array]:
-    """(sum_b clip(g_b), number of non-finite examples) for per-example grads with batch axis 0.
-
-    clip(g) = g * min(1, l2_clip_norm / ||g||_2) with ||g|| the global norm over all leaves;
-    examples with a non-finite entry contribute 0.
-    """
-    leaves = jax.tree.leaves(per_example)
-    if not leaves:
-        return per_example, jnp.zeros((), jnp.int32)
-    batch = leaves[0].shape[0]
-    acc = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])  # norms in >= float32
-    # no reshapes: merging sharded dimensions is not allowed with Explicit mesh axes
-    sq = sum(jnp.sum(jnp.square(x.astype(acc)), axis=tuple(range(1, x.ndim))) for x in leaves)
-    finite = jnp.isfinite(sq)  # any NaN/inf entry makes the squared norm non-finite
-    norm = jnp.sqrt(jnp.where(finite, sq, 0.0))
-    scale = jnp.where(finite, jnp.minimum(1.0, l2_clip_norm / jnp.maximum(norm, 1e-30)), 0.0)
-
-    all_finite = jnp.all(finite)
-
-    def leaf_sum(x: jax.Array) -> jax.Array:
-        w = scale.astype(x.dtype)
-        keep = finite.reshape((batch,) + (1,) * (x.ndim - 1))
-        # The weighted sum over examples as a dot (XLA:CPU reduces over a major axis ~30x slower).
-        # A dropped example has weight 0, but NaN * 0 = NaN: only when some example is non-finite,
-        # its rows are zeroed first (a select over the batch, never on the common path).
-        fast = lambda: jnp.tensordot(w, x, axes=1)  # noqa: E731
-        slow = lambda: jnp.tensordot(w, jnp.where(keep, x, jnp.zeros((), x.dtype)), axes=1)  # noqa: E731
-        return jax.lax.cond(all_finite, fast, slow)
-
-    return jax.tree.map(leaf_sum, per_example), jnp.sum(~finite).astype(jnp.int32)
 
 
 def dp_aggregate(
@@ -135,9 +106,16 @@ def dp_aggregate(
 
     def update_fn(updates: Any, state: DPAggregateState, params: Any = None) -> tuple[Any, DPAggregateState]:
         del params
-        leaves = jax.tree.leaves(updates)
-        batch = leaves[0].shape[0]
-        summed, dropped = clipped_sum(updates, l2_clip_norm)
+        if isinstance(updates, ClippedSum):
+            if updates.l2_clip_norm != float(l2_clip_norm):
+                raise ValueError(
+                    f"the ClippedSum was clipped to {updates.l2_clip_norm}, but dp_aggregate's "
+                    f"l2_clip_norm is {l2_clip_norm}: the noise would not match the sensitivity"
+                )
+            summed, dropped, batch = updates.grads, updates.nonfinite, updates.batch_size
+        else:
+            batch = jax.tree.leaves(updates)[0].shape[0]
+            summed, dropped = clipped_sum(updates, l2_clip_norm)
         z, noise_state = gen.next(state.noise, summed)
         out = jax.tree.map(lambda s, e: (s + jnp.asarray(stddev, s.dtype) * e) / jnp.asarray(batch, s.dtype), summed, z)
         return out, DPAggregateState(noise_state, state.nonfinite + dropped)
@@ -187,8 +165,8 @@ def mf_sgd(
 ) -> optax.GradientTransformation:
     """DP-MF SGD: ``optax.chain(dp_aggregate(...), optax.sgd(learning_rate, momentum, nesterov))``.
 
-    Takes per-example gradients like ``dp_aggregate``. Choose the strategy for the workload the
-    optimizer implies (``mfnoise.workloads.momentum`` for momentum).
+    Takes per-example gradients or a ``ClippedSum`` (``mfnoise.clipped_grad``) like ``dp_aggregate``.
+    Choose the strategy for the workload the optimizer implies (``mfnoise.workloads.momentum`` for momentum).
     """
     return optax.chain(
         dp_aggregate(strategy, l2_clip_norm, noise_multiplier, key, participation=participation),
