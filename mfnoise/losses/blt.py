@@ -9,8 +9,14 @@ theta_d < 1, which is exactly the set of BLTs with output scales omega_i > 0 who
 positive decays. Then c_0 = 1 >= c_1 = sum_i omega_i = sum_i (theta_i - theta'_i) > 0 and
 c_j > 0 decreases, so the exact Toeplitz sensitivity (pattern {0, b, 2b, ...}) applies to any
 participation schema. The decays are held as delta = 1 - theta in log space (precision next to
-1 for n up to 10^7 and more): log delta_(1) = -softplus(v_1), log delta_(k+1) = log delta_(k) -
-softplus(v_{k+1}), the odd-ranked ones theta', the even-ranked ones theta. Any v in R^{2d} is valid.
+1 for n up to 10^7 and more): y_k = softplus(v_1) + ... + softplus(v_k) (increasing), log delta_(k)
+= -(TAU + h(y_k)), the odd-ranked ones theta', the even-ranked ones theta. Any v in R^{2d} is valid.
+h(y) = y / (1 + (y / L)^p)^(1/p) (p = SATURATION_POWER, L = LOG_DELTA_RANGE) is the identity up to
+a relative 5e-4 for y < L / 2 and saturates smoothly below L, so every decay lies in
+[1 - e^-TAU, 1 - e^-(TAU + L)] ~ [1e-7, 1 - 9e-14]: a decay whose optimum is 1 (a constant column,
+which some multi-epoch max-error optima approach) stays a float64 number below 1 with a finite
+output scale, instead of rounding to theta = 1.0. h is strictly increasing and acts on each y_k
+alone, so distinct decays stay distinct and a cancelled pair (two equal y) stays exactly cancelled.
 
 Closed forms (no loss term touches n elements). Every sequence is a sum of geometric ones:
 * c_j = s_0 [j = 0] + sum_i r_i theta_i^j, r_i = omega_i / theta_i = res_{1/theta_i} N / D.
@@ -118,9 +124,36 @@ def geometric_sums(eps: jax.Array, n: jax.Array | int, sums: np.ndarray | None =
 
 
 # -- decays and residues -------------------------------------------------------------------------
-def log_deltas(v: jax.Array) -> jax.Array:
+LOG_DELTA_RANGE = 30.0
+"""L: 1 - decay >= e^-(TAU + L) ~ 9.4e-14, about 850 float64 steps below 1 (n * 9.4e-14 < 1e-6
+for n up to 10^7: a decay there is a constant column for any practical n)."""
+TAU = 1e-7
+"""log(1 - decay) <= -TAU: every decay (and inverse decay) is at least about 1e-7, so that products
+of two decays (the geometric sums' ratios q) stay above float64 resolution (1 - q < 1 exactly)."""
+SATURATION_POWER = 8
+LOG_DELTA_MIN = -(TAU + LOG_DELTA_RANGE)
+
+
+def saturate(y, xp=jnp):
+    """h(y) = y / (1 + (y / L)^p)^(1/p) for y >= 0: increasing from 0 to L (exclusive).
+
+    Written as min(y, L) / (1 + r^p)^(1/p), r = min(y, L) / max(y, L) <= 1, so that no power
+    overflows for huge y (an overshooting line-search step) and both forms share one expression."""
+    lo = xp.minimum(y, LOG_DELTA_RANGE)
+    r = lo / xp.maximum(y, LOG_DELTA_RANGE)
+    return lo * (1.0 + r**SATURATION_POWER) ** (-1.0 / SATURATION_POWER)
+
+
+def unsaturate(z: np.ndarray) -> np.ndarray:
+    """h^-1(z) = z / (1 - (z / L)^p)^(1/p) for 0 <= z < L (numpy; z is clipped just below L)."""
+    z = np.clip(np.asarray(z, np.float64), 0.0, LOG_DELTA_RANGE * (1 - 1e-9))
+    return z / (1.0 - (z / LOG_DELTA_RANGE) ** SATURATION_POWER) ** (1.0 / SATURATION_POWER)
+
+
+def log_deltas(v, xp=jnp):
     """log(1 - decay) of the 2d interlaced decays, decreasing (decays increasing), shape (2d,)."""
-    return -jnp.cumsum(jax.nn.softplus(v))
+    softplus = jax.nn.softplus if xp is jnp else (lambda x: np.logaddexp(0.0, x))
+    return -(TAU + saturate(xp.cumsum(softplus(v)), xp))
 
 
 def split(v: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -220,7 +253,9 @@ def sensitivity_squared(s0: jax.Array, r: jax.Array, delta: jax.Array, p: Partic
 
 # -- the problem -----------------------------------------------------------------------------------
 def _v_from_log_deltas(ld: np.ndarray) -> np.ndarray:
-    gaps = -np.diff(np.concatenate([[0.0], ld]))
+    """v for decreasing log-deltas within (LOG_DELTA_MIN, -TAU) (the inverse of log_deltas)."""
+    y = unsaturate(-np.asarray(ld, np.float64) - TAU)
+    gaps = np.diff(np.concatenate([[0.0], y]))
     return np.log(np.expm1(np.maximum(gaps, 1e-300)))  # softplus^{-1}
 
 
@@ -254,11 +289,12 @@ def next_stage(v: np.ndarray, stage: int, buffers: int, n: int) -> list[np.ndarr
     """Starts for round ``stage``: the active pairs of v plus one new pair, inserted either inside
     each log gap between pairs (and above / below all) or right next to an existing decay (optima often hold two nearly equal decays,
     approximating a double pole theta^j j, which local steps from a distant insertion miss)."""
-    ld = -np.cumsum(np.logaddexp(0.0, v))  # log_deltas in numpy
+    ld = log_deltas(np.asarray(v, np.float64), np)
     pairs = ld.reshape(-1, 2)
     active = pairs[pairs[:, 0] - pairs[:, 1] > 1e-12][: stage - 1].reshape(-1)
-    # Slots where a pair may go without breaking interlacing: above the first, between pairs, below the last.
-    bottom = min(active[-1], 0.0) - 3.0 if active.size else math.log(0.5 / n)
+    # Slots where a pair may go without breaking interlacing: above the first, between pairs, below
+    # the last (at most 3 lower in log(1 - decay), and within the saturated range).
+    bottom = max(active[-1] - 3.0, 0.5 * (active[-1] + LOG_DELTA_MIN)) if active.size else math.log(0.5 / n)
     bounds = np.concatenate([[0.0], active, [bottom]])
     slots = [(bounds[2 * i], bounds[2 * i + 1]) for i in range(active.size // 2 + 1)]
     news = [np.array([hi - (hi - lo) / 3, hi - 2 * (hi - lo) / 3]) for hi, lo in slots]
@@ -329,12 +365,7 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         return 0.5 * (jnp.log(sens2) + jnp.log(err2))
 
     def to_strategy(v: np.ndarray) -> BLT:
-        ld = -np.cumsum(np.logaddexp(0.0, np.asarray(v, np.float64)))  # log_deltas, in numpy
-        delta, delta_inv = np.exp(ld[1::2]), np.exp(ld[0::2])
-        theta = 1.0 - delta
-        omega = _residues(delta, delta_inv)  # r_i theta_i
-        keep = omega != 0  # cancelled pairs (omega = 0 exactly) are no buffers at all
-        return BLT(theta[keep], omega[keep], n)
+        return blt_from_params(v, n)
 
     return StagedProblem(
         x0=np.asarray(v0, np.float64),
@@ -345,6 +376,29 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         stages=stages,
         next_stage=lambda v, stage: next_stage(v, stage, d, n),
     )
+
+
+def blt_from_params(v: np.ndarray, n: int) -> BLT:
+    """The BLT of parameters v (numpy float64).
+
+    Cancelled pairs (omega = 0 exactly) are no buffers at all. Decays that round to the same float64
+    theta (only possible next to the saturation bound 1 - 9e-14) are one buffer with the summed
+    scale: the coefficients sum_i omega_i theta_i^(j-1) are the same either way, and omega > 0
+    keeps the merge free of cancellation.
+    """
+    ld = log_deltas(np.asarray(v, np.float64), np)
+    delta, delta_inv = np.exp(ld[1::2]), np.exp(ld[0::2])
+    theta = 1.0 - delta
+    with np.errstate(invalid="ignore", divide="ignore"):  # coinciding poles: refused just below
+        omega = _residues(delta, delta_inv)  # r_i theta_i
+    keep = omega != 0
+    theta, omega = theta[keep], omega[keep]
+    if not np.all(np.isfinite(omega)):
+        raise ValueError(f"BLT parameters give non-finite output scales {omega}")
+    if theta.size > 1 and np.any(np.diff(theta) == 0):
+        merged_theta, index = np.unique(theta, return_inverse=True)
+        theta, omega = merged_theta, np.bincount(index, weights=omega)
+    return BLT(theta, omega, n)
 
 
 def inverse_coeffs(delta: jax.Array, delta_inv: jax.Array, n: int) -> jax.Array:

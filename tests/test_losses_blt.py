@@ -1,0 +1,114 @@
+"""Tests of the BLT problem's parametrisation at its limits (mfnoise/losses/blt.py).
+
+Decays whose optimum is 1 (a constant column; multi-epoch max-error optima for momentum go there)
+must give a valid BLT (0 < theta < 1 in float64, finite positive omega) whose loss equals the dense
+formula, not theta = 1.0 or a NaN scale. The dense reference is tests/test_optimize.py's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mfnoise import Participation, workloads
+from mfnoise.losses import blt as blt_loss
+from mfnoise.optimize import optimize
+from tests.test_optimize import dense_objective, jitted
+
+P = Participation.epochs(24, 3)
+W = workloads.momentum(24, 0.9)
+
+
+def test_saturate_is_increasing_bounded_and_inverted_by_unsaturate():
+    y = np.concatenate([[0.0], np.logspace(-12, 6, 400)])
+    with jax.enable_x64(True):
+        h = np.asarray(blt_loss.saturate(jnp.asarray(y)))
+    big = blt_loss.LOG_DELTA_RANGE
+    assert h[0] == 0 and np.all(np.diff(h) >= 0) and np.all(h <= big)
+    # Strictly increasing (distinct decays stay distinct) far into the saturated regime; only
+    # beyond y ~ 40 L (a flat loss the optimizer never walks into) does h round to L itself.
+    assert np.all(np.diff(h[y < 20 * big]) > 0) and np.all(h[y < 20 * big] < big)
+    assert np.allclose(h, blt_loss.saturate(y, np), rtol=1e-15, atol=0)
+    small = y < blt_loss.LOG_DELTA_RANGE / 2
+    assert np.allclose(h[small], y[small], rtol=5e-4, atol=0)  # the identity where decays usually are
+    ok = y < 5 * blt_loss.LOG_DELTA_RANGE  # beyond that h is within rounding of L
+    assert np.allclose(blt_loss.unsaturate(h[ok]), y[ok], rtol=1e-9, atol=1e-300)
+    # Huge y (an overshooting line-search step) is no overflow and no NaN gradient.
+    with jax.enable_x64(True):
+        g = jax.grad(lambda t: blt_loss.saturate(t))(jnp.asarray(1e300))
+    assert np.isfinite(float(g))
+
+
+@pytest.mark.parametrize("objective", ["max", "rmse"])
+@pytest.mark.parametrize("where", ["bottom", "all-bottom", "top", "huge"])
+def test_saturated_parameters_give_a_valid_blt_whose_loss_is_the_dense_formula(where, objective):
+    """Parameters far into the saturated regime (the largest decays pushed towards 1, or the
+    smallest towards 0): finite loss and gradient, theta in (0, 1), omega finite and positive,
+    and the loss equals the dense formula of the BLT that to_strategy returns."""
+    buffers = 3
+    prob = blt_loss.problem(W, P, objective=objective, buffers=buffers)
+    v = blt_loss.init_params(buffers, P.n)
+    if where == "bottom":  # the last pair (decays closest to 1) driven far past the bound
+        v[-2:] = [60.0, 1e4]
+    elif where == "all-bottom":  # every decay far into the saturated regime, crowding towards 1
+        v[:] = [40.0, 10.0, 30.0, 50.0, 100.0, 200.0]
+    elif where == "top":  # the smallest decays driven towards 0
+        v[:2] = [-60.0, -60.0]
+    else:  # a step that a line search could try: every decay rounds to the bound itself
+        v = v + 1e8
+    f = jitted(prob)
+    value, grad = f(v)
+    if where == "huge":
+        # Coinciding poles: no silent wrong number. The loss is NaN (the optimizer's line search
+        # treats it as a wall) and to_strategy refuses.
+        assert math.isnan(value)
+        with pytest.raises(ValueError, match="non-finite"):
+            prob.to_strategy(v)
+        return
+    assert math.isfinite(value) and np.all(np.isfinite(grad))
+    s = prob.to_strategy(v)
+    assert np.all((s.theta > 0) & (s.theta < 1)) and np.all(np.isfinite(s.omega)) and np.all(s.omega > 0)
+    if where in ("bottom", "all-bottom"):
+        assert 1 - s.theta.max() < 1e-12  # really saturated, yet below 1 in float64
+    assert math.exp(value) == pytest.approx(dense_objective(s.dense(), W, P, objective), rel=1e-9)
+    # The inverse is a valid BLT too (the noise generator streams with it).
+    theta_inv, omega_inv = s.inverse()
+    assert np.all(np.isfinite(theta_inv)) and np.all(np.isfinite(omega_inv))
+    c_inv = np.linalg.inv(s.dense())
+    from mfnoise.blt import blt_coeffs
+
+    assert np.allclose(c_inv[:, 0], blt_coeffs(theta_inv, omega_inv, P.n), rtol=0, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), buffers=st.integers(1, 4), log_scale=st.floats(-1.0, 2.0))
+def test_any_parameters_even_large_give_a_valid_decreasing_blt(seed, buffers, log_scale):
+    """v of magnitude up to ~100 (sums of gaps far past the saturation): finite omega > 0, theta in
+    (0, 1), non-negative non-increasing coefficients (the exact Toeplitz sensitivity applies)."""
+    v = np.random.default_rng(seed).normal(scale=10.0**log_scale, size=2 * buffers)
+    s = blt_loss.blt_from_params(v, 40)
+    c = s.toeplitz_coeffs()
+    assert np.all((s.theta > 0) & (s.theta < 1)) and np.all(s.omega > 0) and np.all(np.isfinite(s.omega))
+    assert np.all(c >= 0) and np.all(np.diff(c) <= 1e-15)
+
+
+def test_optimum_at_a_unit_decay_is_reached_as_a_valid_blt():
+    """Momentum 0.9, 2 epochs, max error: the optimum's largest decay goes to 1 (before the
+    saturation, theta rounded to 1.0 and the optimizer raised). The result is a BLT with
+    theta < 1 whose reported max_error is the dense formula's, and more buffers are not worse."""
+    n = 64
+    p, w = Participation.epochs(n, 2), workloads.momentum(n, 0.9)
+    previous = math.inf
+    for buffers in (2, 3):
+        s, report = optimize(w, p, "blt", buffers=buffers, objective="max", progress=False)
+        assert report["converged"]
+        assert np.all(s.theta < 1) and 1 - s.theta.max() < 1e-8  # the saturated regime
+        assert report["max_error"] == pytest.approx(dense_objective(s.dense(), w, p, "max"), rel=1e-9)
+        assert report["max_error"] <= previous * (1 + 1e-9)
+        previous = report["max_error"]
