@@ -139,7 +139,11 @@ def optimize(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     module = problem_module(family)
     with jax.enable_x64(True):
-        prob = module.problem(workload, participation, objective=objective, bands=bands, buffers=buffers, init=init)
+        # The dense family solves the rmse problem under cyclic / single participation through its
+        # dual (smooth, k (k - 1) / 2 + 1 parameters per pattern instead of n (n + 1) / 2 entries of C).
+        extra = {"formulation": "auto"} if family == "dense" else {}
+        prob = module.problem(workload, participation, objective=objective, bands=bands, buffers=buffers, init=init,
+                              **extra)
         kw = dict(tol=tol, gtol=gtol, max_iterations=max_iterations, max_seconds=max_seconds,
                   callback=callback, progress=progress, progress_delay=progress_delay, start=start)
         if method == "scipy":
@@ -149,6 +153,8 @@ def optimize(
     optimize_seconds = time.perf_counter() - start
     strategy = prob.to_strategy(result["x"])
     exact = error.evaluate(strategy, workload, participation)
+    # A problem may say how its loss maps to the objective (the dense dual: a lower bound), else its module.
+    to_objective = getattr(prob, "objective_from_loss", None) or getattr(module, "objective_from_loss", None)
     report = {
         "family": family,
         "n": participation.n,
@@ -165,8 +171,7 @@ def optimize(
         "history": result["history"],
         # The objective itself per iteration, where the family's loss says how (log(objective) for
         # banded-toeplitz and blt); otherwise only the loss history.
-        "objective_history": ([module.objective_from_loss(v) for v in result["history"]]
-                              if hasattr(module, "objective_from_loss") else None),
+        "objective_history": ([to_objective(v) for v in result["history"]] if to_objective else None),
         "initial_loss": result["initial_loss"],
         "loss": result["loss"],
         "converged": result["converged"],
@@ -176,6 +181,8 @@ def optimize(
         "optimize_seconds": optimize_seconds,
         **exact,
     }
+    if getattr(prob, "extra_report", None) is not None:  # e.g. the dense dual's bound and gap
+        report.update(prob.extra_report(result["x"], report))
     report["seconds"] = time.perf_counter() - start
     return strategy, report
 

@@ -33,15 +33,48 @@ within-pattern entries settle at the kink X_ij = 0, around -1e-11), but
 ``mfnoise.sensitivity.dense`` labels it exact only when all of X >= 0, and the optima have small
 negative entries across patterns (which the sensitivity does not involve), so it reports
 ``exact=False`` ("cyclic-abs-bound") with the correct value.
+
+The dual (``formulation="dual"``; what ``mfnoise.optimize`` uses for the rmse objective under
+cyclic or single participation). The problem above is convex in X:
+
+    min_X tr(M X^{-1})  s.t.  X > 0,  sum_{i, j in P_c} |X_ij| <= 1 for every c,   M = A^T A,
+
+and rmse^2 = tr(M X^{-1}) / n at its optimum. Writing the constraint as max over symmetric Z_c
+with |Z_c| <= 1 of <Z_c, X[P_c, P_c]>, its Lagrange dual ("Improved Differential Privacy for SGD
+via Optimal Private Linear Operators on Adaptive Streams", Denisov et al. 2022, for the diagonal
+case) is
+
+    q(Lambda) = min_X tr(M X^{-1}) + tr(Lambda X) - sum_c mu_c = 2 tr((Y^T M Y)^{1/2}) - sum_c mu_c,
+
+over block-diagonal Lambda = Y Y^T whose pattern blocks Lambda[P_c, P_c] = mu_c R_c are PSD with
+equal diagonal mu_c (R_c a correlation matrix; the largest |entry| of a PSD block is its largest
+diagonal entry, and raising a diagonal entry only raises q). Every q(Lambda) / n is a lower bound
+on the optimal rmse^2 (weak duality), and the minimiser for a given Lambda is
+
+    X(Lambda) = Y^{-T} (Y^T M Y)^{1/2} Y^{-1}        (the solution of X Lambda X = M),
+
+which at the dual optimum is the primal optimum (the problem is convex and strictly feasible).
+Parameters: mu_c = exp(theta_c) and R_c = L_c L_c^T with L_c lower triangular, unit diagonal before
+its rows are scaled to unit norm (so Y = diag(sqrt(mu)) L is lower triangular in step order). That
+is k (k - 1) / 2 + 1 numbers per pattern (1792 for n = 1024, 4 epochs, against 524,800 entries of
+C for the primal), and q is smooth there: no kinks, unlike the primal's |X_ij|. A loss costs one
+symmetric eigendecomposition of Y^T M Y (n×n), with the gradient d tr(K^{1/2}) = tr(K^{-1/2} dK) / 2
+written out. The strategy is C with C^T C = X(Lambda) (a QR factorisation of
+diag(w^{1/4}) Q^T Y^{-1}, K = Q diag(w) Q^T, so X is never squared), then ``normalize``d: the
+returned strategy is feasible at any Lambda, and the report gives the certified gap between its
+exact rmse (``mfnoise.error.evaluate``) and the dual bound sqrt(q / n).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 from mfnoise import closed_forms
 from mfnoise.dense import Dense
@@ -53,6 +86,20 @@ from mfnoise.workloads import Workload
 
 DENSE_LIMIT = 4096
 """Largest n for the dense family (its loss is O(n^3) time and O(n^2) memory)."""
+
+FORMULATIONS = ("primal", "dual", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class DualProblem(Problem):
+    """A Problem whose loss is -q(Lambda) / n, minus the dual bound on rmse^2 (see the module docstring).
+
+    objective_from_loss: loss -> the rmse lower bound sqrt(-loss) it certifies.
+    extra_report: (x, report) -> entries for the optimizer's report (the dual bound, the gap).
+    """
+
+    objective_from_loss: Callable[[float], float] | None = None
+    extra_report: Callable[[np.ndarray, dict], dict] | None = None
 
 
 def pattern_sums(c: jax.Array, b: int) -> jax.Array:
@@ -104,6 +151,7 @@ def problem(
     bands: int | None = None,
     buffers: int | None = None,
     init: Strategy | np.ndarray | None = None,
+    formulation: str = "primal",
 ) -> Problem:
     """The dense problem for ``workload`` under ``participation``.
 
@@ -113,19 +161,32 @@ def problem(
       objective: "rmse" or "max" (smoothed; see the module docstring).
       bands, buffers: not used by this family (must be None).
       init: any Strategy (its dense matrix), an n×n lower-triangular array, or None
-        (sqrt-Toeplitz: A^{1/2} for a Toeplitz A, the prefix sum's otherwise).
+        (sqrt-Toeplitz: A^{1/2} for a Toeplitz A, the prefix sum's otherwise). Primal only.
+      formulation: "primal" (the loss over C), "dual" (``dual_problem``: rmse objective, cyclic
+        or single participation), or "auto": the dual where it applies and no init is given.
 
     Returns:
-      Problem over the n (n+1) / 2 lower-triangular entries of C (row-major, numpy.tril_indices),
-      to_strategy -> Dense(C) with C scaled to sensitivity <= 1.
+      Primal: a Problem over the n (n+1) / 2 lower-triangular entries of C (row-major,
+      numpy.tril_indices), to_strategy -> Dense(C) with C scaled to sensitivity <= 1.
+      Dual: see ``dual_problem``.
     """
     n = check_arguments(workload, participation, objective)
     if bands is not None or buffers is not None:
         raise ValueError(f"the dense family takes neither bands nor buffers (got bands={bands}, buffers={buffers})")
     if n > DENSE_LIMIT:
         raise ValueError(f"the dense family is limited to n <= {DENSE_LIMIT} (O(n^3) loss), got n={n}")
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
     b, k = participation.min_sep, participation.reachable_participations
     cyclic = participation.cyclic or k == 1
+    dual_applies = objective == "rmse" and cyclic
+    if formulation == "dual" and not dual_applies:
+        raise ValueError("the dense dual formulation needs the rmse objective and cyclic or single participation "
+                         f"(got objective={objective!r}, {participation})")
+    if formulation == "dual" and init is not None:
+        raise ValueError("the dense dual formulation takes no init (it starts from a scaled identity)")
+    if formulation == "dual" or (formulation == "auto" and dual_applies and init is None):
+        return dual_problem(workload, participation)
     if k == 1:
         b = n
     rows, cols = np.tril_indices(n)
@@ -208,3 +269,129 @@ def _initial_matrix(workload: Workload, init) -> np.ndarray:
     if np.any(np.triu(c, 1) != 0) or not np.all(np.isfinite(c)) or np.any(np.diag(c) == 0):
         raise ValueError("init must be lower triangular, finite, with a non-zero diagonal")
     return c
+
+
+# -- the dual (rmse objective, cyclic or single participation) -----------------------------------
+
+
+@jax.custom_vjp
+def _twice_nuclear_norm(b: jax.Array) -> jax.Array:
+    """2 ||B||_* = 2 tr((B^T B)^{1/2}) for a square B of full rank (one symmetric eigendecomposition)."""
+    return _twice_nuclear_norm_fwd(b)[0]
+
+
+def _twice_nuclear_norm_fwd(b):
+    w, q = jnp.linalg.eigh(b.T @ b)
+    # d 2 tr(K^{1/2}) = tr(K^{-1/2} dK), dK = dB^T B + B^T dB: the gradient is 2 B K^{-1/2}.
+    grad = 2.0 * ((b @ q) * jax.lax.rsqrt(w)[None, :]) @ q.T
+    return 2.0 * jnp.sum(jnp.sqrt(w)), grad
+
+
+_twice_nuclear_norm.defvjp(_twice_nuclear_norm_fwd, lambda grad, ct: (ct * grad,))
+
+
+class DualLayout:
+    """Where the dual parameters go. Pattern c = {c, c + b, ...} ∩ [0, n); in step order Y is
+    lower triangular with Y[i, j] != 0 only for i, j in one pattern: the diagonal and the strictly
+    lower pairs (rows[m], cols[m]), i = j + d b for d = 1..k-1."""
+
+    def __init__(self, n: int, b: int):
+        self.n, self.b = n, b
+        k = -(-n // b)
+        pairs = [(np.arange(d * b, n), np.arange(n - d * b)) for d in range(1, k)]
+        self.rows = np.concatenate([r for r, _ in pairs]).astype(np.int64) if pairs else np.zeros(0, np.int64)
+        self.cols = np.concatenate([c for _, c in pairs]).astype(np.int64) if pairs else np.zeros(0, np.int64)
+        self.pattern = np.arange(n) % b
+        self.m = len(self.rows)
+
+    def size(self) -> int:
+        return self.m + self.b
+
+    def row_scale(self, v, log_mu, xp):
+        """sqrt(mu_{c(i)}) / ||row i of L||, shape (n,): rows of L are scaled to unit norm."""
+        if xp is np:
+            r = np.ones(self.n)
+            np.add.at(r, self.rows, v * v)
+        else:
+            r = jnp.ones(self.n, v.dtype).at[self.rows].add(v * v)
+        return xp.exp(0.5 * log_mu)[self.pattern] / xp.sqrt(r)
+
+    def y(self, theta, xp=jnp):
+        """Y = diag(sqrt(mu)) L̂ (n×n, lower triangular), Lambda = Y Y^T."""
+        v, log_mu = theta[: self.m], theta[self.m:]
+        s = self.row_scale(v, log_mu, xp)
+        diag = np.arange(self.n)
+        if xp is np:
+            y = np.zeros((self.n, self.n))
+            y[diag, diag] = s
+            y[self.rows, self.cols] = v * s[self.rows]
+            return y
+        y = jnp.zeros((self.n, self.n), theta.dtype).at[diag, diag].set(s, unique_indices=True)
+        return y.at[self.rows, self.cols].set(v * s[self.rows], unique_indices=True)
+
+
+def dual_problem(workload: Workload, participation: Participation) -> DualProblem:
+    """The Lagrange dual of the pattern-normalised rmse problem (module docstring), as a minimisation.
+
+    Parameters theta (shape (m + b,)): the strictly lower entries of the L_c (m = sum over patterns
+    of k_c (k_c - 1) / 2) and log mu_c (b). loss(theta) = -q(Lambda) / n <= -(optimal rmse)^2.
+    to_strategy(theta) -> Dense(C), C^T C = X(Lambda), normalised: a valid strategy for any theta.
+    """
+    n = check_arguments(workload, participation, "rmse")
+    k = participation.reachable_participations
+    if not (participation.cyclic or k == 1):
+        raise ValueError(f"the dense dual needs cyclic or single participation, got {participation}")
+    b = n if k == 1 else participation.min_sep
+    layout = DualLayout(n, b)
+    prefix = workload.name == "prefix" and workload.is_toeplitz
+    a = None if prefix else np.asarray(workload.dense(), np.float64)
+
+    def apply_a(y, xp):
+        if a is None:
+            return xp.cumsum(y, axis=0)
+        return (jnp.asarray(a) if xp is jnp else a) @ y
+
+    def loss(theta):
+        y = layout.y(theta)
+        return -(_twice_nuclear_norm(apply_a(y, jnp)) - jnp.sum(jnp.exp(theta[layout.m:]))) / n
+
+    # Start: Lambda = mu I (R_c = I) with the best uniform mu: q(mu) = 2 sqrt(mu) ||A||_* - b mu.
+    a_dense = apply_a(np.eye(n), np)
+    nuclear = float(np.sum(np.sqrt(np.maximum(scipy.linalg.eigvalsh(a_dense.T @ a_dense), 0.0))))
+    x0 = np.concatenate([np.zeros(layout.m), np.full(b, 2.0 * math.log(nuclear / b))])
+
+    def to_strategy(theta: np.ndarray) -> Dense:
+        return Dense(normalize(primal_matrix(theta), participation))
+
+    def primal_matrix(theta: np.ndarray) -> np.ndarray:
+        y = layout.y(np.asarray(theta, np.float64), np)
+        return primal_from_dual(y, apply_a(y, np))
+
+    def extra_report(theta: np.ndarray, report: dict) -> dict:
+        bound = math.sqrt(max(-float(report["loss"]), 0.0))  # theta is the best point: its loss
+        history = report.get("history") or []
+        change = (abs(history[-1] - history[-2]) / max(abs(history[-1]), abs(history[-2]), 1e-300)
+                  if len(history) >= 2 else None)
+        return {"formulation": "dual", "dual_bound": bound,
+                "duality_gap": report["rmse"] / bound - 1.0 if bound > 0 else math.inf,
+                "final_relative_change": change}
+
+    name = f"dense(n={n}, rmse, {participation}, dual of the pattern normalisation)"
+    return DualProblem(x0=x0, value_and_grad=jax.value_and_grad(loss), to_strategy=to_strategy, name=name,
+                       objective_from_loss=lambda v: math.sqrt(max(-float(v), 0.0)), extra_report=extra_report)
+
+
+def primal_from_dual(y: np.ndarray, ay: np.ndarray) -> np.ndarray:
+    """Lower-triangular C with C^T C = X = Y^{-T} K^{1/2} Y^{-1}, K = (A Y)^T (A Y): X Lambda X = M.
+
+    y: Y (n×n, lower triangular, non-zero diagonal), ay: A Y. numpy float64.
+    """
+    w, q = scipy.linalg.eigh(ay.T @ ay)
+    if not (np.all(np.isfinite(w)) and w[0] > 0):
+        raise ValueError("the dual point gives a singular Y^T M Y (is the workload invertible?)")
+    # X = F^T F with F = diag(w^{1/4}) Q^T Y^{-1}; F[:, ::-1] = Q' R (R upper) gives
+    # X = P R^T R P (P the reversal), so C = P R P is lower triangular.
+    f = (w ** 0.25)[:, None] * scipy.linalg.solve_triangular(y, q, lower=True, trans="T").T
+    r = scipy.linalg.qr(f[:, ::-1], mode="r", check_finite=False)[0]
+    c = r[::-1, ::-1]
+    return c * np.sign(np.diag(c))[:, None]  # row signs do not change C^T C
