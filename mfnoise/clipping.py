@@ -273,8 +273,11 @@ def _product_vjp(ghost: Ghost, w: jax.Array, h: jax.Array, g: jax.Array, scale: 
 
         return jax.vmap(one)(h)
 
-    _, vjp = jax.vjp(product, w)
+    out, vjp = jax.vjp(product, w)
     weighted = g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+    if jax.typeof(weighted) != jax.typeof(out):
+        # Explicit mesh axes: the probe's type (hence g's) lacks the product's sharding
+        weighted = jax.sharding.reshard(weighted, jax.typeof(out).sharding)
     return vjp(weighted)[0]
 
 

@@ -127,7 +127,7 @@ def main() -> None:
     tx = mfnoise.mf_sgd(mfnoise.bsr(N, 4), 0.05, 1.0, 0.7, key, participation=mfnoise.Participation.epochs(N, 2))
     grads = per_example_grads(loss, microbatch_size=4)
 
-    def train(params):
+    def train(params, grads=grads):
         state = tx.init(params)
 
         @jax.jit
@@ -147,6 +147,19 @@ def main() -> None:
     for k in SHAPES:
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
     print("ok dp_aggregate sharded", flush=True)
+
+    # Ghost clipping on the sharded model: the same training run.
+    from mfnoise.clipping import clipped_grad
+
+    got = train(p, clipped_grad(loss, 1.0))
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    with jax.set_mesh(meshx):
+        px = {k: jax.device_put(init[k], NamedSharding(meshx, layouts["2d-sharded"][1][k])) for k in SHAPES}
+        got = train(px, clipped_grad(loss, 1.0))
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    print("ok clipped_grad sharded (Auto and Explicit axes)", flush=True)
 
     # dp_aggregate alone on per-example gradients with Explicit mesh axes (jax.make_mesh's default).
     g = {k: jnp.asarray(rng.normal(size=(6, *v)), jnp.float32) for k, v in SHAPES.items()}
