@@ -188,6 +188,27 @@ def test_optimized_dual_beats_init_closed_forms_and_the_primal(p, wname, tmp_pat
     for other in closed:
         assert report["rmse"] <= error.rmse(other, w, p)
     assert report["rmse"] <= _primal_optimum(w, p) * (1 + 1e-7)
+    if wname == "prefix":  # kinks cleaned: X >= 0 within every pattern, so the |X| sum is exact
+        assert report["sensitivity_exact"]
+
+
+def test_clean_kinks_zeroes_only_tiny_within_pattern_negatives():
+    n, b = 12, 4
+    rng = np.random.default_rng(0)
+    c = np.tril(rng.random((n, n))) + n * np.eye(n)
+    x = c.T @ c
+    # plant a kink-sized negative entry at (1, 9) (same pattern) and a large one at (2, 10)
+    for (i, j), value in {(1, 9): -1e-9 * math.sqrt(x[1, 1] * x[9, 9]), (2, 10): -0.3 * math.sqrt(x[2, 2] * x[10, 10])}.items():
+        x[i, j] = x[j, i] = value
+    c = np.linalg.cholesky(x[::-1, ::-1]).T[::-1, ::-1]
+    c2 = ld.clean_kinks(c, b)
+    x2 = c2.T @ c2
+    assert np.allclose(c2, np.tril(c2))
+    assert abs(x2[1, 9]) <= 1e-12 * math.sqrt(x[1, 1] * x[9, 9])
+    expected = x.copy()
+    expected[1, 9] = expected[9, 1] = 0.0
+    np.testing.assert_allclose(x2, expected, rtol=1e-12, atol=1e-12 * np.abs(x).max())  # (2, 10) kept
+    assert ld.clean_kinks(np.tril(rng.random((n, n))) + np.eye(n), b) is None  # X > 0: nothing to clean
 
 
 def test_dual_matches_the_column_normalised_optimum_single_participation():

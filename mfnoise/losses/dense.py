@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from mfnoise import closed_forms
+from mfnoise import closed_forms, error
 from mfnoise.dense import Dense
 from mfnoise.losses import Problem, check_arguments
 from mfnoise.losses.banded import smooth_max
@@ -361,7 +361,14 @@ def dual_problem(workload: Workload, participation: Participation) -> DualProble
     x0 = np.concatenate([np.zeros(layout.m), np.full(b, 2.0 * math.log(nuclear / b))])
 
     def to_strategy(theta: np.ndarray) -> Dense:
-        return Dense(normalize(primal_matrix(theta), participation))
+        raw = Dense(normalize(primal_matrix(theta), participation))
+        cleaned = clean_kinks(raw.matrix, b)
+        if cleaned is None:
+            return raw
+        cleaned = Dense(normalize(cleaned, participation))
+        # Keep the cleaned strategy only if its exact rmse is no worse: never worse than the raw one.
+        better = error.rmse(cleaned, workload, participation) <= error.rmse(raw, workload, participation)
+        return cleaned if better else raw
 
     def primal_matrix(theta: np.ndarray) -> np.ndarray:
         y = layout.y(np.asarray(theta, np.float64), np)
@@ -395,3 +402,31 @@ def primal_from_dual(y: np.ndarray, ay: np.ndarray) -> np.ndarray:
     r = scipy.linalg.qr(f[:, ::-1], mode="r", check_finite=False)[0]
     c = r[::-1, ::-1]
     return c * np.sign(np.diag(c))[:, None]  # row signs do not change C^T C
+
+
+KINK_TOLERANCE = 1e-6
+"""Within-pattern entries X_ij < 0 with |X_ij| <= KINK_TOLERANCE sqrt(X_ii X_jj) are read as kinks."""
+
+
+def clean_kinks(c: np.ndarray, b: int) -> np.ndarray | None:
+    """C' with C'^T C' = X except that tiny negative within-pattern entries of X = C^T C are set to 0.
+
+    The optima put some within-pattern X_ij exactly at the kink 0 of |X_ij|; the dual reaches them
+    to its accuracy (~1e-8 relative), from either side. The negative ones add to the pattern sums
+    sum |X_ij| and make ``mfnoise.sensitivity.dense`` call the value a bound; zeroing them (a change
+    far below the smallest eigenvalue of X) lowers the sums and makes the sensitivity exact. Returns
+    None if there is nothing to clean or X' is not numerically positive definite.
+    """
+    n = c.shape[0]
+    x = c.T @ c
+    d = np.sqrt(np.diag(x))
+    same = (np.arange(n)[:, None] % b) == (np.arange(n)[None, :] % b)
+    kinks = same & (x < 0) & (-x <= KINK_TOLERANCE * np.outer(d, d))
+    if not kinks.any():
+        return None
+    x = np.where(kinks, 0.0, x)
+    try:
+        c2 = np.linalg.cholesky(x[::-1, ::-1]).T[::-1, ::-1]  # reverse Cholesky: C'^T C' = X'
+    except np.linalg.LinAlgError:
+        return None
+    return c2 if np.all(np.isfinite(c2)) and np.all(np.diag(c2) > 0) else None
