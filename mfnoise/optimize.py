@@ -126,7 +126,11 @@ def optimize(
       history (the loss after each iteration), objective_history (the same as rmse / max_error
       where the family's loss says how), initial_loss, loss, seconds (total wall time), compile_seconds,
       optimize_seconds, converged, stopped (why), interrupted, and the exact sensitivity,
-      sensitivity_exact, rmse and max_error from ``mfnoise.error.evaluate``.
+      sensitivity_exact, rmse and max_error from ``mfnoise.error.evaluate``. The dense family with
+      the rmse objective under cyclic or single participation is solved through its Lagrange dual
+      (``mfnoise.losses.dense``): its loss is minus a lower bound on rmse^2, objective_history is
+      that bound on rmse, and the report adds formulation, dual_bound, duality_gap (rmse / bound
+      - 1, a certificate of optimality) and final_relative_change.
     """
     start = time.perf_counter()
     if not isinstance(participation, Participation):
