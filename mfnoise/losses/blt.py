@@ -381,24 +381,38 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
 def blt_from_params(v: np.ndarray, n: int) -> BLT:
     """The BLT of parameters v (numpy float64).
 
-    Cancelled pairs (omega = 0 exactly) are no buffers at all. Decays that round to the same float64
-    theta (only possible next to the saturation bound 1 - 9e-14) are one buffer with the summed
-    scale: the coefficients sum_i omega_i theta_i^(j-1) are the same either way, and omega > 0
-    keeps the merge free of cancellation.
+    Cancelled pairs (omega = 0 exactly) are no buffers at all. Decays within MERGE_GAP of each other
+    (only possible next to the saturation bound 1 - 9e-14, or for gaps below float64 resolution) are
+    one buffer with the summed scale.
     """
     ld = log_deltas(np.asarray(v, np.float64), np)
     delta, delta_inv = np.exp(ld[1::2]), np.exp(ld[0::2])
     theta = 1.0 - delta
     with np.errstate(invalid="ignore", divide="ignore"):  # coinciding poles: refused just below
         omega = _residues(delta, delta_inv)  # r_i theta_i
-    keep = omega != 0
+    # A cancelled pair has omega = 0 exactly; a pair whose gap is below float64 resolution of its
+    # decays, omega ~ 1e-20 or less: neither changes any c_j by more than 1e-16 / n (for j < n), and the
+    # latter's inverse decays are not resolvable in float64, so neither is a buffer.
+    keep = ~(np.abs(omega) <= 1e-16 / n)
     theta, omega = theta[keep], omega[keep]
     if not np.all(np.isfinite(omega)):
+        # Two poles that coincide in float64 (gaps below its resolution): the loss is NaN there too.
         raise ValueError(f"BLT parameters give non-finite output scales {omega}")
-    if theta.size > 1 and np.any(np.diff(theta) == 0):
-        merged_theta, index = np.unique(theta, return_inverse=True)
-        theta, omega = merged_theta, np.bincount(index, weights=omega)
+    if theta.size == 0:
+        raise ValueError("BLT parameters cancel every buffer (the identity strategy, not a BLT)")
+    if theta.size > 1 and np.any(np.diff(theta) < MERGE_GAP):
+        # Consecutive decays closer than MERGE_GAP: one buffer, omega-weighted decay (first-order
+        # exact: sum_i omega_i theta_i^j = (sum omega) theta_bar^j + O(j^2 gap^2)).
+        group = np.concatenate([[0], np.cumsum(np.diff(theta) >= MERGE_GAP)])
+        total = np.bincount(group, weights=omega)
+        theta, omega = np.bincount(group, weights=omega * theta) / total, total
     return BLT(theta, omega, n)
+
+
+MERGE_GAP = 2.0**-46
+"""Decays closer than 64 float64 steps below 1 (~1.4e-14) are one buffer: their inverse's decays,
+between them, are not resolvable in float64 (the noise generator streams with those), and merging
+them changes c_j by at most omega j 1.4e-14 (omega > 0: no cancellation)."""
 
 
 def inverse_coeffs(delta: jax.Array, delta_inv: jax.Array, n: int) -> jax.Array:
