@@ -285,10 +285,15 @@ def staged_start(buffers: int, n: int) -> np.ndarray:
     return _with_cancelled(np.log([INIT_TOP, 0.5 / n]), buffers)
 
 
+NEAR_ONE = math.log(1e-12)
+"""log(1 - decay) of the near-constant buffer that each round also tries (1 - decay = 1e-12)."""
+
+
 def next_stage(v: np.ndarray, stage: int, buffers: int, n: int) -> list[np.ndarray]:
     """Starts for round ``stage``: the active pairs of v plus one new pair, inserted either inside
-    each log gap between pairs (and above / below all) or right next to an existing decay (optima often hold two nearly equal decays,
-    approximating a double pole theta^j j, which local steps from a distant insertion miss)."""
+    each log gap between pairs (and above / below all), right next to an existing decay (optima often
+    hold two nearly equal decays, approximating a double pole theta^j j, which local steps from a
+    distant insertion miss), or next to 1 (1 - decay = 1e-12: a nearly constant column)."""
     ld = log_deltas(np.asarray(v, np.float64), np)
     pairs = ld.reshape(-1, 2)
     active = pairs[pairs[:, 0] - pairs[:, 1] > 1e-12][: stage - 1].reshape(-1)
@@ -302,6 +307,11 @@ def next_stage(v: np.ndarray, stage: int, buffers: int, n: int) -> list[np.ndarr
         hi, lo = slots[i + 1]
         eta = min(1e-2, (hi - lo) / 3)
         news.append(np.array([hi - eta, hi - 2 * eta]))
+    if active.size and active[-1] > NEAR_ONE + 2.0:
+        # A decay next to 1 (a nearly constant column): multi-epoch max-error optima often hold one,
+        # and from the slots above, local steps rarely get that far into the saturated range.
+        # Its inverse decay (the zero) below the others, so that its scale omega ~ 1 - zero is not tiny.
+        news.append(np.array([max(active[-1] - 2.0, NEAR_ONE + 1.0), NEAR_ONE]))
     return [_with_cancelled(np.sort(np.concatenate([active, new]))[::-1], buffers) for new in news]
 
 
