@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfnoise.blt import BLT
+from mfnoise.blt import BLT, blt_inverse
 from mfnoise.losses import Problem, check_arguments
 from mfnoise.losses.toeplitz import series_multiply, workload_coeffs
 from mfnoise.participation import Participation
@@ -317,7 +317,6 @@ def next_stage(v: np.ndarray, stage: int, buffers: int, n: int) -> list[np.ndarr
 
 def params_from_blt(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
     """v for a BLT with omega > 0 (its inverse decays must be positive and distinct)."""
-    from mfnoise.blt import blt_inverse
 
     order = np.argsort(np.asarray(theta, np.float64))
     theta = np.asarray(theta, np.float64)[order]
@@ -416,6 +415,18 @@ def blt_from_params(v: np.ndarray, n: int) -> BLT:
         group = np.concatenate([[0], np.cumsum(np.diff(theta) >= MERGE_GAP)])
         total = np.bincount(group, weights=omega)
         theta, omega = np.bincount(group, weights=omega * theta) / total, total
+    while theta.size > 1:
+        try:
+            blt_inverse(theta, omega)  # what the noise generator and mfnoise.evaluate stream with
+            break
+        except ValueError:
+            # Two poles so close (relative to 1 - theta) that the inverse decay between them is not
+            # resolvable in float64: one buffer (a near-double pole costs digits, not accuracy).
+            i = int(np.argmin(np.diff(theta) / (1.0 - theta[1:])))
+            w = omega[i] + omega[i + 1]
+            merged = (omega[i] * theta[i] + omega[i + 1] * theta[i + 1]) / w
+            theta = np.concatenate([theta[:i], [merged], theta[i + 2:]])
+            omega = np.concatenate([omega[:i], [w], omega[i + 2:]])
     return BLT(theta, omega, n)
 
 
