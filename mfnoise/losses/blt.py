@@ -317,7 +317,6 @@ def next_stage(v: np.ndarray, stage: int, buffers: int, n: int) -> list[np.ndarr
 
 def params_from_blt(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
     """v for a BLT with omega > 0 (its inverse decays must be positive and distinct)."""
-
     order = np.argsort(np.asarray(theta, np.float64))
     theta = np.asarray(theta, np.float64)[order]
     inv_theta, _ = blt_inverse(theta, np.asarray(omega, np.float64)[order])
