@@ -461,6 +461,50 @@ def build(specs: Iterable[Spec], out: str | os.PathLike, *, shipped: str | os.Pa
             "built": built}
 
 
+def merge(source: str | os.PathLike, target: str | os.PathLike, *, rtol: float = 1e-3,
+          names: Iterable[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Moves regenerated entries of ``source`` (a ``build`` output folder) into library ``target``
+    where they are better or the shipped one does not reproduce; keeps the shipped one otherwise.
+
+    An entry is taken when the target lacks it, when its own objective (rmse or max_error) is
+    lower than the shipped one's by more than 1e-9 relative, or when it differs by more than ``rtol``
+    *and* is not worse (a regenerated entry that is worse by more than ``rtol`` is reported, not
+    taken: the shipped strategy stays the better one). Files are copied, then the index is updated.
+    Returns {"taken": [...], "kept": [...], "worse": [...]} rows with both objectives.
+    """
+    import shutil
+
+    source, target = Path(source), Path(target)
+    new_entries = {e["name"]: e for e in read_index(source)["strategies"]}
+    try:
+        old_entries = {e["name"]: e for e in read_index(target)["strategies"]}
+    except FileNotFoundError:
+        old_entries = {}
+    chosen = sorted(new_entries) if names is None else list(names)
+    out: dict[str, list[dict[str, Any]]] = {"taken": [], "kept": [], "worse": []}
+    take = []
+    for name in chosen:
+        new = new_entries[name]
+        old = old_entries.get(name)
+        key = "rmse" if new["objective"] == "rmse" else "max_error"
+        row = {"name": name, "objective": key, "new": new[key], "shipped": None if old is None else old[key]}
+        if old is None or new[key] < old[key] * (1 - 1e-9):
+            verdict = "taken"
+        elif new[key] > old[key] * (1 + rtol):
+            verdict = "worse"
+        else:
+            verdict = "kept"
+        out[verdict].append(row)
+        if verdict == "taken":
+            if file_sha256(source / new["file"]) != new["sha256"]:
+                raise ValueError(f"{source / new['file']} does not match its index entry")
+            shutil.copyfile(source / new["file"], target / new["file"])
+            take.append(new)
+    if take:
+        add_entries(target, take)
+    return out
+
+
 def missing(folder: str | os.PathLike | None = None) -> list[Spec]:
     """Grid entries that the library in ``folder`` does not hold yet."""
     try:

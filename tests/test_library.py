@@ -23,9 +23,21 @@ ENTRIES = INDEX["strategies"]
 BY_NAME = {e["name"]: e for e in ENTRIES}
 
 
+NEW_ENTRIES = (
+    # Built last (2026-11-26, second session): the optimum's largest decay is 1 (saturated, theta < 1).
+    "momentum0.9-n2000-e4-blt4-max",
+    # Formerly failed with theta = 1.0, and other sizes and objectives first built then.
+    "prefix-n10000-e64-blt5-rmse",
+    "prefix-n100000-e1-blt5-max",
+    "momentum0.9-n10000-e16-blt3-max",
+    "prefix-n1000-e8-banded64-rmse",
+)
+
+
 def _subset() -> list[dict]:
-    """One entry per (optimizer family, objective, size class): the smallest n, and the largest."""
-    chosen: dict[tuple, dict] = {}
+    """One entry per (optimizer family, objective, size class): the smallest n, and the largest;
+    plus NEW_ENTRIES (those that exercised the optimizer's saturated decays and the last build)."""
+    chosen: dict[tuple, dict] = {name: BY_NAME[name] for name in NEW_ENTRIES if name in BY_NAME}
     for e in sorted(ENTRIES, key=lambda e: (e["n"], -e["epochs"], e["name"])):
         size = e.get("buffers", e.get("bands"))
         chosen.setdefault((e["optimizer_family"], e["objective"], size > 4), e)
@@ -217,3 +229,30 @@ def test_cli_build_dry_run(capsys):
     assert cli.main(["library", "build", "--missing", "--dry-run", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["names"]) == {s.name for s in library.grid()} - set(BY_NAME)
+
+
+def test_merge_takes_better_or_new_entries_and_keeps_better_shipped_ones(tmp_path):
+    """library.merge: a regenerated entry replaces the shipped one only when it is better (or the
+    target lacks it); a worse one is reported and the shipped file stays."""
+    import shutil
+
+    picks = sorted(ENTRIES, key=lambda e: e["bytes"])[:4]
+    source, target = tmp_path / "new", tmp_path / "lib"
+    source.mkdir(), target.mkdir()
+    for e in picks:
+        shutil.copyfile(FOLDER / e["file"], source / e["file"])
+        shutil.copyfile(FOLDER / e["file"], target / e["file"])
+    key = lambda e: "rmse" if e["objective"] == "rmse" else "max_error"  # noqa: E731
+    better, worse, same, new = (dict(e) for e in picks)
+    better[key(better)] *= 0.99
+    worse[key(worse)] *= 1.01
+    same[key(same)] *= 1 + 1e-6
+    library.add_entries(source, [better, worse, same, new])
+    library.add_entries(target, [picks[0], picks[1], picks[2]])
+    out = library.merge(source, target)
+    assert [r["name"] for r in out["taken"]] == sorted([better["name"], new["name"]])
+    assert [r["name"] for r in out["worse"]] == [worse["name"]]
+    assert [r["name"] for r in out["kept"]] == [same["name"]]
+    merged = {e["name"]: e for e in library.read_index(target)["strategies"]}
+    assert merged[better["name"]] == better and merged[worse["name"]] == picks[1]
+    assert merged[same["name"]] == picks[2] and merged[new["name"]] == new
