@@ -142,23 +142,29 @@ def optimize(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     module = problem_module(family)
-    with jax.enable_x64(True):
-        # The dense family solves the rmse problem under cyclic / single participation through its
-        # dual (smooth, k (k - 1) / 2 + 1 parameters per pattern instead of n (n + 1) / 2 entries of C).
-        extra = {"formulation": "auto"} if family == "dense" else {}
-        prob = module.problem(workload, participation, objective=objective, bands=bands, buffers=buffers, init=init,
-                              **extra)
-        kw = dict(tol=tol, gtol=gtol, max_iterations=max_iterations, max_seconds=max_seconds,
-                  callback=callback, progress=progress, progress_delay=progress_delay, start=start)
-        if method == "scipy":
-            result = _run_staged(_scipy_stage, prob, _jitted(prob, family), **kw)
-        else:
-            result = _run_staged(functools.partial(_optax_stage, prob=prob), prob, _jitted(prob, family), **kw)
-    optimize_seconds = time.perf_counter() - start
-    strategy = prob.to_strategy(result["x"])
-    exact = error.evaluate(strategy, workload, participation)
-    # A problem may say how its loss maps to the objective (the dense dual: a lower bound), else its module.
-    to_objective = getattr(prob, "objective_from_loss", None) or getattr(module, "objective_from_loss", None)
+    # The dense family's O(n^3) LAPACK calls (eigh, QR, Cholesky) run single-threaded: on 2 cores a
+    # second OpenBLAS thread saves ~25% when the machine is quiet (eigh n=1024: 0.14 vs 0.18 s) but
+    # costs 3-50x when other jobs share the cores (0.5-9.7 s CPU per eigh, measured here).
+    blas = _single_threaded_blas() if family == "dense" else contextlib.nullcontext()
+    with blas:
+        with jax.enable_x64(True):
+            # The dense family solves the rmse problem under cyclic / single participation through
+            # its dual (smooth, k (k - 1) / 2 + 1 parameters per pattern, not n (n + 1) / 2 entries of C).
+            extra = {"formulation": "auto"} if family == "dense" else {}
+            prob = module.problem(workload, participation, objective=objective, bands=bands, buffers=buffers,
+                                  init=init, **extra)
+            kw = dict(tol=tol, gtol=gtol, max_iterations=max_iterations, max_seconds=max_seconds,
+                      callback=callback, progress=progress, progress_delay=progress_delay, start=start)
+            if method == "scipy":
+                result = _run_staged(_scipy_stage, prob, _jitted(prob, family), **kw)
+            else:
+                result = _run_staged(functools.partial(_optax_stage, prob=prob), prob, _jitted(prob, family), **kw)
+        optimize_seconds = time.perf_counter() - start
+        strategy = prob.to_strategy(result["x"])
+        exact = error.evaluate(strategy, workload, participation)
+        # A problem may say how its loss maps to the objective (the dense dual: a lower bound), else
+        # its module.
+        to_objective = getattr(prob, "objective_from_loss", None) or getattr(module, "objective_from_loss", None)
     report = {
         "family": family,
         "n": participation.n,

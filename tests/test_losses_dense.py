@@ -198,8 +198,9 @@ def test_clean_kinks_zeroes_only_tiny_within_pattern_negatives():
     c = np.tril(rng.random((n, n))) + n * np.eye(n)
     x = c.T @ c
     # plant a kink-sized negative entry at (1, 9) (same pattern) and a large one at (2, 10)
-    for (i, j), value in {(1, 9): -1e-9 * math.sqrt(x[1, 1] * x[9, 9]), (2, 10): -0.3 * math.sqrt(x[2, 2] * x[10, 10])}.items():
-        x[i, j] = x[j, i] = value
+    planted = {(1, 9): -1e-9, (2, 10): -0.3}
+    for (i, j), scale in planted.items():
+        x[i, j] = x[j, i] = scale * math.sqrt(x[i, i] * x[j, j])
     c = np.linalg.cholesky(x[::-1, ::-1]).T[::-1, ::-1]
     c2 = ld.clean_kinks(c, b)
     x2 = c2.T @ c2
