@@ -102,6 +102,29 @@ def test_shipped_subset_verifies(name):
         "integrity", "index", "schema", "sensitivity", "factorization", "inverse", "streaming", "losses"}
 
 
+def test_new_entries_are_shipped():
+    assert set(NEW_ENTRIES) <= set(BY_NAME)
+
+
+def test_more_buffers_are_never_worse():
+    """Issue 3: for one workload, schema and objective, an entry asked for more BLT buffers never has a
+    larger objective than one asked for fewer (the staged optimizer grows buffers one at a time and
+    keeps the best); and a BLT with fewer buffers than asked is at least as good as the smaller ones."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for e in ENTRIES:
+        if e["optimizer_family"] == "blt":
+            key = (e["workload"], e["n"], e["epochs"], e["objective"])
+            groups.setdefault(key, {})[e["requested_buffers"]] = e
+    worse = []
+    for key, by_size in groups.items():
+        obj = "rmse" if key[3] == "rmse" else "max_error"
+        for small, a in by_size.items():
+            for large, b in by_size.items():
+                if large > small and b[obj] > a[obj] * (1 + 1e-6):
+                    worse.append((b["name"], b[obj], a["name"], a[obj]))
+    assert not worse, worse[:10]
+
+
 @pytest.mark.slow
 def test_whole_library_verifies():
     """Every shipped file; the streaming generator (a JAX compilation each) on the fast subset above."""
