@@ -10,13 +10,16 @@ positive decays. Then c_0 = 1 >= c_1 = sum_i omega_i = sum_i (theta_i - theta'_i
 c_j > 0 decreases, so the exact Toeplitz sensitivity (pattern {0, b, 2b, ...}) applies to any
 participation schema. The decays are held as delta = 1 - theta in log space (precision next to
 1 for n up to 10^7 and more): y_k = softplus(v_1) + ... + softplus(v_k) (increasing), log delta_(k)
-= -(TAU + h(y_k)), the odd-ranked ones theta', the even-ranked ones theta. Any v in R^{2d} is valid.
+= -(TAU + h(y_k)), the odd-ranked ones theta', the even-ranked ones theta. Any v in R^{2d} is valid
+in exact arithmetic; in float64, gaps below its resolution can make two poles coincide, where the
+loss is NaN (a wall for the line search) and to_strategy refuses (blt_from_params).
 h(y) = y / (1 + (y / L)^p)^(1/p) (p = SATURATION_POWER, L = LOG_DELTA_RANGE) is the identity up to
 a relative 5e-4 for y < L / 2 and saturates smoothly below L, so every decay lies in
 [1 - e^-TAU, 1 - e^-(TAU + L)] ~ [1e-7, 1 - 9e-14]: a decay whose optimum is 1 (a constant column,
 which some multi-epoch max-error optima approach) stays a float64 number below 1 with a finite
-output scale, instead of rounding to theta = 1.0. h is strictly increasing and acts on each y_k
-alone, so distinct decays stay distinct and a cancelled pair (two equal y) stays exactly cancelled.
+output scale, instead of rounding to theta = 1.0. h is strictly increasing (in float64 up to
+y ~ 40 L, far past where the loss is flat) and acts on each y_k alone, so distinct decays stay
+distinct and a cancelled pair (two equal y) stays exactly cancelled.
 
 Closed forms (no loss term touches n elements). Every sequence is a sum of geometric ones:
 * c_j = s_0 [j = 0] + sum_i r_i theta_i^j, r_i = omega_i / theta_i = res_{1/theta_i} N / D.
