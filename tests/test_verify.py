@@ -197,3 +197,19 @@ def test_cli_json_and_exit_status(tmp_path, capsys):
     assert cli.main(["verify", good, bad, "--json", "--no-streaming"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and out["failed"] == [bad] and out["files"] == 2
+
+
+@pytest.mark.parametrize("rel", [1e-6, 1e-3])
+def test_a_wrong_inverse_fails_the_factorization(tmp_path, monkeypatch, rel):
+    """An inverse_apply off by a relative 1e-6 is caught, also for an ill-conditioned C whose
+    decoder B is 1e7 times larger than A (the check is scaled by |B| |C|, not by |A| alone)."""
+    for coeffs in ([1.0, 0.5, 0.25], [1.0, 0.9236986, -0.79043499, 0.75070924, -0.47722169, 0.45811406]):
+        s = mfnoise.Toeplitz(np.array(coeffs), 31)
+        w, p = workloads.prefix_sum(31), Participation.single(31)
+        path = _write(tmp_path / "s.npz", s, w, p)
+        assert verify.verify(path, streaming=False).ok
+        honest = mfnoise.Toeplitz.inverse_apply
+        monkeypatch.setattr(mfnoise.Toeplitz, "inverse_apply", lambda self, z: honest(self, z) * (1 + rel))
+        checks = {c["name"]: c for c in verify.verify(path, streaming=False).checks}
+        assert checks["factorization"]["status"] == "fail", checks["factorization"]
+        monkeypatch.undo()
