@@ -270,7 +270,8 @@ def _report_iteration(history, bar, tracker, callback, start, max_seconds, v, x)
 
 def _single_threaded_blas():
     """L-BFGS-B's BLAS calls are on vectors of a few thousand entries: threads only add hand-off
-    latency (6 ms per iteration on a busy 2-core machine, measured here). threadpoolctl is optional."""
+    latency (6 ms per iteration on a busy 2-core machine, measured here). threadpoolctl is a dependency;
+    without it (a stripped install) the BLAS keeps its own threading."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
