@@ -88,21 +88,26 @@ def _weighted_rows(finite: jax.Array, fn: Callable[..., jax.Array], *rows: jax.A
     return jax.lax.cond(jnp.all(finite), fast, slow)
 
 
+def _row_squares(x: jax.Array, acc: Any) -> jax.Array:
+    """sum of squares of each example's row of x (B, ...), in dtype acc."""
+    # no reshapes: merging sharded dimensions is not allowed with Explicit mesh axes
+    return jnp.sum(jnp.square(x.astype(acc)), axis=tuple(range(1, x.ndim)))
+
+
+def _weighted_sum(scale: jax.Array, finite: jax.Array, x: jax.Array) -> jax.Array:
+    """sum_b scale_b x_b, non-finite rows dropped."""
+    # The weighted sum over examples as a dot (XLA:CPU reduces over a major axis ~30x slower).
+    return _weighted_rows(finite, lambda r: jnp.tensordot(scale.astype(r.dtype), r, axes=1), x)
+
+
 def clipped_sum(per_example: Any, l2_clip_norm: float) -> tuple[Any, jax.Array]:
     """(sum_b clip(g_b), number of non-finite examples) for per-example grads with batch axis 0."""
     leaves = jax.tree.leaves(per_example)
     if not leaves:
         return per_example, jnp.zeros((), jnp.int32)
     acc = _accumulation_dtype(*[x.dtype for x in leaves])
-    # no reshapes: merging sharded dimensions is not allowed with Explicit mesh axes
-    sq = sum(jnp.sum(jnp.square(x.astype(acc)), axis=tuple(range(1, x.ndim))) for x in leaves)
-    scale, finite = clip_weights(sq, l2_clip_norm)
-
-    def leaf_sum(x: jax.Array) -> jax.Array:
-        # The weighted sum over examples as a dot (XLA:CPU reduces over a major axis ~30x slower).
-        return _weighted_rows(finite, lambda r: jnp.tensordot(scale.astype(x.dtype), r, axes=1), x)
-
-    return jax.tree.map(leaf_sum, per_example), jnp.sum(~finite).astype(jnp.int32)
+    scale, finite = clip_weights(sum(_row_squares(x, acc) for x in leaves), l2_clip_norm)
+    return jax.tree.map(lambda x: _weighted_sum(scale, finite, x), per_example), jnp.sum(~finite).astype(jnp.int32)
 
 
 # -- which parameter leaves get ghost norms ----------------------------------------------------------
@@ -335,12 +340,12 @@ def clipped_grad(
         for j, ghost in plan.items():
             sq = sq + jax.vmap(lambda h, g, ghost=ghost: _ghost_sq(h, g, ghost, acc))(operands[j], g_probe[j])
         for x in g_dense:
-            sq = sq + jnp.sum(jnp.square(x.astype(acc)), axis=tuple(range(1, x.ndim)))
+            sq = sq + _row_squares(x, acc)
         scale, finite = clip_weights(sq, clip)
 
         out = list(leaves)
         for i, x in zip(dense, g_dense):
-            out[i] = _weighted_rows(finite, lambda r: jnp.tensordot(scale.astype(r.dtype), r, axes=1), x)
+            out[i] = _weighted_sum(scale, finite, x)
         for j, ghost in plan.items():
             fn = lambda h, g, ghost=ghost: _product_vjp(ghost, leaves[ghost.leaf], h, g, scale)  # noqa: E731
             out[ghost.leaf] = _weighted_rows(finite, fn, operands[j], g_probe[j])
