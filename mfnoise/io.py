@@ -9,11 +9,13 @@ itself, so an edited number anywhere is refused. Files are read with ``allow_pic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import tempfile
-from typing import Any
+import secrets
+from collections.abc import Iterator
+from typing import IO, Any
 
 import numpy as np
 
@@ -44,6 +46,9 @@ def digest(arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> str:
 def save(strategy: Strategy, path: str, **metadata: Any) -> str:
     """Writes ``strategy`` and ``metadata`` (participation, workload, rmse, ...) atomically.
 
+    ``.npz`` is appended to ``path`` unless present; its folder must exist (``atomic_write``: the
+    file gets mode ``0o666 & ~umask`` and replaces ``path`` only once complete). Returns the path.
+
     ``participation`` and ``workload`` may be given as objects with ``to_dict()``.
     """
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in strategy.arrays().items()}
@@ -61,20 +66,60 @@ def save(strategy: Strategy, path: str, **metadata: Any) -> str:
     path = os.fspath(path)
     if not path.endswith(".npz"):
         path += ".npz"
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Write then rename, so a crash never leaves a half-written strategy file behind.
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=directory)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, metadata=np.array(json.dumps(meta, sort_keys=True)),
+                 **{f"array/{k}": v for k, v in arrays.items()})
+    return path
+
+
+# -- file conventions: every file mfnoise writes goes through these two ----------------------------
+def output_folder(path: str | os.PathLike, argument: str = "path") -> str:
+    """The existing folder that will hold the output ``path``; FileNotFoundError naming ``argument``,
+    ``path`` and the folder when the folder is missing (a mistyped folder is never created: making
+    folders is the caller's decision). Call it before long work, so a typo fails at once."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise FileNotFoundError(f"{argument} {path!r}: the folder {folder!r} {what}; "
+                                "create it first (mfnoise does not create folders)")
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", argument: str = "path") -> Iterator[IO[Any]]:
+    """Opens a new file that replaces ``path`` only once it is completely written.
+
+    The data go to a temporary file in the same folder (so the rename cannot cross file systems),
+    which is flushed to disk and renamed over ``path`` (``os.replace``, atomic on POSIX): a reader or
+    a crash sees the old file or the new one, never part of one; on an exception the temporary file
+    is removed and ``path`` is untouched. The file gets the usual mode of a new file,
+    ``0o666 & ~umask`` (0644 under the common umask 022): it is created with ``os.open(..., 0o666)``
+    and the kernel applies the umask, as for ``open(path, "w")`` (``tempfile.mkstemp`` would give
+    0600). The folder must exist (``output_folder``). ``mode`` is "w" (text) or "wb".
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
+    path = os.fspath(path)
+    folder = output_folder(path, argument)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:  # pragma: no cover - a 64-bit random name taken
+            continue
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, metadata=np.array(json.dumps(meta, sort_keys=True)),
-                     **{f"array/{k}": v for k, v in arrays.items()})
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    return path
 
 
 def _json_default(x: Any) -> Any:

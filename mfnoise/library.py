@@ -230,11 +230,9 @@ def write_index(index: dict[str, Any], folder: str | os.PathLike) -> Path:
     index = dict(index)
     index["strategies"] = sorted(index["strategies"], key=lambda e: e["name"])
     path = Path(folder) / INDEX_NAME
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as f:
+    with io.atomic_write(path, "w") as f:
         json.dump(index, f, indent=1, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -420,7 +418,8 @@ def build(specs: Iterable[Spec], out: str | os.PathLike, *, shipped: str | os.Pa
 
     Args:
       specs: grid entries to (re)generate.
-      out: folder for the new files. With ``update_index`` its index.json gains (or replaces) the
+      out: folder for the new files, created when missing (the folder that holds it must exist:
+        FileNotFoundError otherwise). With ``update_index`` its index.json gains (or replaces) the
         new entries; ``out`` may be the library folder itself to add to or refresh it.
       shipped: the library folder to compare with (default: ``directory()`` when it exists).
       rtol: the largest relative difference of rmse and max_error from the shipped entry that
@@ -430,7 +429,9 @@ def build(specs: Iterable[Spec], out: str | os.PathLike, *, shipped: str | os.Pa
     """
     specs = list(specs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # ``out`` itself may be new; a missing folder above it is a typo, refused before any work.
+    io.output_folder(out, "out")
+    out.mkdir(exist_ok=True)
     try:
         old_index = read_index(shipped)
     except FileNotFoundError:
@@ -498,7 +499,8 @@ def merge(source: str | os.PathLike, target: str | os.PathLike, *, rtol: float =
         if verdict == "taken":
             if file_sha256(source / new["file"]) != new["sha256"]:
                 raise ValueError(f"{source / new['file']} does not match its index entry")
-            shutil.copyfile(source / new["file"], target / new["file"])
+            with open(source / new["file"], "rb") as src, io.atomic_write(target / new["file"]) as dst:
+                shutil.copyfileobj(src, dst)
             take.append(new)
     if take:
         add_entries(target, take)

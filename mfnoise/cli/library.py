@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--missing", action="store_true", help="the grid entries the library does not hold yet")
     p.add_argument("--all", action="store_true", help="the whole grid (default: the shipped entries)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--out", help="folder for the regenerated files (default: a temporary folder)")
+    where.add_argument("--out", help="folder for the regenerated files, created if missing inside an existing "
+                       "folder (default: a temporary folder)")
     where.add_argument("--in-place", action="store_true", help="write into the library folder and its index")
     p.add_argument("--rtol", type=float, default=1e-3,
                    help="largest relative difference from the shipped rmse / max_error (default 1e-3)")
@@ -111,6 +112,8 @@ def _build(args: argparse.Namespace) -> dict:
         except ValueError:
             raise ValueError(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}") from None
         specs = specs[i::count]
+    if args.out:
+        io.output_folder(args.out, "--out")  # before the first optimization, not after it
     if args.dry_run:
         return {"action": "build", "ok": True, "dry_run": True, "names": [s.name for s in specs]}
     if args.in_place:

@@ -6,7 +6,7 @@ import argparse
 import math
 import shlex
 
-from mfnoise import workloads
+from mfnoise import io, workloads
 from mfnoise.cli import schema
 
 HELP = "optimize a strategy (banded, banded-toeplitz, blt, dense) and write its strategy file"
@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     schema.add_workload(parser)
     parser.add_argument("--objective", choices=["rmse", "max"], default="rmse",
                         help="minimise rmse (default) or max_error")
-    parser.add_argument("--out", required=True, help="strategy file to write (.npz)")
+    parser.add_argument("--out", required=True,
+                        help="strategy file to write (.npz appended if missing); its folder must exist")
     parser.add_argument("--method", choices=["scipy", "optax"], default="scipy",
                         help="quasi-Newton method: scipy L-BFGS-B (default) or optax.lbfgs")
     parser.add_argument("--tol", type=float, default=1e-12, help="stop at this relative loss decrease")
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--bands does not apply to --family blt (use --buffers)")
     if not (math.isfinite(args.tol) and args.tol >= 0):
         raise ValueError(f"--tol must be a non-negative number, got {args.tol}")
+    io.output_folder(args.out, "--out")  # a mistyped folder fails now, not after the optimization
     p = schema.participation(args)
     w = workloads.parse(args.workload, args.n)
     strategy, report = optimize(
