@@ -8,6 +8,9 @@ A participation pattern is a set of steps P in [0, n). Two kinds of schema (DESI
   Factorization Mechanisms for Private Machine Learning", Choquette-Choo et al. 2023).
 
 Single participation (k = 1) is both kinds.
+
+``Participation.epochs(n, k)`` takes b = n // k; when k does not divide n that gives
+ceil(n / b) > k participations, so it warns (``EpochsWarning``) and says how to ask for exactly k.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any, Iterator
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+
+class EpochsWarning(UserWarning):
+    """``Participation.epochs(n, k)`` with k not dividing n: more than k participations result."""
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -65,24 +74,40 @@ class Participation:
         object.__setattr__(self, "cyclic", bool(self.cyclic))
 
     @classmethod
-    def single(cls, n: int) -> "Participation":
+    def single(cls, n: int) -> Participation:
         """Each example takes part in at most one step."""
         n = _check_positive_int("n", n)
         return cls(n, 1, n, cyclic=True)
 
     @classmethod
-    def epochs(cls, n: int, k: int) -> "Participation":
+    def epochs(cls, n: int, k: int) -> Participation:
         """k epochs of fixed cyclic batches: min_sep b = n // k, step t uses batch t mod b.
 
-        When k does not divide n, the first ``n mod b`` batches are used ceil(n / b) = k + 1
-        times; ``max_participations`` says so rather than hiding it.
+        Batch c is used at steps {c, c + b, ...} ∩ [0, n): ceil((n - c) / b) times, so
+        ``max_participations`` = ceil(n / b). That is k exactly when k divides n. Otherwise
+        (n = k b + s with 0 < s < k) the first batches are used more than k times (k + ceil(s / b)
+        for the first), ``max_participations`` says so, and an ``EpochsWarning`` names the number
+        and how to ask for exactly k: ``Participation(n, max_participations=k, min_sep=b)``
+        (a min-sep schema; fixed cyclic batches cannot honour it for n > k b, so use n = k b steps
+        for them).
         """
         n = _check_positive_int("n", n)
         k = _check_positive_int("epochs", k)
         if k > n:
             raise ValueError(f"epochs={k} is larger than the number of steps n={n}")
         b = n // k
-        return cls(n, -(-n // b), b, cyclic=True)
+        participations = -(-n // b)
+        if participations != k:
+            warnings.warn(
+                f"Participation.epochs(n={n}, k={k}): {k} does not divide {n}, so min_sep = n // k = {b} "
+                f"and the first batches are used ceil(n / min_sep) = {participations} times: "
+                f"max_participations={participations}, not {k}. For exactly {k} participations use "
+                f"Participation({n}, max_participations={k}, min_sep={b}) (min-sep), or n = {k * b} steps "
+                f"(Participation.epochs({k * b}, {k}))",
+                EpochsWarning,
+                stacklevel=2,
+            )
+        return cls(n, participations, b, cyclic=True)
 
     @property
     def kind(self) -> str:
@@ -102,7 +127,7 @@ class Participation:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Participation":
+    def from_dict(cls, d: dict) -> Participation:
         kind = d.get("kind", "min-sep")
         if kind not in ("cyclic", "min-sep"):
             raise ValueError(f"unknown participation kind {kind!r}")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
-from mfnoise.participation import Participation
+from mfnoise.participation import EpochsWarning, Participation
 
 
 def add_participation(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -29,4 +31,10 @@ def participation(args: argparse.Namespace) -> Participation:
         return Participation(args.n, args.max_participations, args.min_sep)
     if args.max_participations is not None:
         raise ValueError("--max-participations needs --min-sep (or use --epochs)")
-    return Participation.epochs(args.n, 1 if args.epochs is None else args.epochs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EpochsWarning)
+        p = Participation.epochs(args.n, 1 if args.epochs is None else args.epochs)
+    for w in caught:  # --epochs K not dividing --n gives more than K participations: say so
+        print(f"mfnoise: warning: {w.message}; on the command line: --min-sep {p.min_sep} "
+              f"--max-participations {args.epochs}", file=sys.stderr)
+    return p
