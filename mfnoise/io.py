@@ -74,15 +74,20 @@ def save(strategy: Strategy, path: str, **metadata: Any) -> str:
 
 # -- file conventions: every file mfnoise writes goes through these two ----------------------------
 def output_folder(path: str | os.PathLike, argument: str = "path") -> str:
-    """The existing folder that will hold the output ``path``; FileNotFoundError naming ``argument``,
-    ``path`` and the folder when the folder is missing (a mistyped folder is never created: making
-    folders is the caller's decision). Call it before long work, so a typo fails at once."""
+    """The existing folder that will hold the output file ``path``; FileNotFoundError naming
+    ``argument``, ``path`` and the folder when the folder is missing (a mistyped folder is never
+    created: making folders is the caller's decision), IsADirectoryError when ``path`` is a folder,
+    PermissionError when the folder is not writable. Call it before long work, so a typo fails at once."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         what = "is not a folder" if os.path.exists(folder) else "does not exist"
         raise FileNotFoundError(f"{argument} {path!r}: the folder {folder!r} {what}; "
                                 "create it first (mfnoise does not create folders)")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{argument} {path!r} is a folder; give the name of a file in it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(13, f"{argument} {path!r}: cannot create a file in {folder!r} (Permission denied)")
     return folder
 
 
@@ -110,6 +115,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", argument: str = "pat
             break
         except FileExistsError:  # pragma: no cover - a 64-bit random name taken
             continue
+        except OSError as e:  # e.g. a read-only folder: name the output, not the temporary file
+            raise type(e)(e.errno, f"{argument} {path!r}: cannot create a file in {folder!r} ({e.strerror})") from None
     try:
         with os.fdopen(fd, mode) as f:
             yield f

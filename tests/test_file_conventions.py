@@ -77,6 +77,38 @@ def test_missing_folder_is_refused_not_created(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
+def test_unwritable_outputs_name_the_output(tmp_path, capsys, monkeypatch):
+    """A folder given as the output file, or a folder without write permission: the message names
+    the output and the folder (never the temporary file), and the CLI exits 2 with one line."""
+    with pytest.raises(IsADirectoryError, match=r"--out .* is a folder"):
+        io.output_folder(tmp_path, "--out")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    if os.access(locked, os.W_OK):
+        # root writes into read-only folders: let the file system refuse as it would anyone else
+        real_open = os.open
+
+        def refusing_open(path, *args, **kwargs):
+            if os.path.dirname(os.fspath(path)) == str(locked):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+    try:
+        with pytest.raises(PermissionError, match=r"path .*s\.npz.*cannot create a file in .*locked"):
+            io.save(mfnoise.bsr(8, 2), locked / "s.npz")
+        argv = ["optimize", "--family", "banded", "--bands", "2", "--n", "8", "--no-progress",
+                "--out", str(locked / "s.npz")]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot create a file in" in err and ".tmp" not in err
+    finally:
+        monkeypatch.undo()
+        os.chmod(locked, 0o700)
+    assert os.listdir(locked) == []
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     """Write to a temporary file, rename when complete: a failure midway (an exception here, as a
     crash would be) leaves the previous file intact and no temporary file behind."""

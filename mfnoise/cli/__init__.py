@@ -68,8 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     mod = mods[args.command]
     try:
         result = mod.run(args)
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input: a clear one-line message (and a JSON error object under --json), exit 2.
+    except (ValueError, OSError) as e:
+        # Bad input (a value, a missing or unwritable file or folder): a clear one-line message
+        # (and a JSON error object under --json), exit 2.
         if args.json:
             print(json.dumps({"error": str(e)}))
         print(f"mfnoise {args.command}: error: {e}", file=sys.stderr)
