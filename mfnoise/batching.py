@@ -33,7 +33,7 @@ the plan holds. ``schedule(dataset_size, batch_size, epochs)`` names the schema 
 
 Resuming a run. Every plan a sampler returns carries a ``PlanIdentity``: the sampler, seed,
 dataset size, participation schema, the sampler's parameters (batch size, sampling probability)
-and a digest of the (step, example) participations. Save ``plan.identity.to_dict()`` (JSON) with
+and a digest of the participations (the sorted examples of every step). Save ``plan.identity.to_dict()`` (JSON) with
 the checkpoint; on resumption rebuild the plan and call ``plan.check_resume(saved)``, which raises
 a ValueError naming every field that differs. A changed dataset size regroups every example (the
 shuffle deals a different permutation into the groups), so the second part of the run would put
@@ -70,8 +70,9 @@ class PlanIdentity:
       participation: the schema the plan honours.
       batch_size: the expected batch size asked of cyclic Poisson sampling (None for "cyclic").
       sampling_probability: q (1.0 for "cyclic").
-      digest: sha256 (hex) of the plan's sorted (step, example) participations: equal inputs must
-        give an equal plan, and this catches a sampler that changed between two mfnoise versions.
+      digest: sha256 (hex) of the plan's participations, batch by batch (see ``BatchPlan.digest``):
+        equal inputs must give an equal plan, and this catches a sampler that changed between two
+        mfnoise versions.
 
     ``to_dict`` gives JSON-ready values; ``from_dict`` reads them back and refuses missing or
     unknown fields.
@@ -184,8 +185,9 @@ class BatchPlan:
         return self.n
 
     def digest(self) -> str:
-        """sha256 (hex) of the sorted (step, example) pairs of the real slots, with n and the
-        dataset size: the same for every padding or slot order of the same participations."""
+        """sha256 (hex) of the int64 sequence n, dataset_size, the batch sizes |B_0|, ..., |B_{n-1}|,
+        then each batch's examples in increasing order: the same for every padding or slot order
+        of the same participations."""
         return _digest(self.indices, self.mask, self.dataset_size)
 
     def check_resume(self, saved: PlanIdentity | Mapping[str, Any]) -> None:
@@ -454,7 +456,7 @@ def check(
             f"example index {e} (step {t}) is outside [0, dataset_size={plan.dataset_size})"
             for e, t in zip(examples[outside], steps[outside])))
         steps, examples = steps[~outside], examples[~outside]
-    order = np.lexsort((steps, examples))  # by example, then step
+    order = np.argsort(examples, kind="stable")  # by example, then step (np.nonzero is in step order)
     steps, examples = steps[order], examples[order]
     per_example = np.bincount(examples, minlength=max(plan.dataset_size, 1))
     worst = int(per_example.max()) if per_example.size else 0
@@ -543,6 +545,8 @@ def _retire(indices: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
     """``mask`` with every real participation after an example's k-th (in step order) masked out."""
     steps, slots = np.nonzero(mask)  # row-major: in step order
     examples = indices[steps, slots].astype(np.int64)
+    if examples.size == 0 or np.bincount(examples - examples.min()).max() <= k:
+        return mask  # nobody over k (the usual case): skip the sort
     order = np.argsort(examples, kind="stable")  # by example, steps still in order within one
     sorted_examples = examples[order]
     starts = np.flatnonzero(np.r_[True, sorted_examples[1:] != sorted_examples[:-1]])
@@ -550,21 +554,22 @@ def _retire(indices: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size) - run_start  # 0 for an example's first participation
     late = rank >= k
-    if not late.any():
-        return mask
     out = mask.copy()
     out[steps[late], slots[late]] = False
     return out
 
 
 def _digest(indices: np.ndarray, mask: np.ndarray, dataset_size: int) -> str:
+    """sha256 (hex) of the little-endian int64 sequence n, dataset_size, |B_0|, ..., |B_{n-1}|,
+    then the examples of each batch B_t (real slots of step t) in increasing order, step by step."""
     mask = np.asarray(mask, dtype=bool)
-    steps, _ = np.nonzero(mask)
-    examples = np.asarray(indices)[mask].astype(np.int64)
-    order = np.lexsort((examples, steps))
+    real_first = np.sort(np.where(mask, np.asarray(indices, dtype=np.int64), np.iinfo(np.int64).max), axis=1)
+    sizes = mask.sum(axis=1)
+    keep = np.arange(mask.shape[1])[None, :] < sizes[:, None]
     h = hashlib.sha256()
     h.update(np.array([mask.shape[0], int(dataset_size)], dtype="<i8").tobytes())
-    h.update(np.stack([steps[order], examples[order]]).astype("<i8").tobytes())
+    h.update(sizes.astype("<i8").tobytes())
+    h.update(real_first[keep].astype("<i8").tobytes())
     return h.hexdigest()
 
 

@@ -32,10 +32,13 @@ def test_identity_names_the_inputs_and_round_trips_through_json(sampler, tmp_pat
         assert ident.batch_size is None and ident.sampling_probability == 1.0
     else:
         assert ident.batch_size == 20 and ident.sampling_probability == pytest.approx(20 * 10 / 1000)
-    # the digest: sha256 of the sorted (step, example) pairs with n and the dataset size, recomputed here
-    pairs = sorted((t, e) for e, steps in steps_by_example(plan.indices, plan.mask).items() for t in steps)
-    h = hashlib.sha256(np.array([P.n, 1000], "<i8").tobytes())
-    h.update(np.array(pairs, "<i8").T.copy().tobytes())
+    # the digest: sha256 of n, the dataset size, the batch sizes, then each batch's sorted examples
+    batches: list[list[int]] = [[] for _ in range(P.n)]
+    for e, steps in steps_by_example(plan.indices, plan.mask).items():
+        for t in steps:
+            batches[t].append(e)
+    words = [P.n, 1000] + [len(x) for x in batches] + [e for x in batches for e in sorted(x)]
+    h = hashlib.sha256(b"".join(int(w).to_bytes(8, "little", signed=True) for w in words))
     assert ident.digest == h.hexdigest() == plan.digest()
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(ident.to_dict()))
