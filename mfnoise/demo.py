@@ -13,8 +13,10 @@ Everything private goes through mfnoise:
   sensitivity 1 by ``dp_aggregate``, so all methods share one noise multiplier (one Gaussian
   mechanism, "Multi-Epoch Matrix Factorization Mechanisms for Private Machine Learning",
   Choquette-Choo et al. 2023);
-* clipping and summing: ``mfnoise.clipping.clipped_grad`` (ghost clipping); noise: ``mfnoise.dp_aggregate``
-  inside ``optax.chain``.
+* clipping and summing: ``mfnoise.clipping.clipped_grad`` (ghost clipping; padded slots are
+  masked out exactly); noise: ``mfnoise.dp_aggregate`` inside ``optax.chain``, which divides the
+  noisy sum by the stated batch size (``expected_batch_size``, a public constant: never the
+  number of examples a step holds).
 
 For reference it also trains DP-SGD with Poisson sampling (``cyclic_poisson_batches`` with one
 group, ``pack``-ed to the largest sampled batch) under its amplified accounting
@@ -33,7 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
+import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -41,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mfnoise import batching, workloads
+from mfnoise import batching, io, workloads
 from mfnoise.identity import Identity
 from mfnoise.participation import Participation
 from mfnoise.strategy import Strategy
@@ -179,42 +183,70 @@ def make_strategy(method: str, p: Participation, workload: workloads.Workload, c
 
 
 # -- training ------------------------------------------------------------------------------------
+def batch_gradient(cfg: Config) -> Callable:
+    """f(params, x (B, d), y (B,), mask (B,)) -> ClippedSum of one padded batch:
+
+        sum_b mask_b * clip(grad l(params; x_b, y_b), cfg.clip),
+
+    by ghost clipping (``mfnoise.clipped_grad``), without per-example gradients. A padded slot
+    (mask 0) holds some real example's index (``cyclic_batches`` pads with example 0); its loss is
+    multiplied by 0, so its gradient, hence its clipped contribution, is exactly 0 whatever example
+    it points at (for any example with a finite gradient).
+    """
+    from mfnoise.clipping import clipped_grad
+
+    clipped = clipped_grad(lambda params, ex: ex[2] * example_loss(params, ex[0], ex[1]), cfg.clip)
+
+    def grad(params, x: jax.Array, y: jax.Array, mask: jax.Array):
+        return clipped(params, (x, y, mask.astype(x.dtype)))
+
+    return grad
+
+
 def make_trainer(strategy: Strategy, p: Participation, noise_multiplier: float, cfg: Config,
-                 input_dim: int, classes: int = 10) -> Callable:
+                 input_dim: int, classes: int = 10, *, non_private: bool = False) -> Callable:
     """A jitted f(data, learning_rate, init_key, noise_key, indices (n, cap), mask (n, cap)) ->
-    (validation accuracy, test accuracy) after every step, each of shape (n,).
+    (validation accuracy, test accuracy) after every step, each of shape (n,), and the final params.
+
+    Each step's update is ``(sum_b mask_b clip(g_b) + noise) / cfg.batch_size`` (``dp_aggregate``
+    with ``expected_batch_size=cfg.batch_size``): the normaliser is the batch size the user states, a
+    public constant, never the number of examples a step happens to hold nor the padded capacity
+    (either would tell neighbouring datasets apart; README, "Threat model"). For the fixed cyclic
+    batches it is within a factor 1 + 1/b of their real size dataset_size / b; for Poisson sampling
+    it is exactly the expected batch size q * dataset_size / b, since q is defined from it
+    (``batching.sampling_probability``). ``non_private=True`` (noise multiplier 0) is the clipped
+    reference without noise, not private.
 
     One compilation serves every learning rate and seed of a strategy (they are arguments; the
     data too: as constants they slow XLA's compilation down).
     """
     sizes = (input_dim, cfg.hidden, classes)
-    from mfnoise.clipping import clipped_grad
-    from mfnoise.transforms import dp_aggregate
+    from mfnoise.transforms import NonPrivateWarning, dp_aggregate
 
-    # Ghost clipping: the clipped sum without materialising per-example gradients. A padded slot
-    # (mask 0) has loss 0, hence gradient 0, and contributes nothing.
-    clipped = clipped_grad(lambda params, ex: ex[2] * example_loss(params, ex[0], ex[1]), cfg.clip)
+    grad = batch_gradient(cfg)
 
     def train(data: Data, learning_rate, init_key, noise_key, indices, mask):
         params = init_mlp(init_key, sizes)
-        opt = optax.chain(
-            # clip each example, sum, add noise_multiplier * clip * sens(C, p) * (C^{-1} W)_t, / batch
-            dp_aggregate(strategy, cfg.clip, noise_multiplier, noise_key, participation=p),
-            optax.sgd(learning_rate, momentum=cfg.momentum or None),
-        )
+        with warnings.catch_warnings():
+            if non_private:  # asked for, and labelled "not private" wherever its results are shown
+                warnings.simplefilter("ignore", NonPrivateWarning)
+            aggregate = dp_aggregate(strategy, cfg.clip, noise_multiplier, noise_key, participation=p,
+                                     expected_batch_size=float(cfg.batch_size), allow_non_private=non_private)
+        # (clipped sum + noise_multiplier * clip * sens(C, p) * (C^{-1} W)_t) / batch_size, then SGD
+        opt = optax.chain(aggregate, optax.sgd(learning_rate, momentum=cfg.momentum or None))
         state = opt.init(params)
 
         def step(carry, batch):
             params, state = carry
             idx, m = batch
-            g = clipped(params, (data.x_train[idx], data.y_train[idx], m.astype(data.x_train.dtype)))
+            g = grad(params, data.x_train[idx], data.y_train[idx], m)
             updates, state = opt.update(g, state, params)
             params = optax.apply_updates(params, updates)
             return (params, state), (accuracy(params, data.x_val, data.y_val),
                                      accuracy(params, data.x_test, data.y_test))
 
-        _, accs = jax.lax.scan(step, (params, state), (indices, mask))
-        return accs
+        (params, _), (val, test) = jax.lax.scan(step, (params, state), (indices, mask))
+        return val, test, params
 
     return jax.jit(train)
 
@@ -258,7 +290,7 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
                 capacity = max(batching.pack(plan).capacity for plan in plans)
                 plans = [batching.pack(plan, capacity) for plan in plans]
             for plan in plans:  # never train on batches that break the schema the sensitivity assumed
-                batching.check(plan, schema).raise_if_invalid()
+                batching.check(plan, schema)
             setups[sampling] = (schema, z, plans, time.perf_counter() - t0)
             log(f"  {sampling} batches: noise multiplier {z:.5f} ({time.perf_counter() - t0:.1f} s)")
         return setups[sampling]
@@ -316,7 +348,7 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
         # the ceiling: the same clipped training without noise (not private; for comparison only)
         t0 = time.perf_counter()
         schema, _, plans, _ = setup("cyclic")
-        trainer = make_trainer(Identity(p.n), schema, 0.0, cfg, input_dim=data.x_train.shape[1])
+        trainer = make_trainer(Identity(p.n), schema, 0.0, cfg, input_dim=data.x_train.shape[1], non_private=True)
         lr, val, test = max(_sweep(trainer, jdata, cfg.learning_rates, seed_keys, plans),
                             key=lambda s: s[1][:, -1].mean())
         reference = {
@@ -352,10 +384,7 @@ def _sweep(trainer: Callable, jdata: Data, learning_rates: Sequence[float], seed
     for lr in learning_rates:
         val, test = [], []
         for (k_init, k_noise), plan in zip(seed_keys, plans):
-            # dp_aggregate divides by the padded batch (capacity); rescale so that the update is
-            # the noisy clipped sum over the expected batch size, the same for every method
-            scale = plan.capacity / plan.expected_batch_size
-            v, t = trainer(jdata, jnp.float32(lr * scale), k_init, k_noise, plan.indices, plan.mask)
+            v, t, _ = trainer(jdata, jnp.float32(lr), k_init, k_noise, plan.indices, plan.mask)
             val.append(np.asarray(v))
             test.append(np.asarray(t))
         sweep.append((lr, np.stack(val), np.stack(test)))
@@ -363,7 +392,9 @@ def _sweep(trainer: Callable, jdata: Data, learning_rates: Sequence[float], seed
 
 
 def plot(result: dict, path: str) -> str:
-    """Test accuracy after each epoch (mean ± std over seeds) per method, as a PNG."""
+    """Test accuracy after each epoch (mean ± std over seeds) per method, as an image (PNG, or the
+    format of ``path``'s extension), written atomically with the usual file mode."""
+    fmt = plot_format(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,6 +418,24 @@ def plot(result: dict, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with io.atomic_write(path, "wb", "plot") as f:
+            fig.savefig(f, format=fmt)
+    finally:
+        plt.close(fig)
     return path
+
+
+def plot_format(path: str, argument: str = "plot") -> str:
+    """The image format ``plot`` writes to ``path`` (its extension; png without one), after checking
+    that matplotlib can write it and that the folder exists (ValueError / FileNotFoundError naming
+    ``argument`` and the path): the CLI calls it before training, so a typo fails at once."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    io.output_folder(path, argument)
+    fmt = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f"{argument} {os.fspath(path)!r}: matplotlib cannot write .{fmt} files; "
+                         f"use one of {', '.join('.' + k for k in sorted(supported))}")
+    return fmt

@@ -28,30 +28,45 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mfnoise.demo import Config, METHODS
+    from mfnoise.demo import LABELS, METHODS, Config
 
     d = Config()
-    parser.add_argument("--epsilon", type=float, default=d.epsilon, help=f"target epsilon (default {d.epsilon:g})")
-    parser.add_argument("--delta", type=float, default=d.delta, help=f"target delta (default {d.delta:g})")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default {d.epochs})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
-    parser.add_argument("--seeds", type=int, default=d.seeds, help=f"seeds per method (default {d.seeds})")
+    parser.add_argument("--epsilon", type=float, default=d.epsilon,
+                        help=f"target epsilon, the same for every method (default {d.epsilon:g})")
+    parser.add_argument("--delta", type=float, default=d.delta,
+                        help=f"target delta, the same for every method (default {d.delta:g})")
+    parser.add_argument("--epochs", type=int, default=d.epochs,
+                        help=f"passes over the training data; each example takes part this many times "
+                             f"(default {d.epochs})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help="examples per step (cyclic batches: train size // BATCH_SIZE steps per epoch, "
+                             "each batch at least this big; Poisson: this many expected); every update is "
+                             f"the noisy clipped sum divided by this public constant (default {d.batch_size})")
+    parser.add_argument("--seeds", type=int, default=d.seeds,
+                        help="training runs per method and learning rate (initialisation, batches and noise "
+                             f"differ); the table shows mean ± std (default {d.seeds})")
     parser.add_argument("--methods", default=",".join(d.methods),
-                        help=f"comma-separated, from {', '.join(METHODS)} (default all)")
+                        help="comma-separated, from " + ", ".join(f"{m} ({LABELS[m]})" for m in METHODS)
+                        + " (default all)")
     parser.add_argument("--learning-rates", type=_floats, default=d.learning_rates,
                         help="comma-separated grid; each method takes its best by validation accuracy "
                              f"(default {','.join(f'{x:g}' for x in d.learning_rates)})")
     parser.add_argument("--momentum", type=float, default=d.momentum,
-                        help=f"SGD momentum; strategies are optimized for this workload (default {d.momentum:g})")
+                        help="SGD momentum in [0, 1); BandMF and BLT are optimized for this workload "
+                             f"(0: prefix sums) (default {d.momentum:g})")
     parser.add_argument("--clip", type=float, default=d.clip, help=f"per-example L2 clip norm (default {d.clip:g})")
-    parser.add_argument("--bands", type=int, default=None, help="BandMF bands (default: steps per epoch)")
-    parser.add_argument("--buffers", type=int, default=d.buffers, help=f"BLT buffers (default {d.buffers})")
+    parser.add_argument("--bands", type=int, default=None,
+                        help="BandMF bands (default: the steps per epoch)")
+    parser.add_argument("--buffers", type=int, default=d.buffers,
+                        help=f"BLT buffers (parameter-sized noise state arrays) (default {d.buffers})")
     parser.add_argument("--accountant", choices=("pld", "rdp"), default=d.accountant,
-                        help="dp-accounting accountant (default pld)")
+                        help="dp-accounting accountant for the noise multipliers: pld (tight) or rdp (looser) "
+                             "(default pld)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the non-private reference run (clipped, no noise)")
     parser.add_argument("--plot", default="mfnoise-demo.png", metavar="PATH",
-                        help="where to write the PNG (default ./mfnoise-demo.png; 'none' to skip)")
+                        help="image of test accuracy per epoch; the format follows the extension (png, pdf, "
+                             "svg, ...), the folder must exist (default ./mfnoise-demo.png; 'none' to skip)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -63,9 +78,12 @@ def run(args: argparse.Namespace) -> dict:
         learning_rates=args.learning_rates, momentum=args.momentum, clip=args.clip, bands=args.bands,
         buffers=args.buffers, accountant=args.accountant, non_private=not args.no_reference,
     )
+    plot = args.plot if args.plot and args.plot.lower() != "none" else None
+    if plot is not None:
+        demo.plot_format(plot, "--plot")  # a mistyped folder or format fails now, not after training
     result = demo.run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
-    if args.plot and args.plot.lower() != "none":
-        result["plot"] = os.path.abspath(demo.plot(result, args.plot))
+    if plot is not None:
+        result["plot"] = os.path.abspath(demo.plot(result, plot))
     return result
 
 
