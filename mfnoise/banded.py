@@ -17,7 +17,7 @@ import scipy.linalg
 
 from mfnoise import sensitivity as sens_lib
 from mfnoise.participation import Participation
-from mfnoise.strategy import Strategy, as_float64, frozen_dataclass, register
+from mfnoise.strategy import Strategy, StreamTable, as_float64, frozen_dataclass, register, round_to, rounded_reciprocal
 
 
 @frozen_dataclass
@@ -92,6 +92,19 @@ class Banded(Strategy):
             p, f"bands={self.bands} exceeds min_sep={p.min_sep}, so columns of one pattern overlap"
         )
 
+    def stream_table(self, dtype: Any) -> StreamTable:
+        """"output" rows: table[t, 0] = 1 / C[t, t] and table[t, j] = C[t, t - j], rounded to dtype."""
+        cols = np.asarray(self.columns)
+        n, bands = cols.shape
+        rows = np.zeros((n, bands))  # rows[t, j] = C[t, t - j] = columns[t - j, j]
+        for j in range(1, bands):
+            rows[j:, j] = round_to(cols[: n - j, j], dtype)
+        rows[:, 0] = rounded_reciprocal(cols[:, 0], dtype)
+        return StreamTable("output", bands - 1, rows, dtype)
+
+    def realised(self, dtype: Any) -> "Banded":
+        return Banded(_columns_from_rows(self.stream_table(dtype).table))
+
     def arrays(self) -> dict[str, np.ndarray]:
         return {"columns": np.asarray(self.columns)}
 
@@ -101,6 +114,17 @@ class Banded(Strategy):
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "Banded":
         return cls(arrays["columns"])
+
+
+def _columns_from_rows(rows: np.ndarray) -> np.ndarray:
+    """Banded columns of the C' an "output" table realises: C'[t, t] = 1 / s_t, C'[t, t - j] = rows[t, j]."""
+    n, bands = rows.shape
+    cols = np.zeros((n, bands))
+    with np.errstate(divide="ignore"):
+        cols[:, 0] = 1.0 / rows[:, 0]
+    for j in range(1, bands):
+        cols[: n - j, j] = rows[j:, j]
+    return cols
 
 
 register(Banded, data_fields=["columns"], meta_fields=[])

@@ -9,6 +9,13 @@ Dvijotham et al. 2024). Its generating function is rational,
 so C^{-1} has generating function D(x) / N(x): again a BLT with d buffers whose decays are the
 reciprocal roots of N (real and interlacing the theta_i when omega > 0). C z and C^{-1} z are
 order-d linear recurrences: O(n d) time and d state values per coordinate, for any n.
+
+``InverseBLT`` is the strategy given by the parameters of its inverse (C^{-1} = BLT(theta', omega')).
+It is what the noise generator realises for a BLT in a given dtype: the generator streams C^{-1}
+from (theta', omega') rounded to that dtype, and the C these rounded values define is in general
+no BLT with decays in (0, 1) (rounding can push a decay of C to or past 1, or make a pair of
+decays complex), so it is kept in this form and its Toeplitz coefficients are the series
+reciprocal of C^{-1}'s.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import scipy.signal
 
 from mfnoise import sensitivity as sens_lib
 from mfnoise.participation import Participation
-from mfnoise.strategy import Strategy, as_float64, check_n, frozen_dataclass, register
+from mfnoise.strategy import Strategy, StreamTable, as_float64, check_n, frozen_dataclass, register, round_to
 from mfnoise.toeplitz import toeplitz_sensitivity
 
 
@@ -176,6 +183,21 @@ class BLT(Strategy):
         self._check_participation(p)
         return toeplitz_sensitivity(self, self.toeplitz_coeffs(), p)
 
+    def stream_table(self, dtype: Any) -> StreamTable:
+        """"blt": the inverse's (theta', omega') rounded to dtype (raises if the inverse is not a real BLT)."""
+        try:
+            theta, omega = self.inverse()
+        except ValueError as e:
+            raise ValueError(
+                f"cannot stream this BLT: its inverse is not a real BLT ({e}); use Toeplitz(coeffs) "
+                "with the needed number of coefficients instead"
+            ) from None
+        return _blt_table(theta, omega, dtype)
+
+    def realised(self, dtype: Any) -> "InverseBLT":
+        table = self.stream_table(dtype).table
+        return InverseBLT(table[0], table[1], self.n)
+
     def arrays(self) -> dict[str, np.ndarray]:
         return {"theta": np.asarray(self.theta), "omega": np.asarray(self.omega)}
 
@@ -184,6 +206,82 @@ class BLT(Strategy):
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "BLT":
+        return cls(arrays["theta"], arrays["omega"], int(params["n"]))
+
+
+def _blt_table(theta: np.ndarray, omega: np.ndarray, dtype: Any) -> StreamTable:
+    return StreamTable("blt", int(np.size(theta)), np.stack([round_to(theta, dtype), round_to(omega, dtype)]), dtype)
+
+
+@frozen_dataclass
+class InverseBLT(Strategy):
+    """The Toeplitz C of size n whose inverse is the BLT with decays ``theta`` and scales ``omega``.
+
+    C^{-1} has first column r_0 = 1, r_j = sum_i omega_i theta_i^(j-1) (any finite real decays and
+    scales); C's coefficients are the series reciprocal of r (``mfnoise.series``, O(n log n)).
+    """
+
+    theta: np.ndarray
+    omega: np.ndarray
+    n: int
+    family = "inverse-blt"
+    is_toeplitz = True
+
+    def __post_init__(self) -> None:
+        theta = as_float64("inverse BLT theta", self.theta, 1)
+        omega = as_float64("inverse BLT omega", self.omega, 1)
+        object.__setattr__(self, "theta", theta)
+        object.__setattr__(self, "omega", omega)
+        object.__setattr__(self, "n", check_n(self.n))
+        if not isinstance(theta, np.ndarray) or not isinstance(omega, np.ndarray):
+            return
+        if theta.shape != omega.shape or theta.size < 1:
+            raise ValueError(f"inverse BLT theta {theta.shape} and omega {omega.shape} must have one entry per buffer")
+
+    @property
+    def buffers(self) -> int:
+        return int(self.theta.shape[0])
+
+    def inverse(self) -> tuple[np.ndarray, np.ndarray]:
+        """(theta, omega) of the BLT C^{-1}."""
+        return np.asarray(self.theta), np.asarray(self.omega)
+
+    def inverse_coeffs(self) -> np.ndarray:
+        """First column of C^{-1}, shape (n,)."""
+        return blt_coeffs(self.theta, self.omega, self.n)
+
+    def toeplitz_coeffs(self) -> np.ndarray:
+        from mfnoise import series
+
+        return series.reciprocal(self.inverse_coeffs(), self.n)
+
+    def _dense(self) -> np.ndarray:
+        from mfnoise import series
+
+        return series.to_dense(self.toeplitz_coeffs(), self.n)
+
+    def inverse_apply(self, z: np.ndarray) -> np.ndarray:
+        return _parallel_filter(self.theta, self.omega, z)
+
+    def sensitivity(self, p: Participation) -> sens_lib.Sensitivity:
+        self._check_participation(p)
+        return toeplitz_sensitivity(self, self.toeplitz_coeffs(), p)
+
+    def stream_table(self, dtype: Any) -> StreamTable:
+        return _blt_table(self.theta, self.omega, dtype)
+
+    def realised(self, dtype: Any) -> "InverseBLT":
+        table = self.stream_table(dtype).table
+        return InverseBLT(table[0], table[1], self.n)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"theta": np.asarray(self.theta), "omega": np.asarray(self.omega)}
+
+    def params(self) -> dict[str, Any]:
+        return {"n": self.n, "buffers": self.buffers}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "InverseBLT":
         return cls(arrays["theta"], arrays["omega"], int(params["n"]))
 
 
@@ -197,3 +295,4 @@ def _parallel_filter(theta: np.ndarray, omega: np.ndarray, z: np.ndarray) -> np.
 
 
 register(BLT, data_fields=["theta", "omega"], meta_fields=["n"])
+register(InverseBLT, data_fields=["theta", "omega"], meta_fields=["n"])

@@ -9,7 +9,7 @@ import scipy.linalg
 
 from mfnoise import sensitivity as sens_lib
 from mfnoise.participation import Participation
-from mfnoise.strategy import Strategy, as_float64, frozen_dataclass, register
+from mfnoise.strategy import Strategy, StreamTable, as_float64, frozen_dataclass, register, round_to, rounded_reciprocal
 
 
 @frozen_dataclass
@@ -50,6 +50,27 @@ class Dense(Strategy):
     def sensitivity(self, p: Participation) -> sens_lib.Sensitivity:
         self._check_participation(p)
         return sens_lib.dense(self.matrix, p)
+
+    def stream_table(self, dtype: Any) -> StreamTable:
+        """"output" rows over the whole history: table[t, 0] = 1 / C[t, t], table[t, j] = C[t, t - j]."""
+        c = np.asarray(self.matrix)
+        n = c.shape[0]
+        rows = np.zeros((n, n))
+        rows[:, 0] = rounded_reciprocal(np.diagonal(c), dtype)
+        for j in range(1, n):
+            rows[j:, j] = round_to(np.diagonal(c, -j), dtype)
+        return StreamTable("output", n - 1, rows, dtype)
+
+    def realised(self, dtype: Any) -> "Dense":
+        rows = self.stream_table(dtype).table
+        n = rows.shape[0]
+        c = np.zeros((n, n))
+        idx = np.arange(n)
+        with np.errstate(divide="ignore"):
+            c[idx, idx] = 1.0 / rows[:, 0]
+        for j in range(1, n):
+            c[idx[j:], idx[: n - j]] = rows[j:, j]
+        return Dense(c)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"matrix": np.asarray(self.matrix)}

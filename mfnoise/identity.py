@@ -9,7 +9,7 @@ import numpy as np
 
 from mfnoise import sensitivity as sens_lib
 from mfnoise.participation import Participation
-from mfnoise.strategy import Strategy, check_n, frozen_dataclass, register
+from mfnoise.strategy import Strategy, StreamTable, check_n, frozen_dataclass, register
 
 
 @frozen_dataclass
@@ -35,6 +35,13 @@ class Identity(Strategy):
     def sensitivity(self, p: Participation) -> sens_lib.Sensitivity:
         self._check_participation(p)
         return sens_lib.Sensitivity(math.sqrt(p.reachable_participations), True, "orthonormal")
+
+    def stream_table(self, dtype: Any) -> StreamTable:
+        return StreamTable("identity", 0, np.zeros((1, 1)), dtype)
+
+    def realised(self, dtype: Any) -> "Identity":
+        """C = I in every dtype: the noise is the sample w_t itself."""
+        return self
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {}

@@ -14,7 +14,7 @@ import numpy as np
 from mfnoise import sensitivity as sens_lib
 from mfnoise import series
 from mfnoise.participation import Participation
-from mfnoise.strategy import Strategy, as_float64, check_n, frozen_dataclass, register
+from mfnoise.strategy import Strategy, StreamTable, as_float64, check_n, frozen_dataclass, register, round_to
 from mfnoise.toeplitz import toeplitz_sensitivity
 
 
@@ -54,6 +54,15 @@ class InverseToeplitz(Strategy):
     def sensitivity(self, p: Participation) -> sens_lib.Sensitivity:
         self._check_participation(p)
         return toeplitz_sensitivity(self, self.toeplitz_coeffs(), p)
+
+    def stream_table(self, dtype: Any) -> StreamTable:
+        """One "input" row: C^{-1}[t, t - j] = r_j, rounded to dtype."""
+        r = round_to(self.inverse_coeffs, dtype)
+        return StreamTable("input", r.size - 1, r[None, :], dtype)
+
+    def realised(self, dtype: Any) -> "InverseToeplitz":
+        """The rounded r define C'^{-1} exactly (no reciprocal: r_0 is a multiplier)."""
+        return InverseToeplitz(self.stream_table(dtype).table[0], self.n)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"inverse_coeffs": np.asarray(self.inverse_coeffs)}

@@ -1,11 +1,14 @@
 """Streaming correlated noise: row t of C^{-1} W, one step at a time, with O(bands) state.
 
 The mechanism releases C G + Z; the optimizer sees g_t + (C^{-1} Z)_t (DESIGN.md). This module
-yields z_t = (C^{-1} W)_t for W with iid N(0, 1) rows shaped like the parameters, for C exactly as
-``strategy.dense()`` returns it (no normalisation here: ``mfnoise.transforms.dp_aggregate`` scales by
-the sensitivity). Per family ("Multi-Epoch Matrix Factorization Mechanisms for Private Machine
-Learning", Choquette-Choo et al. 2023; "Efficient and Near-Optimal Noise Generation for Streaming
-Differential Privacy", Dvijotham et al. 2024; "Banded Square Root Matrix Factorization for
+yields z_t = (C'^{-1} W)_t for W with iid N(0, 1) rows shaped like the parameters, where
+C' = ``strategy.realised(dtype)`` is the strategy as its coefficients rounded to the noise dtype
+define it (``strategy.stream_table(dtype)``, the only coefficients the generator uses; C' = C up to
+that rounding). No normalisation here: ``mfnoise.transforms.dp_aggregate`` scales by
+``strategy.noise_sensitivity(p, dtype)``, a proven bound on sens(C', p). Per family
+("Multi-Epoch Matrix Factorization Mechanisms for Private Machine Learning", Choquette-Choo et
+al. 2023; "Efficient and Near-Optimal Noise Generation for Streaming Differential Privacy",
+Dvijotham et al. 2024; "Banded Square Root Matrix Factorization for
 Differentially Private Model Training", Kalinin & Lampert 2024):
 
 ==================  ================================================================  ================
@@ -16,16 +19,23 @@ banded (b bands)    z_t = (w_t - sum_{j=1..b-1} C[t, t-j] z_{t-j}) / C[t, t]    
 toeplitz (b coeffs) same with C[t, t-j] = c_j (b = n: a full Toeplitz C)              b - 1 outputs z
 blt (d buffers)     z_t = w_t + sum_i omega'_i s_i;  s_i <- theta'_i s_i + w_t         d buffers s
                     (theta', omega') = BLT.inverse(): C^{-1} is again a BLT
+inverse-blt         the blt recurrence with C^{-1}'s own (theta', omega')               d buffers s
 inverse-toeplitz    z_t = sum_{j=0..b-1} r_j w_{t-j}  (BISR: C^{-1} banded Toeplitz)   b - 1 inputs w
 dense               the banded recurrence with b = n                                  n - 1 outputs z
 ==================  ================================================================  ================
 
-State memory is exactly m x (number of parameters) x itemsize, in the parameters' dtype (float32
-params keep float32 state). A dense or full-Toeplitz C needs the whole history (m = n - 1
-parameter-sized arrays): allowed, but only sensible for small models.
+The division by C[t, t] is a multiplication by s_t = 1 / C[t, t] rounded on the host (so C'[t, t]
+= 1 / s_t).
+
+Noise dtype: by default each parameter's dtype (float32 params keep float32 state); ``dtype=``
+sets it for all (e.g. jnp.float32 state for bfloat16 params; the caller casts the noise when it
+adds it). Dtypes coarser than float32 are refused for every family but identity: their rounding
+at every step of a recurrence is not a small perturbation of C. State memory is exactly
+m x (number of parameters) x itemsize of the noise dtype. A dense or full-Toeplitz C needs the
+whole history (m = n - 1 parameter-sized arrays): allowed, but only sensible for small models.
 
 Determinism: w_t for leaf i (in ``jax.tree_util`` flatten order) is
-``jax.random.normal(fold_in(fold_in(key, i), t), leaf.shape, leaf.dtype)``, so z_t is a pure
+``jax.random.normal(fold_in(fold_in(key, i), t), leaf.shape, noise dtype)``, so z_t is a pure
 function of (key, t, state). Saving ``NoiseState`` and resuming gives bit-identical noise, and with
 JAX's partitionable threefry (the default) the values do not depend on how arrays are sharded.
 
@@ -58,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mfnoise.strategy import Strategy
+from mfnoise.strategy import Strategy, StreamTable
 
 
 class NoiseState(NamedTuple):
@@ -66,7 +76,7 @@ class NoiseState(NamedTuple):
 
     Attributes:
       step: int32 scalar, the next step t.
-      buffers: pytree shaped like the params; each leaf (m, *param.shape) in the param's dtype
+      buffers: pytree shaped like the params; each leaf (m, *param.shape) in the noise dtype
         (``None`` leaves for stateless families).
       exhausted: bool scalar; True once a step t >= n was requested (noise is NaN from then on).
     """
@@ -80,59 +90,27 @@ class ExhaustedError(RuntimeError):
     """A noise step past the strategy's n was requested."""
 
 
-# -- per-family coefficient tables (numpy float64, built once per generator) --------------------
+# -- per-family coefficient tables --------------------------------------------------------------
+# Each family's ``stream_table(dtype)`` (mfnoise.strategy.StreamTable) holds the coefficients rounded
+# to the noise dtype; ``strategy.realised(dtype)`` is built from the same table, and
+# ``strategy.noise_sensitivity(p, dtype)`` bounds its sensitivity.
+
+LOW_PRECISION_MANTISSA = 23  # noise dtypes with fewer mantissa bits (bfloat16, float16) run only C = I
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """How a family streams.
-
-    kind: "identity", "output" (recurrence over past outputs z), "input" (past inputs w) or "blt".
-    m: number of state arrays per parameter.
-    table: float64 coefficients; for "output"/"input" shape (rows, m + 1) with table[r, j] the
-      coefficient of lag j at step t (row r = min(t, rows - 1)); for "blt" shape (2, d) =
-      (theta', omega').
-    """
-
-    kind: str
-    m: int
-    table: np.ndarray
-
-
-def _plan(strategy: Strategy) -> _Plan:
-    family = strategy.family
-    n = strategy.n
-    if family == "identity":
-        return _Plan("identity", 0, np.zeros((1, 1)))
-    if family == "banded":
-        cols = np.asarray(strategy.columns)
-        bands = cols.shape[1]
-        rows = np.zeros((n, bands))  # rows[t, j] = C[t, t - j] = columns[t - j, j]
-        for j in range(bands):
-            rows[j:, j] = cols[: n - j, j]
-        return _Plan("output", bands - 1, rows)
-    if family == "dense":
-        c = np.asarray(strategy.matrix)
-        rows = np.zeros((n, n))
-        for j in range(n):
-            rows[j:, j] = np.diagonal(c, -j)
-        return _Plan("output", n - 1, rows)
-    if family == "toeplitz":
-        coeffs = np.asarray(strategy.coeffs)
-        return _Plan("output", coeffs.size - 1, coeffs[None, :])
-    if family == "inverse-toeplitz":
-        r = np.asarray(strategy.inverse_coeffs)
-        return _Plan("input", r.size - 1, r[None, :])
-    if family == "blt":
-        try:
-            theta, omega = strategy.inverse()
-        except ValueError as e:
-            raise ValueError(
-                f"cannot stream this BLT: its inverse is not a real BLT ({e}); use Toeplitz(coeffs) "
-                "with the needed number of coefficients instead"
-            ) from None
-        return _Plan("blt", theta.size, np.stack([theta, omega]))
-    raise ValueError(f"no noise generator for strategy family {family!r}")
+def check_noise_dtype(strategy: Strategy, dtype: Any) -> np.dtype:
+    """``dtype`` as a numpy dtype, or a TypeError if the strategy's noise cannot run in it."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"noise needs a floating-point dtype, got dtype {dtype}")
+    if jnp.finfo(dtype).nmant < LOW_PRECISION_MANTISSA and strategy.family != "identity":
+        raise TypeError(
+            f"noise dtype {dtype} is too coarse for the {strategy.family} recurrence (its coefficients and "
+            f"state would be rounded to {jnp.finfo(dtype).nmant + 1} bits each step); pass "
+            "noise_dtype=jnp.float32 (dp_aggregate / correlated_noise / noise.generator(dtype=...)): the "
+            f"state stays float32 and the noise is cast to {dtype} when it is added"
+        )
+    return np.dtype(dtype)
 
 
 # -- sharding helpers ------------------------------------------------------------------------------
@@ -189,9 +167,11 @@ class NoiseGenerator:
 
     strategy: Strategy
     key: jax.Array
-    plan: _Plan
+    m: int
     state_sharding: str = "params"
     mesh: jax.sharding.Mesh | None = None
+    dtype: np.dtype | None = None
+    _tables: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
@@ -199,12 +179,26 @@ class NoiseGenerator:
 
     @property
     def state_arrays(self) -> int:
-        """m: state arrays per parameter (state bytes = m x params x itemsize)."""
-        return self.plan.m
+        """m: state arrays per parameter (state bytes = m x params x itemsize of the noise dtype)."""
+        return self.m
+
+    def noise_dtype(self, x: Any) -> np.dtype:
+        """The dtype of the noise and state for a parameter x: ``dtype`` if given, else x's."""
+        return check_noise_dtype(self.strategy, self.dtype if self.dtype is not None else x.dtype)
+
+    def table(self, dtype: Any) -> StreamTable:
+        """The coefficients streamed in ``dtype`` (``strategy.stream_table(dtype)``, built once)."""
+        dtype = np.dtype(dtype)
+        if dtype not in self._tables:
+            table = self.strategy.stream_table(dtype)
+            if table.m != self.m:
+                raise AssertionError(f"stream table has m={table.m}, the generator m={self.m}")
+            self._tables[dtype] = table
+        return self._tables[dtype]
 
     def state_bytes(self, params: Any) -> int:
         """Exact bytes of the buffers ``init(params)`` allocates."""
-        return sum(self.plan.m * math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+        return sum(self.m * math.prod(x.shape) * self.noise_dtype(x).itemsize for x in jax.tree.leaves(params))
 
     # -- init ------------------------------------------------------------------------------------
     def init(self, params: Any) -> NoiseState:
@@ -214,15 +208,13 @@ class NoiseGenerator:
         array takes its parameter's sharding, or is split across all devices with
         ``state_sharding="all_devices"``. Under jit with Auto axes, pass ``out_shardings``.
         """
-        m = self.plan.m
+        m = self.m
 
         def leaf_state(x: Any) -> Any:
+            dtype = self.noise_dtype(x)
             if m == 0:
                 return None
             shape = (m, *x.shape)
-            dtype = jnp.dtype(x.dtype)
-            if not jnp.issubdtype(dtype, jnp.floating):
-                raise TypeError(f"noise needs floating-point parameters, got dtype {dtype}")
             sharding = self._state_sharding_for(x)
             if sharding is not None and not isinstance(x, jax.core.Tracer):
                 return jnp.zeros(shape, dtype, device=sharding)
@@ -255,7 +247,7 @@ class NoiseGenerator:
             raise ExhaustedError(f"noise step {int(t)} requested but the strategy has only n={self.n} steps")
         past_end = t >= self.n
         leaves, treedef = jax.tree.flatten(params_like)
-        buf_leaves = treedef.flatten_up_to(state.buffers) if self.plan.m else [None] * len(leaves)
+        buf_leaves = treedef.flatten_up_to(state.buffers) if self.m else [None] * len(leaves)
         outs, new_bufs = [], []
         for i, (x, buf) in enumerate(zip(leaves, buf_leaves)):
             z, nb = self._leaf_step(i, t, past_end, x, buf)
@@ -263,7 +255,7 @@ class NoiseGenerator:
             new_bufs.append(nb)
         new_state = NoiseState(
             t + 1,
-            jax.tree.unflatten(treedef, new_bufs) if self.plan.m else state.buffers,
+            jax.tree.unflatten(treedef, new_bufs) if self.m else state.buffers,
             state.exhausted | past_end,
         )
         return jax.tree.unflatten(treedef, outs), new_state
@@ -276,15 +268,21 @@ class NoiseGenerator:
         return jax.random.normal(key, x.shape, dtype)
 
     def _leaf_step(self, i: int, t: jax.Array, past_end: jax.Array, x: Any, buf: Any) -> tuple[jax.Array, Any]:
-        dtype = jnp.dtype(x.dtype)
-        plan = self.plan
+        dtype = self.noise_dtype(x)
+        if buf is not None and jnp.dtype(buf.dtype) != dtype:
+            raise TypeError(
+                f"noise state has dtype {jnp.dtype(buf.dtype)} but the noise dtype for this {jnp.dtype(x.dtype)} "
+                f"parameter is {dtype}: build the generator with dtype={jnp.dtype(buf.dtype).name} "
+                "(noise_dtype= in dp_aggregate / correlated_noise), as when the state was made"
+            )
+        plan = self.table(dtype)
         m = plan.m
         # NaN past the end: multiplying w by a scalar is exact for 1.0 and fuses with the sampling.
         poison = jnp.where(past_end, jnp.array(jnp.nan, dtype), jnp.array(1.0, dtype))
         w = self._w(i, t, x, dtype) * poison
         if plan.kind == "identity":
             return w, None
-        table = jnp.asarray(plan.table, dtype)  # converted once per trace, to the params' dtype
+        table = jnp.asarray(plan.table, dtype)  # exact: the entries are representable in dtype
         if plan.kind == "blt":
             theta, omega = table[0], table[1]
             z = w + _weighted_sum(omega, buf)
@@ -299,8 +297,10 @@ class NoiseGenerator:
             new = theta.reshape((m,) + (1,) * w.ndim) * buf + w_dep[None]
             return z, new
         row = table[jnp.minimum(t, table.shape[0] - 1)]  # (m + 1,) coefficients of lags 0..m
-        # Multiply by a reciprocal computed once per step: the same rounding on every device layout.
-        scale = (1 / row[0]) if plan.kind == "output" else row[0]
+        # Output kind: row[0] is the reciprocal 1 / C[t, t] rounded on the host, a multiplier (not a
+        # division, which XLA may rewrite): the same rounding on every device layout, and the value
+        # the realised strategy is built from. Input kind: row[0] = C^{-1}[t, t].
+        scale = row[0]
         if m == 0:
             return w * scale, buf
         slot = jnp.arange(m)
@@ -341,15 +341,20 @@ def generator(
     *,
     state_sharding: str = "params",
     mesh: jax.sharding.Mesh | None = None,
+    dtype: Any = None,
 ) -> NoiseGenerator:
-    """A streaming generator of (C^{-1} W)_t for ``strategy`` (C exactly as ``strategy.dense()``).
+    """A streaming generator of (C'^{-1} W)_t, C' = ``strategy.realised(dtype)`` (C rounded to the noise dtype).
 
     Args:
-      strategy: any streamable family (identity, banded, toeplitz, blt, inverse-toeplitz, dense).
+      strategy: any streamable family (identity, banded, toeplitz, blt, inverse-toeplitz,
+        inverse-blt, dense).
       key: a JAX PRNG key (typed or raw uint32) or an int seed.
       state_sharding: "params" (each state array sharded like its parameter) or "all_devices"
         (ZeRO style: split across every device of ``mesh``, for replicated params).
       mesh: the mesh for "all_devices" (default: the params' mesh).
+      dtype: the noise dtype (state, coefficients, samples and the returned noise); None: each
+        parameter's dtype. Dtypes coarser than float32 (bfloat16, float16) are refused for every
+        family but identity: pass jnp.float32 for bfloat16 parameters and cast the noise.
 
     State memory: ``state_arrays`` x params x itemsize (0 for identity, bands - 1 for banded,
     Toeplitz and inverse-Toeplitz, buffers for BLT, n - 1 for dense or full Toeplitz C).
@@ -360,7 +365,11 @@ def generator(
         raise ValueError(f'state_sharding must be "params" or "all_devices", got {state_sharding!r}')
     if isinstance(key, (int, np.integer)):
         key = jax.random.key(int(key))
-    return NoiseGenerator(strategy, key, _plan(strategy), state_sharding, mesh)
+    if dtype is not None:
+        dtype = check_noise_dtype(strategy, dtype)
+    # The number of state arrays does not depend on the dtype: a float64 table gives it.
+    m = strategy.stream_table(np.float64).m
+    return NoiseGenerator(strategy, key, m, state_sharding, mesh, dtype)
 
 
 def check(state: Any) -> None:

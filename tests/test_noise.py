@@ -218,29 +218,71 @@ def test_step_by_step_equals_scan_and_past_end_is_an_error():
     assert bool(worse.exhausted)
 
 
-@pytest.mark.parametrize(
-    "strategy,m",
-    [
-        (mfnoise.Identity(50), 0),
-        (mfnoise.bsr(50, 4), 3),
-        (mfnoise.bsr(50, 16), 15),
-        (mfnoise.Toeplitz(np.ones(5), 50), 4),
-        (mfnoise.bisr(50, 9), 8),
-        (mfnoise.BLT(np.array([0.9, 0.5, 0.2]), np.array([0.3, 0.2, 0.1]), 50), 3),
-        (mfnoise.Dense(np.eye(10)), 9),
-    ],
-)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_state_bytes_exact(strategy, m, dtype):
-    p = params(dtype)
-    gen = strategy.noise_generator(0)
+STATE_CASES = [
+    (mfnoise.Identity(50), 0),
+    (mfnoise.bsr(50, 4), 3),
+    (mfnoise.bsr(50, 16), 15),
+    (mfnoise.Toeplitz(np.ones(5), 50), 4),
+    (mfnoise.bisr(50, 9), 8),
+    (mfnoise.BLT(np.array([0.9, 0.5, 0.2]), np.array([0.3, 0.2, 0.1]), 50), 3),
+    (mfnoise.Dense(np.eye(10)), 9),
+]
+
+
+@pytest.mark.parametrize("strategy,m", STATE_CASES)
+@pytest.mark.parametrize("param_dtype,noise_dtype", [(jnp.float32, None), (jnp.bfloat16, jnp.float32)])
+def test_state_bytes_exact(strategy, m, param_dtype, noise_dtype):
+    """State bytes = m x params x itemsize of the noise dtype (float32 state for bfloat16 params)."""
+    p = params(param_dtype)
+    gen = strategy.noise_generator(0, dtype=noise_dtype)
     state = gen.init(p)
     nparams = sum(int(np.prod(v)) for v in SHAPES.values())
-    itemsize = jnp.dtype(dtype).itemsize
+    want_dtype = jnp.float32
     got = sum(x.nbytes for x in jax.tree.leaves(state.buffers))
     assert gen.state_arrays == m
-    assert got == gen.state_bytes(p) == m * nparams * itemsize
-    assert all(x.dtype == dtype for x in jax.tree.leaves(state.buffers))
+    assert got == gen.state_bytes(p) == m * nparams * jnp.dtype(want_dtype).itemsize
+    assert all(x.dtype == want_dtype for x in jax.tree.leaves(state.buffers))
+
+
+@pytest.mark.parametrize("strategy,m", STATE_CASES[1:])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_coarse_noise_dtype_is_refused_with_the_fix(strategy, m, dtype):
+    """A recurrence in bfloat16 / float16 (8 / 11 bit coefficients and state) is refused, naming noise_dtype."""
+    with pytest.raises(TypeError, match=r"noise_dtype=jnp.float32"):
+        strategy.noise_generator(0).init(params(dtype))
+    with pytest.raises(TypeError, match=jnp.dtype(dtype).name):
+        strategy.noise_generator(0, dtype=dtype)
+
+
+def test_bfloat16_params_with_float32_noise_equal_the_float32_stream():
+    """dtype=float32 with bfloat16 params: bit-identical float32 noise to float32 params (shapes only matter)."""
+    n = 12
+    for s in (mfnoise.bsr(n, 4), mfnoise.BLT(np.array([0.9, 0.3]), np.array([0.2, 0.1]), n), mfnoise.bisr(n, 5)):
+        key = jax.random.key(8)
+        want, _ = stream(s.noise_generator(key), params(jnp.float32), n)
+        got, state = stream(s.noise_generator(key, dtype=jnp.float32), params(jnp.bfloat16), n)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            assert b.dtype == jnp.float32
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+
+
+def test_identity_noise_runs_in_bfloat16():
+    """C = I has no recurrence: bfloat16 noise is the bfloat16 sample itself (the documented w)."""
+    key = jax.random.key(42)
+    p = params(jnp.bfloat16)
+    zs, _ = stream(mfnoise.Identity(5).noise_generator(key), p, 5)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(zs))
+    np.testing.assert_array_equal(flat(zs), reference_w(key, p, 5))
+
+
+def test_state_of_another_dtype_is_refused():
+    """A float32 state stepped by a float64 generator: a clear error naming the state dtype."""
+    gen32 = mfnoise.bsr(6, 3).noise_generator(0, dtype=jnp.float32)
+    state = gen32.init(one_leaf(jnp.float32))
+    with jax.enable_x64(True):
+        gen64 = mfnoise.bsr(6, 3).noise_generator(0)
+        with pytest.raises(TypeError, match="noise state has dtype float32"):
+            gen64.next(state, one_leaf(jnp.float64))
 
 
 def test_leaves_and_keys_give_independent_noise():
