@@ -73,21 +73,28 @@ def save(strategy: Strategy, path: str, **metadata: Any) -> str:
 
 
 # -- file conventions: every file mfnoise writes goes through these two ----------------------------
-def output_folder(path: str | os.PathLike, argument: str = "path") -> str:
-    """The existing folder that will hold the output file ``path``; FileNotFoundError naming
-    ``argument``, ``path`` and the folder when the folder is missing (a mistyped folder is never
-    created: making folders is the caller's decision), IsADirectoryError when ``path`` is a folder,
-    PermissionError when the folder is not writable. Call it before long work, so a typo fails at once."""
+def output_folder(path: str | os.PathLike, argument: str = "path", *, folder_output: bool = False) -> str:
+    """The existing folder that will hold the output ``path``, checked before anything is written.
+
+    Raises, naming ``argument``, ``path`` and the folder: FileNotFoundError when the folder is
+    missing (a mistyped folder is never created: making folders is the caller's decision),
+    PermissionError when it is not writable, IsADirectoryError when ``path`` is itself a folder
+    (unless ``folder_output``: then ``path`` is a folder to fill, new or not, and NotADirectoryError
+    is raised when it is a file). Call it before long work, so a typo fails at once.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         what = "is not a folder" if os.path.exists(folder) else "does not exist"
         raise FileNotFoundError(f"{argument} {path!r}: the folder {folder!r} {what}; "
                                 "create it first (mfnoise does not create folders)")
-    if os.path.isdir(path):
+    if folder_output and os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{argument} {path!r} is a file, not a folder")
+    if not folder_output and os.path.isdir(path):
         raise IsADirectoryError(f"{argument} {path!r} is a folder; give the name of a file in it")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(13, f"{argument} {path!r}: cannot create a file in {folder!r} (Permission denied)")
+    target = path if folder_output and os.path.isdir(path) else folder
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise PermissionError(13, f"{argument} {path!r}: cannot create a file in {target!r} (Permission denied)")
     return folder
 
 

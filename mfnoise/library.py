@@ -430,7 +430,7 @@ def build(specs: Iterable[Spec], out: str | os.PathLike, *, shipped: str | os.Pa
     specs = list(specs)
     out = Path(out)
     # ``out`` itself may be new; a missing folder above it is a typo, refused before any work.
-    io.output_folder(out, "out")
+    io.output_folder(out, "out", folder_output=True)
     out.mkdir(exist_ok=True)
     try:
         old_index = read_index(shipped)

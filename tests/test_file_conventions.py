@@ -150,6 +150,10 @@ def test_library_build_creates_its_folder_but_not_the_folders_above(tmp_path):
     assert not (tmp_path / "missing").exists()
     result = library.build([], tmp_path / "lib")
     assert result["ok"] and (tmp_path / "lib").is_dir()
+    assert library.build([], tmp_path / "lib")["ok"]  # an existing folder is filled, not refused
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        library.build([], tmp_path / "file")
 
 
 # -- every CLI output flag ------------------------------------------------------------------------
@@ -203,8 +207,9 @@ def test_cli_library_build_out(tmp_path, capsys, monkeypatch, umask):
     monkeypatch.setattr(library, "build_entry", _never)
     argv = ["library", "build", "--only", SMALLEST["name"], "--json", "--out"]
     _refused(capsys, [*argv, str(tmp_path / "typo" / "lib")], str(tmp_path / "typo"))
-    # the folder itself may be new; its index gets the usual mode
+    # the folder itself may be new (or exist); its index gets the usual mode
     monkeypatch.setattr(library, "build_entry", lambda s, out: dict(SMALLEST))
-    assert cli.main([*argv, str(tmp_path / "lib")]) == 0
-    assert json.loads(capsys.readouterr().out)["ok"]
-    assert _mode(tmp_path / "lib" / library.INDEX_NAME) == 0o644
+    for _ in range(2):
+        assert cli.main([*argv, str(tmp_path / "lib")]) == 0
+        assert json.loads(capsys.readouterr().out)["ok"]
+        assert _mode(tmp_path / "lib" / library.INDEX_NAME) == 0o644

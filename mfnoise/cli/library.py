@@ -113,7 +113,7 @@ def _build(args: argparse.Namespace) -> dict:
             raise ValueError(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}") from None
         specs = specs[i::count]
     if args.out:
-        io.output_folder(args.out, "--out")  # before the first optimization, not after it
+        io.output_folder(args.out, "--out", folder_output=True)  # before the first optimization, not after it
     if args.dry_run:
         return {"action": "build", "ok": True, "dry_run": True, "names": [s.name for s in specs]}
     if args.in_place:
