@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from typing import Any, NamedTuple
 
@@ -133,15 +134,18 @@ class DPGradientTransformation(optax.GradientTransformationExtraArgs):
 
 
 def _real(name: str, value: Any) -> float:
-    """value as a Python float, refusing bools, tracers (a traced value is not a public constant) and non-numbers."""
+    """value as a Python float: a real number or a 0-d real array; not a bool, a string, or a traced value
+    (a traced value is not a public constant)."""
     if isinstance(value, jax.core.Tracer):
         raise TypeError(f"{name} must be a concrete public constant, not a traced value (got {value})")
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    try:
+    if isinstance(value, numbers.Real):
         return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.number) \
+            and not jnp.issubdtype(value.dtype, jnp.complexfloating):
+        return float(value)
+    raise TypeError(f"{name} must be a number, got {value!r}")
 
 
 def _check_clip_norm(l2_clip_norm: Any) -> float:

@@ -59,7 +59,8 @@ def loss(p, ex):
 grads = per_example_grads(loss, microbatch_size=4)
 strategy = mfnoise.bsr(STEPS, 4)
 tx = optax.chain(
-    mfnoise.dp_aggregate(strategy, 1.0, 0.8, jax.random.key(123), participation=mfnoise.Participation.epochs(STEPS, 4)),
+    mfnoise.dp_aggregate(strategy, 1.0, 0.8, jax.random.key(123), participation=mfnoise.Participation.epochs(STEPS, 4),
+                         expected_batch_size=12),
     optax.sgd(0.05, momentum=0.9),
 )
 state = tx.init(params)

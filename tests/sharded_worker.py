@@ -124,7 +124,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     data = {"x": jnp.asarray(rng.normal(size=(N, 16, 64)), jnp.float32), "y": jnp.asarray(rng.normal(size=(N, 16, 40)), jnp.float32)}
     init = {"w": jnp.asarray(rng.normal(size=(64, 40)) * 0.1, jnp.float32), "b": jnp.zeros((40,), jnp.float32)}
-    tx = mfnoise.mf_sgd(mfnoise.bsr(N, 4), 0.05, 1.0, 0.7, key, participation=mfnoise.Participation.epochs(N, 2))
+    tx = mfnoise.mf_sgd(mfnoise.bsr(N, 4), 0.05, 1.0, 0.7, key, participation=mfnoise.Participation.epochs(N, 2),
+                        expected_batch_size=16)
     grads = per_example_grads(loss, microbatch_size=4)
 
     def train(params, grads=grads):
@@ -164,7 +165,8 @@ def main() -> None:
     # dp_aggregate alone on per-example gradients with Explicit mesh axes (jax.make_mesh's default).
     g = {k: jnp.asarray(rng.normal(size=(6, *v)), jnp.float32) for k, v in SHAPES.items()}
     g["w"] = g["w"].at[3, 0, 0].set(jnp.nan)
-    agg = mfnoise.dp_aggregate(mfnoise.bsr(N, 4), 1.0, 0.7, key, participation=mfnoise.Participation.epochs(N, 2))
+    agg = mfnoise.dp_aggregate(mfnoise.bsr(N, 4), 1.0, 0.7, key, participation=mfnoise.Participation.epochs(N, 2),
+                               expected_batch_size=6)
 
     def three_steps(p, g):
         st = agg.init(p)

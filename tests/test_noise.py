@@ -67,7 +67,8 @@ def families(n: int) -> dict[str, mfnoise.Strategy]:
         "bisr7": lambda: mfnoise.bisr(n, min(7, n)),
         "blt2": lambda: mfnoise.BLT(np.array([0.95, 0.6]), np.array([0.4, 0.2]), n),
         "blt4-near-one": lambda: mfnoise.BLT(np.array([0.999, 0.9, 0.5, 0.1]), np.array([0.02, 0.3, 0.2, 0.1]), n),
-        "blt5-clustered": lambda: mfnoise.BLT(np.array([0.9999, 0.999, 0.99, 0.9, 0.5]), np.array([0.01, 0.02, 0.05, 0.1, 0.2]), n),
+        "blt5-clustered": lambda: mfnoise.BLT(np.array([0.9999, 0.999, 0.99, 0.9, 0.5]),
+                                              np.array([0.01, 0.02, 0.05, 0.1, 0.2]), n),
         "dense": lambda: mfnoise.Dense(dense),
     }
 
@@ -130,7 +131,8 @@ def test_streamed_equals_dense_inverse_float32(n, name):
     assert zs["w"].dtype == jnp.float32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.buffers))
     want = scipy.linalg.solve_triangular(s.dense(), w, lower=True)
-    np.testing.assert_allclose(np.asarray(zs["w"], np.float64).reshape(n, -1), want, rtol=0, atol=1e-5 * max(1.0, np.abs(want).max()))
+    np.testing.assert_allclose(np.asarray(zs["w"], np.float64).reshape(n, -1), want, rtol=0,
+                               atol=1e-5 * max(1.0, np.abs(want).max()))
 
 
 @settings(max_examples=5, deadline=None)
@@ -147,7 +149,8 @@ def test_random_banded_matches_dense(n, bands, seed):
         zs, _ = stream(s.noise_generator(key), one_leaf(jnp.float64), n)
         w = identity_w(seed, n, jnp.float64)
     want = scipy.linalg.solve_triangular(s.dense(), w, lower=True)
-    np.testing.assert_allclose(np.asarray(zs["w"]).reshape(n, -1), want, rtol=0, atol=1e-11 * max(1.0, np.abs(want).max()))
+    np.testing.assert_allclose(np.asarray(zs["w"]).reshape(n, -1), want, rtol=0,
+                               atol=1e-11 * max(1.0, np.abs(want).max()))
 
 
 @pytest.mark.parametrize("name", ["banded-bsr8", "blt4-near-one", "bisr7", "toeplitz-full-sqrt"])

@@ -123,7 +123,8 @@ def test_correlated_noise_adds_stddev_times_generator_noise():
         u, state = tx.update(g, state)
         z, gs = gen.next(gs, params())
         for k in P_SHAPES:
-            np.testing.assert_allclose(np.asarray(u[k]), np.asarray(g[k]) + 2.5 * np.asarray(z[k]), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(u[k]), np.asarray(g[k]) + 2.5 * np.asarray(z[k]), rtol=1e-6,
+                                       atol=1e-6)
 
 
 def test_participation_is_required_and_checked():
@@ -139,7 +140,8 @@ def test_participation_is_required_and_checked():
 def test_in_optax_chain_under_jit_and_exhaustion():
     """mf_sgd (chain of dp_aggregate and momentum SGD) trains N steps; step N+1 is flagged."""
     rng = np.random.default_rng(4)
-    data = {"x": jnp.asarray(rng.normal(size=(N, 8, 3)), jnp.float32), "y": jnp.asarray(rng.normal(size=(N, 8, 4)), jnp.float32)}
+    data = {"x": jnp.asarray(rng.normal(size=(N, 8, 3)), jnp.float32),
+            "y": jnp.asarray(rng.normal(size=(N, 8, 4)), jnp.float32)}
 
     def loss(p, ex):
         return jnp.sum((ex["x"] @ p["w"] + p["b"] - ex["y"]) ** 2)
@@ -169,7 +171,8 @@ def test_in_optax_chain_under_jit_and_exhaustion():
 
 def test_per_example_grads_microbatched_equals_loop():
     rng = np.random.default_rng(5)
-    batch = {"x": jnp.asarray(rng.normal(size=(7, 3)), jnp.float32), "y": jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)}
+    batch = {"x": jnp.asarray(rng.normal(size=(7, 3)), jnp.float32),
+             "y": jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)}
     p = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.ones((4,), jnp.float32)}
 
     def loss(p, ex):
@@ -186,7 +189,8 @@ def test_per_example_grads_microbatched_equals_loop():
 
 
 def test_update_divides_by_the_expected_batch_size_not_by_the_rows():
-    """(clipped sum + noise) / expected_batch_size, or the noisy sum for None; rows and ClippedSum.batch_size play no part."""
+    """(clipped sum + noise) / expected_batch_size, or the noisy sum for None; the number of rows and
+    ClippedSum.batch_size play no part."""
     from mfnoise.clipping import ClippedSum, clipped_sum
 
     rng = np.random.default_rng(6)

@@ -74,8 +74,10 @@ def realised_from_table(kind: str, table: np.ndarray, n: int) -> tuple[np.ndarra
 
 
 def streamed_inverse(gen: noise.NoiseGenerator, n: int, monkeypatch) -> np.ndarray:
-    """C'^{-1} as the jitted float32 generator computes it: w_t = e_t on a leaf of shape (n,), so z_t[j] = C'^{-1}[t, j]."""
-    monkeypatch.setattr(noise.NoiseGenerator, "_w", lambda self, i, t, x, dtype: (jnp.arange(x.shape[0]) == t).astype(dtype))
+    """C'^{-1} as the jitted float32 generator computes it: w_t = e_t on a leaf of shape (n,), so
+    z_t[j] = C'^{-1}[t, j]."""
+    monkeypatch.setattr(noise.NoiseGenerator, "_w",
+                        lambda self, i, t, x, dtype: (jnp.arange(x.shape[0]) == t).astype(dtype))
     p = {"x": jnp.zeros((n,), jnp.float32)}
 
     def body(st, _):
