@@ -13,15 +13,20 @@ DESCRIPTION = """Find the noise multiplier z that makes a sensitivity-normalised
 
   mfnoise calibrate --epsilon 8 --delta 1e-5                        (one Gaussian mechanism, any k)
   mfnoise calibrate --epsilon 8 --delta 1e-5 --n 1000 --epochs 10
-  mfnoise calibrate --epsilon 8 --delta 1e-5 --n 1000 --min-sep 4 --max-participations 250 \\
-      --bands 4 --sampling cyclic-poisson --dataset-size 60000 --batch-size 1000
+  mfnoise calibrate --epsilon 8 --delta 1e-5 --strategy bandmf.npz --min-sep 4 --max-participations 250 \\
+      --sampling cyclic-poisson --dataset-size 60000 --batch-size 1000
 
 Noise convention: the noise added to C G has standard deviation z * clip * sens(C, p).
 --sampling none (default): any batches that honour the schema; the mechanism is one Gaussian
 mechanism with noise multiplier z, whatever k is.
 --sampling cyclic-poisson: amplified BandMF (Choquette-Choo et al. 2023): ceil(n / b) rounds of a
-Poisson-subsampled Gaussian with q = batch / (dataset / b); needs a banded strategy (--bands, or a
-strategy FILE) with bands <= min_sep b, and is refused otherwise."""
+Poisson-subsampled Gaussian with q = batch / (dataset / b) and noise multiplier
+z * sens(C, p) / (max column norm of C). It needs the strategy itself (--strategy FILE, e.g. from
+`mfnoise optimize` or `mfnoise library`), which is checked: C must be banded with bands <= min_sep b
+(identity, i.e. DP-SGD, is bands = 1), and the schema must allow ceil(n / b) participations.
+Anything else is refused, with the reason.
+The PLD accountant coarsens its grid at large epsilon (bounded memory; still an upper bound) and
+is refused beyond a grid of 64 (epsilon in the millions): use --accountant rdp there."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta", type=float, required=True, help="target delta")
     schema.add_participation(parser, required=False)
     parser.add_argument("--sampling", choices=accounting.SAMPLINGS, default="none",
-                        help="none (default) or cyclic-poisson (amplified BandMF)")
-    parser.add_argument("--bands", type=int, help="bands of a column-normalised banded strategy (with cyclic-poisson)")
-    parser.add_argument("--strategy", metavar="FILE", help="a strategy file; its bands and column norms are used")
+                        help="none (default) or cyclic-poisson (amplified BandMF; needs --strategy)")
+    parser.add_argument("--strategy", metavar="FILE",
+                        help="a strategy file; with cyclic-poisson its bands and column norms are checked and used "
+                             "(--n defaults to its n)")
+    # Refused with a message: a number of bands does not determine the amplified accounting.
+    parser.add_argument("--bands", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dataset-size", type=int, help="number of training examples (with cyclic-poisson)")
     parser.add_argument("--batch-size", type=int, help="expected batch size (with cyclic-poisson)")
     parser.add_argument("--accountant", choices=accounting.ACCOUNTANTS, default="pld",
@@ -40,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
+    if args.bands is not None:
+        raise ValueError(
+            f"--bands {args.bands} is not accepted: amplified accounting needs the strategy itself, whose column "
+            f"norms (not only its bands) set the per-round noise; pass --strategy FILE"
+        )
     strategy = io.load(args.strategy) if args.strategy else None
     if args.n is None and strategy is not None:
         args.n = strategy.n
@@ -51,20 +64,23 @@ def run(args: argparse.Namespace) -> dict:
         p = schema.participation(args)
     kwargs: dict = {}
     if args.sampling == "cyclic-poisson":
+        if strategy is None:
+            raise ValueError("--sampling cyclic-poisson needs --strategy FILE: the theorem's hypotheses (banded, "
+                             "bands <= min_sep) and the per-round noise are read off the strategy itself")
         if p is None:
-            raise ValueError("--sampling cyclic-poisson needs --n and the schema (--epochs or --min-sep)")
-        kwargs = dict(sampling="cyclic-poisson", dataset_size=args.dataset_size, batch_size=args.batch_size,
-                      strategy=strategy, bands=args.bands)
+            raise ValueError("--sampling cyclic-poisson needs the schema (--epochs or --min-sep)")
+        kwargs = {"sampling": "cyclic-poisson", "dataset_size": args.dataset_size, "batch_size": args.batch_size,
+                  "strategy": strategy}
         missing = [f"--{k.replace('_', '-')}" for k in ("dataset_size", "batch_size") if kwargs[k] is None]
         if missing:
             raise ValueError(f"--sampling cyclic-poisson needs {' and '.join(missing)}")
     else:
-        given = [f for f, v in (("--dataset-size", args.dataset_size), ("--batch-size", args.batch_size),
-                                ("--bands", args.bands)) if v is not None]
+        given = [f for f, v in (("--dataset-size", args.dataset_size), ("--batch-size", args.batch_size))
+                 if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only matter with --sampling cyclic-poisson")
         if strategy is not None:
-            kwargs = dict(strategy=strategy)
+            kwargs = {"strategy": strategy}
     z = accounting.calibrate(args.epsilon, args.delta, p, accountant=args.accountant, **kwargs)
     achieved = accounting.epsilon(z, args.delta, p, accountant=args.accountant, **kwargs)
     out: dict = {
@@ -79,9 +95,12 @@ def run(args: argparse.Namespace) -> dict:
         out.update(n=p.n, max_participations=p.max_participations, min_sep=p.min_sep, participation=p.kind)
     if args.sampling == "cyclic-poisson":
         amp = accounting.amplification(p, dataset_size=args.dataset_size, batch_size=args.batch_size,
-                                       strategy=strategy, bands=args.bands)
+                                       strategy=strategy)
         out.update(bands=amp.bands, rounds=amp.rounds, sampling_probability=amp.q,
-                   round_noise_multiplier=z * amp.scale)
+                   round_noise_multiplier=z * amp.scale, max_column_norm=amp.max_column_norm,
+                   column_spread=amp.column_spread)
+    if args.accountant == "pld":
+        out["pld_discretization"] = accounting.pld_grid(accounting.dp_event(z, p, **kwargs))
     if strategy is not None:
         out["family"] = strategy.family
     out["seconds"] = time.perf_counter() - start
