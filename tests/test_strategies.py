@@ -150,6 +150,105 @@ def test_blt_inverse_product_identity():
     np.testing.assert_allclose(prod, np.eye(1, n)[0], atol=1e-12)
 
 
+# ------------------------------------------------------------------- InverseBLT (realised BLTs)
+@FEW
+@given(params=blt_params(), n=N_VALUES, seed=st.integers(0, 2**32 - 1))
+def test_inverse_blt_dense_and_inverse_apply(params, n, seed):
+    """InverseBLT(theta, omega): C^{-1} = I + sum_i omega_i T_i (any signs), C its inverse, built here densely."""
+    from mfnoise.blt import InverseBLT
+
+    theta, omega = params
+    s = InverseBLT(theta, omega, n)
+    cinv = toeplitz_matrix(_blt_reference(theta, omega, n), n)
+    c = np.linalg.inv(cinv)
+    np.testing.assert_allclose(s.dense(), c, rtol=1e-8, atol=1e-10 * max(1.0, np.abs(c).max()))
+    np.testing.assert_allclose(s.toeplitz_coeffs(), c[:, 0], rtol=1e-8, atol=1e-10 * max(1.0, np.abs(c).max()))
+    z = np.random.default_rng(seed).normal(size=(n, 2))
+    np.testing.assert_allclose(s.inverse_apply(z), cinv @ z, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(cinv @ z).max()))
+    back = type(s).from_arrays(s.arrays(), s.params())
+    np.testing.assert_array_equal(back.dense(), s.dense())
+
+
+def test_inverse_blt_accepts_decays_at_or_past_one_and_refuses_bad_input():
+    """Rounding can put a decay of C^{-1} at 1 (a random walk in the noise): still a valid strategy."""
+    from mfnoise.blt import InverseBLT
+
+    s = InverseBLT(np.array([1.0, 0.5]), np.array([-0.01, -0.2]), 6)
+    assert np.all(np.isfinite(s.dense()))
+    with pytest.raises(ValueError, match="one entry per buffer"):
+        InverseBLT(np.array([0.5]), np.array([0.1, 0.2]), 6)
+    with pytest.raises(ValueError, match="non-finite"):
+        InverseBLT(np.array([np.nan]), np.array([0.1]), 6)
+
+
+# ------------------------------------------------------------- what the noise generator realises
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("family", ["dense-nonneg", "dense-mixed", "banded", "toeplitz-arbitrary", "blt-positive",
+                                    "inverse-toeplitz", "bsr", "bisr", "identity"])
+def test_realised_strategy_is_the_rounded_one(family, dtype):
+    """realised(dtype): the off-diagonal coefficients rounded to dtype, the diagonal 1 / round(1 / C[t, t]),
+    or for a BLT the inverse BLT's parameters rounded; rebuilt here from the defining parameters."""
+    n = 9
+    s, c = make_strategy(family, n, np.random.default_rng(3), bands=4, conditioned=True)
+    r = s.realised(dtype)
+
+    def rnd(x):
+        return np.asarray(np.asarray(x, np.float64).astype(dtype), np.float64)
+
+    if family == "blt-positive":
+        theta, omega = s.inverse()
+        want = np.linalg.inv(toeplitz_matrix(_blt_reference(rnd(theta), rnd(omega), n), n))
+    elif family in ("inverse-toeplitz", "bisr"):
+        want = np.linalg.inv(toeplitz_matrix(rnd(s.inverse_coeffs), n))
+    else:
+        want = np.tril(rnd(c), -1) + np.diag(1.0 / rnd(1.0 / np.diag(c)))
+    np.testing.assert_allclose(r.dense(), want, rtol=1e-12, atol=1e-13 * np.abs(want).max())
+    if dtype == np.float64:  # float64: only the reciprocal diagonal can move, by at most one ulp
+        np.testing.assert_allclose(r.dense(), c, rtol=3e-16 if family != "blt-positive" else 1e-9,
+                                   atol=1e-12 * np.abs(c).max())
+
+
+@FEW
+@given(n=st.integers(2, 8), seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_majorant_bound_brackets_the_sensitivity(n, seed, data):
+    """For any Toeplitz coefficients: lower <= sens(C, p) <= upper, against brute force over patterns."""
+    from conftest import sensitivity_bounds
+
+    from mfnoise.toeplitz import majorant_bound
+
+    if data.draw(st.booleans(), label="cyclic"):
+        p = mfnoise.Participation.epochs(n, data.draw(st.sampled_from([k for k in range(1, n + 1) if n % k == 0])))
+    else:
+        b = data.draw(st.integers(1, n), label="min_sep")
+        p = mfnoise.Participation(n, data.draw(st.integers(1, -(-n // b)), label="k"), b)
+    rng = np.random.default_rng(seed)
+    if rng.random() < 0.5:
+        coeffs = rng.normal(size=n)
+    else:  # nearly non-increasing: where the bound is meant to be tight
+        coeffs = np.sort(rng.uniform(0, 1, n))[::-1] + 1e-3 * rng.normal(size=n)
+    coeffs[0] = 1.0
+    bound, lower = majorant_bound(coeffs, p)
+    ref = sensitivity_bounds(toeplitz_matrix(coeffs, n), p)
+    assert bound.value**2 >= ref["upper"] * (1 - 1e-12)  # dominates even the abs-sum bound
+    assert lower**2 <= ref["upper"] * (1 + 1e-12) and lower**2 <= ref["plain"] * (1 + 1e-12) + 1e-12
+
+
+def test_large_n_non_monotone_toeplitz_uses_a_tight_majorant():
+    """n = DENSE_LIMIT + 1 (no dense routine), a tail growing by 1e-9 per step (a float32 BLT whose decay
+    reached 1): the majorant bound, within MAJORANT_SLACK of the lower bound, instead of a refusal."""
+    from mfnoise.toeplitz import MAJORANT_SLACK, majorant_bound
+
+    n = DENSE_LIMIT + 1
+    j = np.arange(n)
+    coeffs = 0.6 * 0.9 ** j + 0.01 * (1 + 1e-9) ** j
+    coeffs[0] = 1.0
+    p = mfnoise.Participation(n, 4, n // 4)
+    got = mfnoise.Toeplitz(coeffs, n).sensitivity(p)
+    bound, lower = majorant_bound(coeffs, p)
+    assert got.method == "toeplitz-abs-majorant" and not got.exact and got.value == bound.value
+    assert lower <= got.value <= lower * (1 + MAJORANT_SLACK)
+
+
 # ----------------------------------------------------------------------------------- closed forms
 @pytest.mark.parametrize("n", [1, 2, 10, 100, 4096])
 def test_sqrt_toeplitz_prefix(n):
