@@ -211,6 +211,8 @@ class NoiseGenerator:
         m = self.m
 
         def leaf_state(x: Any) -> Any:
+            if not jnp.issubdtype(jnp.dtype(x.dtype), jnp.floating):
+                raise TypeError(f"noise needs floating-point parameters, got dtype {jnp.dtype(x.dtype)}")
             dtype = self.noise_dtype(x)
             if m == 0:
                 return None

@@ -44,9 +44,11 @@ Noise dtype: ``noise_dtype=None`` uses the params' dtype (one floating dtype for
 (the usual choice for large models): the update is computed in float32 and cast to the gradients'
 dtype. bfloat16 noise itself is refused for every strategy but the identity.
 
-Refused: a clip norm or noise multiplier that is negative, zero (clip) , NaN or inf; a zero noise
-multiplier (or ``correlated_noise`` stddev) unless ``allow_non_private=True``, which warns
-(``NonPrivateWarning``) and marks the transform (``tx.info.private`` is False).
+Refused, naming the argument: a clip norm that is not a positive finite number; a noise multiplier
+(or ``correlated_noise`` stddev) that is negative, NaN or inf; a zero one unless
+``allow_non_private=True``, which warns (``NonPrivateWarning``) and marks the transform
+(``tx.info.private`` is False); an ``expected_batch_size`` that is not a positive finite number or
+None; bools, strings and traced values for any of them.
 
 All transforms are jittable, work inside ``optax.chain`` and with sharded params (the noise state
 is sharded like the params; see ``mfnoise.noise``). Call ``mfnoise.noise.check(opt_state)`` on the
@@ -201,6 +203,8 @@ def _check_participation(strategy: Strategy, participation: Participation | None
 def _params_dtype(reference: Any) -> np.dtype:
     """The one floating dtype of the params (the default noise dtype)."""
     dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(reference)}
+    if not dtypes:
+        return np.dtype(np.float32)  # no parameters: nothing is streamed
     if len(dtypes) != 1:
         names = sorted(d.name for d in dtypes)
         raise ValueError(
