@@ -333,8 +333,11 @@ def _contract(coef: jax.Array, buf: jax.Array) -> jax.Array:
     A dot is never fused into its consumer, so the in-place ``dynamic_update_slice`` of z into
     the ring reads only the dot's result, not other rows of the ring it writes: XLA then needs no
     copy of the state (an elementwise sum here made XLA copy the whole ring every step).
+    Precision HIGHEST: on GPUs and TPUs a float32 dot may otherwise run in TF32 / bfloat16 passes,
+    rounding the coefficients and the state to 10 or 8 bits, so the noise would no longer be the
+    realised strategy's (a no-op on CPU).
     """
-    return jnp.tensordot(coef, buf, axes=1)
+    return jnp.tensordot(coef, buf, axes=1, precision=jax.lax.Precision.HIGHEST)
 
 
 def generator(

@@ -327,3 +327,16 @@ def test_eight_device_sharding_matches_unsharded():
     r = subprocess.run([sys.executable, WORKER], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ALL OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_ring_contraction_runs_at_full_precision():
+    """The ring recurrences' dot is HIGHEST precision: on GPU / TPU a default float32 dot may use TF32 or
+    bfloat16 passes, i.e. coefficients and state rounded to 10 / 8 bits, not the realised strategy."""
+    for s in (mfnoise.bsr(8, 4), mfnoise.bisr(8, 3), mfnoise.Toeplitz(np.array([1.0, 0.5, 0.2]), 8)):
+        gen = s.noise_generator(0)
+        p = one_leaf(jnp.float32)
+        jaxpr = jax.make_jaxpr(gen.next)(gen.init(p), p)
+        dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+        assert dots, s
+        for e in dots:
+            assert e.params["precision"] == (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST), e.params
