@@ -359,3 +359,20 @@ def test_route_in_bfloat16_equals_the_per_example_loop(name):
     for a, b in zip(jax.tree.leaves(got.grads), jax.tree.leaves(want)):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=3e-2, atol=3e-2 * np.abs(b).max())
+
+
+def test_per_example_grads_in_microbatches_equal_the_loop():
+    with jax.enable_x64(True):
+        loss, params, data, _ = _route_case("two params", jnp.float64)
+        want = per_example_reference(loss, params, data)
+        for size in (None, 1, 2, 5, 7):
+            got = jax.jit(per_example_grads(loss, microbatch_size=size))(params, data)
+            for b, g in enumerate(want):
+                for k in g:
+                    np.testing.assert_allclose(np.asarray(got[k][b]), g[k], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "4", True])
+def test_bad_microbatch_size_is_refused(bad):
+    with pytest.raises((ValueError, TypeError), match="microbatch_size must be a positive integer"):
+        per_example_grads(lambda p, ex: jnp.sum(p * ex), microbatch_size=bad)
