@@ -42,14 +42,14 @@ replace-one adjacency the sensitivity doubles.
 PLD grid. dp-accounting's PLD accountant discretises privacy losses on a grid of spacing d,
 rounding every loss up (``pessimistic_estimate``), so any d gives an upper bound on epsilon, and a
 grid d' = d / 2^j that refines it gives one at least as tight. Its memory is the number of grid
-points: about W / d for one round, W = 1 / (2 s^2) + 20 / s + 1 the width of the loss support of
-a Gaussian with noise multiplier s truncated at e^-50 tail mass, and about S / d after composing
+points: about W / d for one round, W = 1 / s^2 + 20 / s + 1 the width of the loss support of a
+Gaussian with noise multiplier s truncated at e^-50 tail mass, and about S / d after composing
 the rounds, S = 2 epsilon_RDP(delta = 1e-15) + 4 W. At large epsilon (small s) W grows like
 1 / s^2, which is what made ``calibrate(epsilon=1e4)`` need 23 GB on the default grid. So the PLD
 accountant here (``GridPLDAccountant``) prices each event on the grid ``pld_grid`` picks: the
 requested ``pld_discretization`` whenever it fits a budget (epsilon = 8 keeps 1e-4), else the
 requested grid times the smallest power of two that fits a smaller budget. Beyond a grid of
-``PLD_MAX_GRID`` (epsilon in the millions) the PLD accountant is refused in favour of RDP.
+``PLD_MAX_GRID`` (epsilon ~ 1e7) the PLD accountant is refused in favour of RDP.
 """
 
 from __future__ import annotations
@@ -81,11 +81,15 @@ PLD_COMPOSED_POINTS = 4_000_000
 PLD_COARSE_ROUND_POINTS = 100_000
 PLD_COARSE_COMPOSED_POINTS = 1_000_000
 # dp-accounting's pessimistic connect-the-dots PMF overflows exp(d) beyond d ~ 709; well before
-# that (epsilon ~ 6e6 for one Gaussian) the PLD accountant is refused in favour of RDP.
-PLD_MAX_GRID = 64.0
-# The stream runs C in float32: each entry rounded by at most 2^-24 relative, so each column norm
-# grows by at most that factor. The round sensitivity is multiplied by this margin (2^-20 > 2^-24)
-# unless every entry of C is a float32 number already.
+# that (epsilon ~ 1e7 for one Gaussian) the PLD accountant is refused in favour of RDP. Up to it,
+# its epsilon stays above the analytic Gaussian one (measured at d = 256 and 512).
+PLD_MAX_GRID = 256.0
+# The noise generator runs C' = strategy.realised(dtype), not C: for a banded C in float32 (coarser
+# dtypes are refused for it), C'[t, t - j] = fl(C[t, t - j]) and C'[t, t] = 1 / fl(1 / C[t, t]), each
+# within (1 + 2^-24) / (1 - 2^-24) < 1 + 2^-22 of C's in magnitude, so ||C'[:, t]|| <= (1 + 2^-22)
+# ||C[:, t]||, while dp_aggregate scales the noise by S = noise_sensitivity(p, dtype) >= sens(C, p).
+# Round t's noise multiplier z S / ||C'[:, t]|| is thus >= z sens(C, p) / (m COLUMN_NORM_MARGIN).
+# The margin is 1 when float32 runs C exactly (float32 entries, power-of-two diagonal: identity).
 COLUMN_NORM_MARGIN = 1.0 + 2.0**-20
 # Searches never go below this noise multiplier: it would price epsilon ~ 1e34.
 MIN_NOISE_MULTIPLIER = 1e-17
@@ -125,7 +129,7 @@ class GridPLDAccountant(dp_accounting.PrivacyAccountant):
             raise ValueError(
                 f"the PLD accountant cannot price this mechanism in bounded memory: its privacy losses span "
                 f"~{loss_width(_smallest_noise_multiplier(event) or 1.0):.3g}, which needs a grid of {grid:g} > "
-                f"{PLD_MAX_GRID:g} (epsilon is then in the millions or more); use accountant='rdp', an upper bound "
+                f"{PLD_MAX_GRID:g} (epsilon is then about 1e7 or more); use accountant='rdp', an upper bound "
                 f"at any epsilon"
             )
         acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=grid)
@@ -150,15 +154,15 @@ def make_accountant(
 
 
 def loss_width(noise_multiplier: float) -> float:
-    """W(s) = 1 / (2 s^2) + 20 / s + 1: the width of the privacy-loss support of one (Poisson
+    """W(s) = 1 / s^2 + 20 / s + 1: the width of the privacy-loss support of one (Poisson
     subsampled) Gaussian with noise multiplier s and sensitivity 1, as dp-accounting builds it.
 
-    Its samples are truncated at e^-50 tail mass (+-10 s) and the loss (x - 1/2) / s^2 then spans
-    20 / s around 1 / (2 s^2); subsampling keeps the upper end and lifts the lower one to
-    log(1 - q) >= -1 for q <= 1/2 (the 1 covers it; an estimate of memory, not of privacy).
+    Its samples are truncated at e^-50 tail mass (about 10 s past either mean), so the loss
+    (x - 1/2) / s^2 spans [-1 / (2 s^2) - 10 / s, 1 / (2 s^2) + 10 / s]; subsampling only narrows
+    it. An estimate of memory, not of privacy (measured: 1 / s^2 + 19.5 / s for q = 1).
     """
     s = float(noise_multiplier)
-    return 1.0 / (2.0 * s * s) + 20.0 / s + 1.0
+    return 1.0 / (s * s) + 20.0 / s + 1.0
 
 
 def pld_grid(event: dp_accounting.DpEvent, pld_discretization: float = PLD_DISCRETIZATION) -> float:
@@ -211,7 +215,7 @@ class Amplification:
     """What cyclic Poisson sampling makes of the mechanism: ``rounds`` Poisson-subsampled
     Gaussians with sampling probability ``q`` and per-round noise multiplier
     ``noise_multiplier * scale``, scale = sens(C, p) / (max column norm * COLUMN_NORM_MARGIN), the
-    margin 1 when C's entries are float32 numbers.
+    margin 1 when float32 runs C exactly.
 
     ``column_spread`` = 1 - min / max column norm: 0 for a column-normalised C.
     """
@@ -229,7 +233,7 @@ class Amplification:
 
 
 def banded_structure(strategy: Strategy) -> tuple[int, np.ndarray, bool] | None:
-    """(bands, squared column norms, entries exact in float32) read off the strategy's own
+    """(bands, squared column norms, float32 runs C exactly) read off the strategy's own
     entries, or None when C is not banded in a form that can be checked without materialising it.
 
     ``bands`` is the effective number: 1 + the largest i - j with C[i, j] != 0 (trailing zero
@@ -248,21 +252,29 @@ def banded_structure(strategy: Strategy) -> tuple[int, np.ndarray, bool] | None:
     if isinstance(strategy, Banded):
         cols = np.asarray(strategy.columns, dtype=np.float64)
         used = np.flatnonzero(np.any(cols != 0, axis=0))
-        return int(used[-1]) + 1, np.sum(cols**2, axis=1), _float32_exact(cols)
+        return int(used[-1]) + 1, np.sum(cols**2, axis=1), _runs_exactly(cols[:, 0], cols[:, 1:])
     if isinstance(strategy, Toeplitz):
         c = np.asarray(strategy.coeffs, dtype=np.float64)[:n]
         bands = int(np.flatnonzero(c)[-1]) + 1
         cum = np.cumsum(c[:bands] ** 2)  # ||C[:, t]||^2 = sum_{j < min(bands, n - t)} c_j^2
-        return bands, cum[np.minimum(bands, n - np.arange(n)) - 1], _float32_exact(c)
+        return bands, cum[np.minimum(bands, n - np.arange(n)) - 1], _runs_exactly(c[:1], c[1:])
     if isinstance(strategy, Dense):
         c = np.asarray(strategy.matrix, dtype=np.float64)
         i, j = np.nonzero(c)
-        return int(np.max(i - j)) + 1, np.sum(c**2, axis=0), _float32_exact(c)
+        return int(np.max(i - j)) + 1, np.sum(c**2, axis=0), _runs_exactly(np.diag(c), np.tril(c, -1))
     return None
 
 
-def _float32_exact(a: np.ndarray) -> bool:
-    return bool(np.all(a.astype(np.float32).astype(np.float64) == a))
+def _runs_exactly(diagonal: np.ndarray, off_diagonal: np.ndarray) -> bool:
+    """True when float32 realises C exactly (module constant COLUMN_NORM_MARGIN): every
+    off-diagonal entry is a float32 number and every diagonal one a power of two within float32's
+    normal range (so 1 / C[t, t] and its reciprocal are exact too)."""
+    off = np.asarray(off_diagonal, dtype=np.float64)
+    d = np.abs(np.asarray(diagonal, dtype=np.float64))
+    mantissa, _ = np.frexp(d)
+    tiny = float(np.finfo(np.float32).tiny)
+    return bool(np.all(off.astype(np.float32).astype(np.float64) == off) and np.all(mantissa == 0.5)
+                and np.all((d >= 4 * tiny) & (d <= 1.0 / (4 * tiny))))
 
 
 def strategy_bands(strategy: Strategy) -> int | None:
@@ -349,7 +361,7 @@ def amplification(
     max_col, min_col = float(norms.max()), float(norms.min())
     if not (math.isfinite(sens) and sens > 0 and max_col > 0):
         raise ValueError(f"the {strategy.family} strategy has sensitivity {sens} and max column norm {max_col}")
-    # Entries that float32 holds exactly (identity, DP-SGD) are run as they are: no margin.
+    # A C that float32 runs exactly (identity: DP-SGD) needs no margin.
     scale = sens / (max_col * (1.0 if exact32 else COLUMN_NORM_MARGIN))
     return Amplification(rounds=rounds, q=q, scale=scale, bands=sb, sensitivity=sens, max_column_norm=max_col,
                          column_spread=1.0 - min_col / max_col)
@@ -392,6 +404,21 @@ def dp_event(
     amp = amplification(participation, dataset_size=dataset_size, batch_size=batch_size,
                         strategy=strategy, bands=bands)
     return amplified_event(noise_multiplier, amp)
+
+
+def event_maker(
+    participation: Participation | None = None, **event_kwargs
+) -> Callable[[float], dp_accounting.DpEvent]:
+    """z -> ``dp_event(z, participation, **event_kwargs)``, with the mechanism checked (and a
+    refusal raised) once here, a strategy file loaded once and the amplification computed once."""
+    if event_kwargs.get("strategy") is not None:
+        event_kwargs["strategy"] = as_strategy(event_kwargs["strategy"])
+    dp_event(1.0, participation, **event_kwargs)
+    if event_kwargs.get("sampling", "none") == "none":
+        return dp_accounting.GaussianDpEvent
+    kw = {k: v for k, v in event_kwargs.items() if k != "sampling"}
+    amp = amplification(participation, **kw)
+    return lambda z: amplified_event(z, amp)
 
 
 def amplified_event(noise_multiplier: float, amp: Amplification) -> dp_accounting.DpEvent:
@@ -465,13 +492,7 @@ def calibrate(
     make_acc = make_accountant(accountant, pld_discretization=pld_discretization)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    if event_kwargs.get("strategy") is not None:
-        event_kwargs["strategy"] = as_strategy(event_kwargs["strategy"])  # load a file once
-    # Validate the mechanism once up front, so a refusal is raised as itself, not inside the search.
-    dp_event(1.0, participation, **event_kwargs)
-
-    def make(z: float) -> dp_accounting.DpEvent:
-        return dp_event(z, participation, **event_kwargs)
+    make = event_maker(participation, **event_kwargs)
 
     def eps_of(z: float, acc: Callable[[], dp_accounting.PrivacyAccountant]) -> float:
         return float(acc().compose(make(z)).get_epsilon(delta))

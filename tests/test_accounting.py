@@ -8,13 +8,14 @@ import math
 import dp_accounting
 import numpy as np
 import pytest
-from conftest import all_patterns, make_strategy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mfnoise
 from mfnoise import accounting
 from mfnoise.cli import main as cli_main
+
+from conftest import all_patterns, make_strategy
 
 EPS, DELTA = 8.0, 1e-5
 Z_8 = 0.60023  # the Gaussian mechanism's noise multiplier at (8, 1e-5)
@@ -160,7 +161,10 @@ def test_amplification_scale_against_dense(n, b, seed, family):
     sens = math.sqrt(max(sq[list(P)].sum() for P in all_patterns(n, p.max_participations, b, True)))
     amp = accounting.amplification(p, dataset_size=100 * b, batch_size=3, strategy=strategy)
     ratio = sens / math.sqrt(sq.max())
-    exact32 = np.all(c.astype(np.float32) == c)  # then float32 runs C as it is: no rounding margin
+    # float32 runs C as it is (no rounding margin) when its off-diagonal entries are float32 numbers
+    # and its diagonal powers of two (C'[t, t] = 1 / fl(1 / C[t, t]))
+    off = np.tril(c, -1)
+    exact32 = np.all(off.astype(np.float32) == off) and np.all(np.isin(np.abs(np.diag(c)), 2.0 ** np.arange(-60, 61)))
     assert amp.scale <= ratio
     assert amp.scale == pytest.approx(ratio if exact32 else ratio / (1 + 2**-20), rel=1e-9)
     assert amp.rounds == -(-n // b) and amp.q == pytest.approx(3 * b / (100 * b)) and amp.bands == bands
