@@ -476,8 +476,8 @@ def calibrate(
     (epsilon, delta)-DP; ``epsilon(z, delta, ...)`` with the same arguments is <= ``epsilon``
     (checked before returning: a z priced above the target is never returned).
 
-    Search: dp-accounting's RDP accountant brackets z first (cheap at any epsilon; RDP bounds
-    epsilon from above, so its z is at least PLD's), then ``dp_accounting.calibrate_dp_mechanism``
+    Search: dp-accounting's RDP accountant brackets z first (cheap at any epsilon; its z is
+    normally above PLD's, and the bracket grows when a coarse PLD grid prices it higher), then ``dp_accounting.calibrate_dp_mechanism``
     runs inside an explicit bracket [lo, hi] with the accountant of ``make_accountant`` (for PLD,
     the grid each z needs: bounded memory at any epsilon). The tolerance used is min(tol, 1e-5 lo),
     relative for small z.
