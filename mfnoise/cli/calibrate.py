@@ -26,7 +26,7 @@ z * sens(C, p) / (max column norm of C). It needs the strategy itself (--strateg
 (identity, i.e. DP-SGD, is bands = 1), and the schema must allow ceil(n / b) participations.
 Anything else is refused, with the reason.
 The PLD accountant coarsens its grid at large epsilon (bounded memory; still an upper bound) and
-is refused beyond a grid of 64 (epsilon in the millions): use --accountant rdp there."""
+is refused beyond a grid of 256 (epsilon ~ 1e7): use --accountant rdp there."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
