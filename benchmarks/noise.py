@@ -9,10 +9,11 @@ Measures, for float32 parameter vectors of 1M / 10M / 100M entries (one leaf):
     arrays;
   * jax-privacy 2.0.0's ``matrix_factorization_privatizer`` on the same strategies (Gaussian, BLT-4,
     banded 4/16, banded Toeplitz 16), run in the same benchmark run from a separate venv;
-  * a full ``dp_aggregate`` step (per-example clipping, noise) for a 1M-parameter MLP at batch 32,
-    against plain vmap(grad) + sum + the same noise: clipping by ``mfnoise.clipping.clipped_grad``
-    (ghost norms, the recommended path) and by materialised per-example gradients
-    (``mfnoise.per_example.per_example_grads``, vmap(grad)) then clipping.
+  * a full ``dp_aggregate`` step (per-example clipping, noise) for a 1M-parameter MLP at batch 32
+    (and, with the identity strategy, a 1M-parameter sequence model of 64 tokens per example, where
+    ghost clipping uses the Gram form), against plain vmap(grad) + sum + the same noise: clipping by
+    ``mfnoise.clipping.clipped_grad`` (ghost norms, the recommended path) and by materialised
+    per-example gradients (``mfnoise.per_example.per_example_grads``, vmap(grad)) then clipping.
 
 jax-privacy lives in its own venv so that it cannot change this project's jax/numpy:
 
@@ -21,6 +22,7 @@ jax-privacy lives in its own venv so that it cannot change this project's jax/nu
     /work/bench-venv/bin/pip install -e /work/main
 
 Run:  .venv/bin/python benchmarks/noise.py [--quick] [--sizes 1e6,1e7] [--jax-privacy-python PY]
+      [--dp-step-only] [--baseline-clipping OLD_CLIPPING_PY]
 Writes benchmarks/results/noise.json and prints a table.
 """
 
@@ -120,8 +122,67 @@ def bench_mfnoise_noise(strategy, size: int, reps: int) -> dict:
     return {"seconds": t, "state_bytes": gen.state_bytes(p), "peak_param_arrays": peak}
 
 
-def bench_dp_step(strategy, reps: int, batch: int = 32) -> dict:
-    """Full dp_aggregate step vs vmap(grad) + sum + the same noise, 1M-parameter MLP."""
+def dp_step_model(model: str, batch: int):
+    """(loss, params, batch data) of the dp-step benchmark's 1M-parameter models, float32.
+
+    "mlp": 784-1024-256-10 on one row per example (every ghost product has T = 1).
+    "sequence": two 512x1024 / 1024x512 layers applied to each of T = 64 tokens per example, the
+    Gram form of ghost clipping (T (K + M) < K M) with T > 32 (the chunked, compensated product).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    if model == "mlp":
+        sizes = [784, 1024, 256, 10]
+        params = {f"w{i}": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32)
+                  for i, (a, b) in enumerate(zip(sizes, sizes[1:]))}
+        params.update({f"b{i}": jnp.zeros((b,), jnp.float32) for i, b in enumerate(sizes[1:])})
+        data = (jnp.asarray(rng.normal(size=(batch, 784)), jnp.float32), jnp.asarray(rng.integers(0, 10, size=batch)))
+
+        def loss(p, ex):
+            h = ex[0]
+            for i in range(len(sizes) - 1):
+                h = h @ p[f"w{i}"] + p[f"b{i}"]
+                if i < len(sizes) - 2:
+                    h = jax.nn.relu(h)
+            return -jax.nn.log_softmax(h)[ex[1]]
+
+        return loss, params, data
+    if model == "sequence":
+        d, hidden, tokens = 512, 1024, 64
+        params = {"w_in": jnp.asarray(rng.normal(size=(d, hidden)) / np.sqrt(d), jnp.float32),
+                  "b_in": jnp.zeros((hidden,), jnp.float32),
+                  "w_out": jnp.asarray(rng.normal(size=(hidden, d)) / np.sqrt(hidden), jnp.float32)}
+        data = (jnp.asarray(rng.normal(size=(batch, tokens, d)), jnp.float32),
+                jnp.asarray(rng.normal(size=(batch, tokens, d)), jnp.float32))
+
+        def loss(p, ex):
+            h = jax.nn.gelu(ex[0] @ p["w_in"] + p["b_in"])
+            return 0.5 * jnp.mean(jnp.sum((h @ p["w_out"] - ex[1]) ** 2, axis=-1))
+
+        return loss, params, data
+    raise ValueError(f"unknown dp-step model {model!r}")
+
+
+def load_clipping(path: str):
+    """A clipping module from a file (e.g. ``git show REV:mfnoise/clipping.py``), to time against this one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_clipping", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_dp_step(strategy, reps: int, batch: int = 32, model: str = "mlp", baseline_clipping=None) -> dict:
+    """Full dp_aggregate step vs vmap(grad) + sum + the same noise, for a 1M-parameter model.
+
+    The variants run interleaved (one step of each in turn, ``reps`` times; the minimum is reported),
+    so that other load on the machine affects them alike. With ``baseline_clipping`` (a module, see
+    ``load_clipping``) its ghost step is timed too, as "dp_aggregate_baseline_clipping".
+    """
     import jax
     import jax.numpy as jnp
 
@@ -129,57 +190,57 @@ def bench_dp_step(strategy, reps: int, batch: int = 32) -> dict:
     from mfnoise.clipping import clipped_grad
     from mfnoise.per_example import per_example_grads
 
-    sizes = [784, 1024, 256, 10]
-    rng = np.random.default_rng(0)
-    params = {f"w{i}": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32) for i, (a, b) in enumerate(zip(sizes, sizes[1:]))}
-    params.update({f"b{i}": jnp.zeros((b,), jnp.float32) for i, b in enumerate(sizes[1:])})
+    loss, params, data = dp_step_model(model, batch)
     nparams = sum(int(np.prod(v.shape)) for v in params.values())
-    x = jnp.asarray(rng.normal(size=(batch, 784)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 10, size=batch))
-
-    def loss(p, ex):
-        h = ex[0]
-        for i in range(len(sizes) - 1):
-            h = h @ p[f"w{i}"] + p[f"b{i}"]
-            if i < len(sizes) - 2:
-                h = jax.nn.relu(h)
-        return -jax.nn.log_softmax(h)[ex[1]]
-
     grads = per_example_grads(loss)
     ghost = clipped_grad(loss, 1.0)
     part = mfnoise.Participation.epochs(strategy.n, 1)
-    dp = mfnoise.dp_aggregate(strategy, 1.0, 1.0, jax.random.key(1), participation=part)
+    dp = mfnoise.dp_aggregate(strategy, 1.0, 1.0, jax.random.key(1), participation=part, expected_batch_size=batch)
     plain = mfnoise.correlated_noise(strategy, 1.0, jax.random.key(1))
 
-    def dp_step(p, st):  # ghost clipping: no per-example gradients materialised for the weights
-        u, st = dp.update(ghost(p, (x, y)), st, p)
+    # the batch is an argument of the step, not a constant XLA could fold work into
+    def dp_step(p, st, batch):  # ghost clipping: no per-example gradients materialised for the weights
+        u, st = dp.update(ghost(p, batch), st, p)
         return u, st
 
-    def dp_materialised_step(p, st):  # per-example gradients (B x params) then clip
-        u, st = dp.update(grads(p, (x, y)), st, p)
+    def dp_materialised_step(p, st, batch):  # per-example gradients (B x params) then clip
+        u, st = dp.update(grads(p, batch), st, p)
         return u, st
 
-    def plain_step(p, st):
-        g = jax.tree.map(lambda a: jnp.sum(a, axis=0), grads(p, (x, y)))
+    def plain_step(p, st, batch):
+        g = jax.tree.map(lambda a: jnp.sum(a, axis=0), grads(p, batch))
         u, st = plain.update(g, st, p)
         return u, st
 
-    out = {"params": nparams, "batch": batch}
-    runs = (("dp_aggregate", dp, dp_step), ("dp_aggregate_materialised", dp, dp_materialised_step), ("vmap_grad_sum_noise", plain, plain_step))
-    for name, tx, fn in runs:
-        st = tx.init(params)
-        step = jax.jit(fn, donate_argnums=1)
-        u, st = step(params, st)
-        jax.block_until_ready((u, st))
+    runs = {"dp_aggregate": (dp, dp_step), "dp_aggregate_materialised": (dp, dp_materialised_step),
+            "vmap_grad_sum_noise": (plain, plain_step)}
+    if baseline_clipping is not None:
+        from mfnoise.clipping import ClippedSum
 
-        def run():
-            nonlocal st
-            u, st = step(params, st)
-            jax.block_until_ready((u, st))
+        other = baseline_clipping.clipped_grad(loss, 1.0)
 
-        out[name] = timeit(run, reps)
+        def baseline_step(p, st, batch):
+            r = other(p, batch)
+            return dp.update(ClippedSum(r.grads, r.nonfinite, r.batch_size, r.l2_clip_norm), st, p)
+
+        runs["dp_aggregate_baseline_clipping"] = (dp, baseline_step)
+    steps, states, times = {}, {}, {}
+    for name, (tx, fn) in runs.items():
+        steps[name] = jax.jit(fn, donate_argnums=1)
+        u, states[name] = steps[name](params, tx.init(params), data)
+        jax.block_until_ready((u, states[name]))
+        times[name] = []
+    for _ in range(reps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            u, states[name] = step(params, states[name], data)
+            jax.block_until_ready((u, states[name]))
+            times[name].append(time.perf_counter() - t0)
+    out = {"model": model, "params": nparams, "batch": batch, **{name: min(t) for name, t in times.items()}}
     out["ratio"] = out["dp_aggregate"] / out["vmap_grad_sum_noise"]
     out["ratio_materialised"] = out["dp_aggregate_materialised"] / out["vmap_grad_sum_noise"]
+    if baseline_clipping is not None:
+        out["ratio_baseline_clipping"] = out["dp_aggregate_baseline_clipping"] / out["vmap_grad_sum_noise"]
     return out
 
 
@@ -262,6 +323,9 @@ def main() -> None:
                     help="python of a venv with jax-privacy==2.0.0 (skipped if missing)")
     ap.add_argument("--dp-step-only", action="store_true",
                     help="only the full dp_aggregate step (no noise-alone sizes, no jax-privacy)")
+    ap.add_argument("--baseline-clipping", default=None, metavar="PY",
+                    help="also time the ghost step with this clipping module (a file, e.g. from "
+                         "git show REV:mfnoise/clipping.py), interleaved with the current one")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "noise.json"))
     ap.add_argument("--_jax-privacy-worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -295,10 +359,16 @@ def main() -> None:
 
     import mfnoise
 
+    baseline = load_clipping(args.baseline_clipping) if args.baseline_clipping else None
+    if baseline is not None:
+        result["baseline_clipping"] = args.baseline_clipping
     result["dp_step"] = {
-        name: bench_dp_step(s, reps)
+        name: bench_dp_step(s, reps, baseline_clipping=baseline)
         for name, s in {"identity": mfnoise.Identity(N_STEPS), "banded-4": mfnoise.bsr(N_STEPS, 4),
                         "blt-4": mfnoise.BLT(*blt_params(4), N_STEPS)}.items()
+    }
+    result["dp_step_sequence"] = {
+        "identity": bench_dp_step(mfnoise.Identity(N_STEPS), reps, model="sequence", baseline_clipping=baseline)
     }
 
     if args.dp_step_only:
@@ -341,12 +411,17 @@ def format_table(result: dict) -> str:
                                  f"{v.get('mfnoise_speedup', float('nan')):11.2f} {v['state_bytes'] / 1e6:9.1f} {v['peak_param_arrays']:12.1f}")
                 else:
                     lines.append(f"  {name:22s} {v.get('error', '')[:100]}")
-    lines.append("\nfull step, 1M-param MLP, batch 32 (ms): dp_aggregate (ghost clipping | materialised per-example"
-                 " grads) vs vmap(grad)+sum+same noise")
-    lines.append(f"  {'strategy':12s} {'ghost':>8s} {'material':>8s} {'baseline':>8s} {'ratio':>6s} {'ratio mat':>9s}")
-    for name, v in result.get("dp_step", {}).items():
-        lines.append(f"  {name:12s} {v['dp_aggregate'] * 1e3:8.1f} {v['dp_aggregate_materialised'] * 1e3:8.1f} "
-                     f"{v['vmap_grad_sum_noise'] * 1e3:8.1f} {v['ratio']:6.2f} {v['ratio_materialised']:9.2f}")
+    for key, title in (("dp_step", "1M-param MLP"), ("dp_step_sequence", "1M-param sequence model, T = 64")):
+        lines.append(f"\nfull step, {title}, batch 32 (ms): dp_aggregate (ghost clipping | materialised"
+                     " per-example grads) vs vmap(grad)+sum+same noise")
+        lines.append(f"  {'strategy':12s} {'ghost':>8s} {'material':>8s} {'baseline':>8s} {'ratio':>6s} {'ratio mat':>9s}"
+                     + (f" {'ghost, baseline clipping':>25s}" if "baseline_clipping" in result else ""))
+        for name, v in result.get(key, {}).items():
+            extra = ""
+            if "ratio_baseline_clipping" in v:
+                extra = f" {v['dp_aggregate_baseline_clipping'] * 1e3:8.1f} ms, ratio {v['ratio_baseline_clipping']:5.2f}"
+            lines.append(f"  {name:12s} {v['dp_aggregate'] * 1e3:8.1f} {v['dp_aggregate_materialised'] * 1e3:8.1f} "
+                         f"{v['vmap_grad_sum_noise'] * 1e3:8.1f} {v['ratio']:6.2f} {v['ratio_materialised']:9.2f}{extra}")
     return "\n".join(lines)
 
 
