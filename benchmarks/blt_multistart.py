@@ -2,7 +2,7 @@
 
 Issue 3 asks a 5-buffer BLT (prefix sum, single participation, max error) within 0.3% of
 sqrt-Toeplitz at n = 10^6. mfnoise's staged optimizer (and jax-privacy 2.0.0) reach +0.413%. This
-script runs L-BFGS-B on the same loss (mfnoise.losses.blt, the interlaced parametrisation: omega > 0,
+script runs L-BFGS-B on the same loss (mfnoise.optim.blt, the interlaced parametrisation: omega > 0,
 the family jax-privacy also optimizes over) from many random initial decays, log-uniform, jittered
 log-spaced and log-log-uniform in 1 - theta, and reports the distinct optima found, next to the
 staged optimizer's result and sqrt-Toeplitz (the Toeplitz optimum's baseline) in the same run.
@@ -29,9 +29,10 @@ import numpy as np
 import scipy.optimize
 
 import mfnoise
-from mfnoise import Participation, workloads
-from mfnoise.losses import blt as blt_loss
-from mfnoise.optimize import FAST_COMPILE, optimize
+from mfnoise import Participation
+from mfnoise.core import workloads
+from mfnoise.optim import blt as blt_loss
+from mfnoise.optim.solver import FAST_COMPILE, optimize
 
 
 def random_start(rng: np.random.Generator, kind: int, d: int, n: int) -> np.ndarray:

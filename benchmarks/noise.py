@@ -12,8 +12,8 @@ Measures, for float32 parameter vectors of 1M / 10M / 100M entries (one leaf):
   * a full ``dp_aggregate`` step (per-example clipping, noise) for a 1M-parameter MLP at batch 32
     (and, with the identity strategy, a 1M-parameter sequence model of 64 tokens per example, where
     ghost clipping uses the Gram form), against plain vmap(grad) + sum + the same noise: clipping by
-    ``mfnoise.clipping.clipped_grad`` (ghost norms, the recommended path) and by materialised
-    per-example gradients (``mfnoise.per_example.per_example_grads``, vmap(grad)) then clipping.
+    ``mfnoise.training.clipping.clipped_grad`` (ghost norms, the recommended path) and by materialised
+    per-example gradients (``mfnoise.training.per_example.per_example_grads``, vmap(grad)) then clipping.
 
 jax-privacy lives in its own venv so that it cannot change this project's jax/numpy:
 
@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -166,7 +165,7 @@ def dp_step_model(model: str, batch: int):
 
 
 def load_clipping(path: str):
-    """A clipping module from a file (e.g. ``git show REV:mfnoise/clipping.py``), to time against this one."""
+    """A clipping module from a file (e.g. ``git show REV:mfnoise/training/clipping.py``), to time against this one."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("baseline_clipping", path)
@@ -187,8 +186,8 @@ def bench_dp_step(strategy, reps: int, batch: int = 32, model: str = "mlp", base
     import jax.numpy as jnp
 
     import mfnoise
-    from mfnoise.clipping import clipped_grad
-    from mfnoise.per_example import per_example_grads
+    from mfnoise.training.clipping import clipped_grad
+    from mfnoise.training.per_example import per_example_grads
 
     loss, params, data = dp_step_model(model, batch)
     nparams = sum(int(np.prod(v.shape)) for v in params.values())
@@ -215,7 +214,7 @@ def bench_dp_step(strategy, reps: int, batch: int = 32, model: str = "mlp", base
     runs = {"dp_aggregate": (dp, dp_step), "dp_aggregate_materialised": (dp, dp_materialised_step),
             "vmap_grad_sum_noise": (plain, plain_step)}
     if baseline_clipping is not None:
-        from mfnoise.clipping import ClippedSum
+        from mfnoise.training.clipping import ClippedSum
 
         other = baseline_clipping.clipped_grad(loss, 1.0)
 
@@ -325,7 +324,7 @@ def main() -> None:
                     help="only the full dp_aggregate step (no noise-alone sizes, no jax-privacy)")
     ap.add_argument("--baseline-clipping", default=None, metavar="PY",
                     help="also time the ghost step with this clipping module (a file, e.g. from "
-                         "git show REV:mfnoise/clipping.py), interleaved with the current one")
+                         "git show REV:mfnoise/training/clipping.py), interleaved with the current one")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "noise.json"))
     ap.add_argument("--_jax-privacy-worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -2,7 +2,7 @@
 
 Each problem of issue 3 is solved by mfnoise and by jax-privacy's matrix_factorization module, each
 in a fresh subprocess (so compile time and peak memory are counted the same way for both). Every
-strategy, including jax-privacy's, is scored by mfnoise.error.evaluate (exact sensitivity), so the
+strategy, including jax-privacy's, is scored by mfnoise.strategies.error.evaluate (exact sensitivity), so the
 losses are comparable. Printed as a markdown table and written to benchmarks/results/optimize.json.
 
 jax-privacy is not an mfnoise dependency; the benchmark runs it from its own virtual environment:
@@ -123,9 +123,9 @@ def worker_jax_privacy(row, n, full: bool) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from jax_privacy.matrix_factorization import banded, buffered_toeplitz, dense, toeplitz
 
     import mfnoise
-    from jax_privacy.matrix_factorization import banded, buffered_toeplitz, dense, toeplitz
 
     fam = row["family"]
     k = 1 if row["schema"][0] == "single" else row["schema"][1]
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
         row = ROWS[name]
         try:
             import mfnoise  # noqa: F401  (only to check the family exists here)
-            from mfnoise.optimize import problem_module
+            from mfnoise.optim.solver import problem_module
 
             problem_module(row["family"])
         except (ImportError, ValueError) as e:

@@ -13,7 +13,7 @@ Everything private goes through mfnoise:
   sensitivity 1 by ``dp_aggregate``, so all methods share one noise multiplier (one Gaussian
   mechanism, "Multi-Epoch Matrix Factorization Mechanisms for Private Machine Learning",
   Choquette-Choo et al. 2023);
-* clipping and summing: ``mfnoise.clipping.clipped_grad`` (ghost clipping; padded slots are
+* clipping and summing: ``mfnoise.training.clipping.clipped_grad`` (ghost clipping; padded slots are
   masked out exactly); noise: ``mfnoise.dp_aggregate`` inside ``optax.chain``, which divides the
   noisy sum by the stated batch size (``expected_batch_size``, a public constant: never the
   number of examples a step holds).
@@ -38,17 +38,20 @@ import math
 import os
 import time
 import warnings
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mfnoise import batching, io, workloads
-from mfnoise.identity import Identity
-from mfnoise.participation import Participation
-from mfnoise.strategy import Strategy
+from mfnoise.core import workloads
+from mfnoise.core.participation import Participation
+from mfnoise.strategies import io
+from mfnoise.strategies.base import Strategy
+from mfnoise.strategies.identity import Identity
+from mfnoise.training import batching
 
 METHODS = ("dp-sgd", "bandmf", "blt", "dp-sgd-poisson")
 DEFAULT_METHODS = METHODS
@@ -170,7 +173,7 @@ def make_strategy(method: str, p: Participation, workload: workloads.Workload, c
     """(strategy, info) for a method; info has the optimizer's report fields worth printing."""
     if method in ("dp-sgd", "dp-sgd-poisson"):
         return Identity(p.n), {"family": "identity"}
-    from mfnoise.optimize import optimize  # (``mfnoise.optimize`` itself is also the module's name)
+    from mfnoise.optim.solver import optimize  # (``mfnoise.optimize`` itself is also the module's name)
 
     if method == "bandmf":
         bands = p.min_sep if cfg.bands is None else min(cfg.bands, p.n)
@@ -193,7 +196,7 @@ def batch_gradient(cfg: Config) -> Callable:
     multiplied by 0, so its gradient, hence its clipped contribution, is exactly 0 whatever example
     it points at (for any example with a finite gradient).
     """
-    from mfnoise.clipping import clipped_grad
+    from mfnoise.training.clipping import clipped_grad
 
     clipped = clipped_grad(lambda params, ex: ex[2] * example_loss(params, ex[0], ex[1]), cfg.clip)
 
@@ -221,7 +224,7 @@ def make_trainer(strategy: Strategy, p: Participation, noise_multiplier: float, 
     data too: as constants they slow XLA's compilation down).
     """
     sizes = (input_dim, cfg.hidden, classes)
-    from mfnoise.transforms import NonPrivateWarning, dp_aggregate
+    from mfnoise.training.transforms import NonPrivateWarning, dp_aggregate
 
     grad = batch_gradient(cfg)
 
@@ -254,8 +257,8 @@ def make_trainer(strategy: Strategy, p: Participation, noise_multiplier: float, 
 def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
     """Trains every method of ``cfg`` at every learning rate for ``cfg.seeds`` seeds; each
     method's learning rate is picked by mean validation accuracy; returns the results dict."""
-    from mfnoise.accounting import calibrate
-    from mfnoise.error import rmse
+    from mfnoise.strategies.error import rmse
+    from mfnoise.training.accounting import calibrate
 
     log = log or (lambda s: None)
     start = time.perf_counter()

@@ -100,7 +100,7 @@ def decoder(a: np.ndarray, c: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Participation patterns, enumerated from the definitions.
 # ---------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def all_patterns(n: int, k: int, b: int, cyclic: bool) -> tuple[tuple[int, ...], ...]:
     """Every non-empty pattern (maximal or not) of the schema."""
     out: set[tuple[int, ...]] = set()
@@ -122,7 +122,7 @@ def all_patterns(n: int, k: int, b: int, cyclic: bool) -> tuple[tuple[int, ...],
     return tuple(sorted(out))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sign_vectors(n: int) -> np.ndarray:
     """All of {-1, 0, 1}^n with first non-zero entry +1 (s and -s give the same form)."""
     v = np.array(list(itertools.product((-1, 0, 1), repeat=n)), dtype=np.int8)

@@ -13,11 +13,11 @@ pytest.importorskip("sklearn", reason="the demo needs the 'demo' extra (scikit-l
 pytest.importorskip("matplotlib", reason="the demo needs the 'demo' extra (matplotlib)")
 
 import dp_accounting  # noqa: E402
+from test_file_conventions import _mode, _never, _refused  # noqa: E402
 
 import mfnoise  # noqa: E402
 from mfnoise import demo  # noqa: E402
 from mfnoise.cli import main as cli_main  # noqa: E402
-from test_file_conventions import _mode, _never, _refused  # noqa: E402
 
 SMALL = ["--epochs", "2", "--batch-size", "200", "--seeds", "2", "--learning-rates", "0.2", "--buffers", "2"]
 

@@ -29,3 +29,13 @@ def test_optax_snippet_runs_and_trains():
     after = float(jnp.mean((x @ params["w"] - y) ** 2))
     assert after < 0.5 * before, (before, after)
     assert int(namespace["state"][0].noise.step) == namespace["p"].n  # one noise step per batch
+
+
+def test_ci_runs_the_readme_test_command():
+    """The Quickstart's second command is what CI runs (.ci/run), so the README cannot drift from CI."""
+    text = README.read_text()
+    quickstart = text[text.index("## Quickstart"):text.index("## Using it")]
+    commands = [line for line in quickstart.splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) == 2, commands
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert commands[1] in ci

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 COMMANDS = ["optimize", "evaluate", "calibrate", "library", "verify", "recommend", "demo"]
 
@@ -34,7 +34,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         description="Correlated-noise (matrix factorization / DP-FTRL) mechanisms for private training: "
         "optimize strategies, evaluate their error and sensitivity, calibrate noise, train.",
     )
-    from mfnoise import __version__
+    from mfnoise._version import __version__
 
     parser.add_argument("--version", action="version", version=f"mfnoise {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

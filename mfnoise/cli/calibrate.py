@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from mfnoise import accounting, io
 from mfnoise.cli import schema
+from mfnoise.strategies import io
+from mfnoise.training import accounting
 
 HELP = "noise multiplier for a target (epsilon, delta), via dp-accounting (PLD or RDP)"
 DESCRIPTION = """Find the noise multiplier z that makes a sensitivity-normalised MF mechanism (epsilon, delta)-DP.

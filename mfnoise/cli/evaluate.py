@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from mfnoise import closed_forms, error, io, workloads
 from mfnoise.cli import schema
-from mfnoise.identity import Identity
+from mfnoise.core import workloads
+from mfnoise.strategies import closed_forms, error, io
+from mfnoise.strategies.identity import Identity
 
 HELP = "report sensitivity, rmse and max_error of a strategy (file or closed form)"
 DESCRIPTION = """Report sensitivity, rmse and max_error of a strategy for a workload and participation schema.
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"--n {args.n} does not match the strategy file's n={strategy.n}")
         schema_given = not (args.epochs is None and args.min_sep is None and args.max_participations is None)
         if not schema_given and "participation" in meta:
-            from mfnoise.participation import Participation
+            from mfnoise.core.participation import Participation
 
             p = Participation.from_dict(meta["participation"])
         else:

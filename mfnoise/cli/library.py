@@ -8,7 +8,8 @@ import sys
 import tempfile
 import time
 
-from mfnoise import io, library
+from mfnoise.library import catalog as library
+from mfnoise.strategies import io
 
 HELP = "list, show, locate and rebuild the precomputed strategies in strategies/"
 DESCRIPTION = """List, show, locate and rebuild the library of precomputed strategies.

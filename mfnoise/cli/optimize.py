@@ -6,8 +6,9 @@ import argparse
 import math
 import shlex
 
-from mfnoise import io, workloads
 from mfnoise.cli import schema
+from mfnoise.core import workloads
+from mfnoise.strategies import io
 
 HELP = "optimize a strategy (banded, banded-toeplitz, blt, dense) and write its strategy file"
 DESCRIPTION = """Optimize a correlated-noise strategy and write it as a strategy file (.npz).
@@ -57,7 +58,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from mfnoise.optimize import optimize
+    from mfnoise.optim.solver import optimize
 
     if args.n is None or args.n < 1:
         raise ValueError(f"--n must be a positive integer, got {args.n}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mfnoise import recommend
+from mfnoise.library import recommend
 
 HELP = "pick the lowest-error library strategy whose noise state fits a memory budget"
 DESCRIPTION = """Pick the library strategy with the lowest expected error whose noise state fits a budget.

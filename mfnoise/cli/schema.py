@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from mfnoise.participation import EpochsWarning, Participation
+from mfnoise.core.participation import EpochsWarning, Participation
 
 
 def add_participation(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -6,7 +6,8 @@ import argparse
 import fnmatch
 import os
 
-from mfnoise import library, verify
+from mfnoise.library import catalog as library
+from mfnoise.verify import checks as verify
 
 HELP = "check a strategy file: integrity, sensitivity, A = B C, streamed noise, stored losses"
 DESCRIPTION = """Check strategy files independently of the code that wrote them.

@@ -1,0 +1,373 @@
+"""Offline strategy optimization: ``mfnoise.optimize(workload, participation, family=...)``.
+
+Each family has a problem module (``mfnoise.optim.<family>``) giving a flat float64 parameter
+vector, a jittable loss (an increasing function of rmse or max_error) with its gradient, and the
+map back to a Strategy. Here a quasi-Newton method minimises it:
+
+* ``method="scipy"`` (default): scipy's L-BFGS-B (Byrd, Lu, Nocedal & Zhu 1995) on the jitted
+  float64 value-and-gradient; box bounds are honoured. benchmarks/optimize.py compares it with
+  ``method="optax"`` (optax.lbfgs with its zoom line search, one jitted step per iteration).
+* Stopping on a tolerance: relative decrease of the loss below ``tol`` (L-BFGS-B's ftol) or
+  projected gradient below ``gtol``, with ``max_iterations`` as a safety net only.
+* Progress: a tqdm bar on stderr (loss, iteration) once a run has lasted ``progress_delay``
+  seconds; ``callback(Progress)`` after every iteration (return True to stop); Ctrl-C stops the
+  run and keeps the best strategy found so far (``report["interrupted"]``).
+
+The returned strategy's sensitivity, rmse and max_error are always recomputed by the
+foundation's exact routines (``mfnoise.strategies.error.evaluate``), never taken from the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+from mfnoise.core.participation import Participation
+from mfnoise.core.workloads import Workload, parse
+from mfnoise.optim.problem import Problem
+from mfnoise.strategies import error
+from mfnoise.strategies.base import Strategy
+
+PROBLEMS = {
+    "banded": "mfnoise.optim.banded",
+    "dense": "mfnoise.optim.dense",
+    "banded-toeplitz": "mfnoise.optim.toeplitz",
+    "blt": "mfnoise.optim.blt",
+}
+METHODS = ("scipy", "optax")
+
+
+class Progress(NamedTuple):
+    """What ``callback`` receives after each iteration."""
+
+    iteration: int
+    loss: float
+    best_loss: float
+    seconds: float
+    x: np.ndarray
+
+
+class _Tracker:
+    """Records every evaluated point and keeps the best one (what Ctrl-C returns)."""
+
+    def __init__(self) -> None:
+        self.best_x: np.ndarray | None = None
+        self.best_loss = math.inf
+        self.evaluations = 0
+
+    def see(self, x: np.ndarray, loss: float) -> None:
+        self.evaluations += 1
+        if math.isfinite(loss) and loss < self.best_loss:
+            self.best_loss = loss
+            self.best_x = np.array(x, dtype=np.float64, copy=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def problem_module(family: str):
+    """The problem module of a family (ValueError naming the families if unknown)."""
+    if family not in PROBLEMS:
+        raise ValueError(f"unknown family {family!r}: expected one of {sorted(PROBLEMS)}")
+    try:
+        return importlib.import_module(PROBLEMS[family])
+    except ModuleNotFoundError as e:
+        if e.name == PROBLEMS[family]:
+            raise ValueError(f"family {family!r} is not available in this build ({e.name} missing)") from None
+        raise
+
+
+def optimize(
+    workload: Workload | str,
+    participation: Participation,
+    family: str = "banded-toeplitz",
+    *,
+    bands: int | None = None,
+    buffers: int | None = None,
+    objective: str = "rmse",
+    init: Any = None,
+    method: str = "scipy",
+    tol: float = 1e-12,
+    gtol: float = 1e-9,
+    max_iterations: int = 20_000,
+    max_seconds: float | None = None,
+    callback: Callable[[Progress], bool | None] | None = None,
+    progress: bool | None = None,
+    progress_delay: float = 2.0,
+) -> tuple[Strategy, dict]:
+    """Finds a strategy of ``family`` minimising ``objective`` for ``workload`` under ``participation``.
+
+    Args:
+      workload: a Workload (or its spec string, e.g. "prefix", "momentum:0.9") of size n.
+      participation: the schema the strategy must be private for (its sensitivity is exact for it).
+      family: "banded" (column-normalised BandMF), "banded-toeplitz", "blt" or "dense".
+      bands / buffers: the size of the banded / BLT strategy (family defaults when None).
+      objective: "rmse" (sens * ||A C^-1||_F / sqrt(n)) or "max" (sens * max row norm).
+      init: the family's initial value (see its problem module); default a closed form.
+      method: "scipy" (L-BFGS-B) or "optax" (optax.lbfgs).
+      tol, gtol: stop when the relative loss decrease is below tol or the gradient below gtol.
+      max_iterations, max_seconds: safety limits (the report says when one of them stopped it).
+      callback: called with a Progress after each iteration; returning True stops the run.
+      progress: show a progress bar on stderr (None: only once the run lasts progress_delay s).
+
+    Returns:
+      (strategy, report): report has family, n, objective, method, iterations, evaluations,
+      history (the loss after each iteration), objective_history (the same as rmse / max_error
+      where the family's loss says how), initial_loss, loss, seconds (total wall time), compile_seconds,
+      optimize_seconds, converged, stopped (why), interrupted, and the exact sensitivity,
+      sensitivity_exact, rmse and max_error from ``mfnoise.strategies.error.evaluate``. The dense family with
+      the rmse objective under cyclic or single participation is solved through its Lagrange dual
+      (``mfnoise.optim.dense``): its loss is minus a lower bound on rmse^2, objective_history is
+      that bound on rmse, and the report adds formulation, dual_bound, duality_gap (rmse / bound
+      - 1, a certificate of optimality) and final_relative_change.
+    """
+    start = time.perf_counter()
+    if not isinstance(participation, Participation):
+        raise TypeError(f"participation must be a Participation, got {type(participation).__name__}")
+    if isinstance(workload, str):
+        workload = parse(workload, participation.n)
+    if workload.n != participation.n:
+        raise ValueError(f"workload has n={workload.n} but participation has n={participation.n}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    module = problem_module(family)
+    # The dense family's O(n^3) LAPACK calls (eigh, QR, Cholesky) run single-threaded: on 2 cores a
+    # second OpenBLAS thread saves ~25% when the machine is quiet (eigh n=1024: 0.14 vs 0.18 s) but
+    # costs 3-50x when other jobs share the cores (0.5-9.7 s CPU per eigh, measured here).
+    blas = _single_threaded_blas() if family == "dense" else contextlib.nullcontext()
+    with blas:
+        with jax.enable_x64(True):
+            # The dense family solves the rmse problem under cyclic / single participation through
+            # its dual (smooth, k (k - 1) / 2 + 1 parameters per pattern, not n (n + 1) / 2 entries of C).
+            extra = {"formulation": "auto"} if family == "dense" else {}
+            prob = module.problem(workload, participation, objective=objective, bands=bands, buffers=buffers,
+                                  init=init, **extra)
+            kw = dict(tol=tol, gtol=gtol, max_iterations=max_iterations, max_seconds=max_seconds,
+                      callback=callback, progress=progress, progress_delay=progress_delay, start=start)
+            if method == "scipy":
+                result = _run_staged(_scipy_stage, prob, _jitted(prob, family), **kw)
+            else:
+                result = _run_staged(functools.partial(_optax_stage, prob=prob), prob, _jitted(prob, family), **kw)
+        optimize_seconds = time.perf_counter() - start
+        strategy = prob.to_strategy(result["x"])
+        exact = error.evaluate(strategy, workload, participation)
+        # A problem may say how its loss maps to the objective (the dense dual: a lower bound), else
+        # its module.
+        to_objective = getattr(prob, "objective_from_loss", None) or getattr(module, "objective_from_loss", None)
+    report = {
+        "family": family,
+        "n": participation.n,
+        "max_participations": participation.max_participations,
+        "min_sep": participation.min_sep,
+        "participation": participation.kind,
+        "workload": workload.name,
+        **strategy.params(),
+        "objective": objective,
+        "method": method,
+        "problem": prob.name,
+        "iterations": result["iterations"],
+        "evaluations": result["evaluations"],
+        "history": result["history"],
+        # The objective itself per iteration, where the family's loss says how (log(objective) for
+        # banded-toeplitz and blt); otherwise only the loss history.
+        "objective_history": ([to_objective(v) for v in result["history"]] if to_objective else None),
+        "initial_loss": result["initial_loss"],
+        "loss": result["loss"],
+        "converged": result["converged"],
+        "stopped": result["stopped"],
+        "interrupted": result["stopped"] == "interrupted",
+        "compile_seconds": result["compile_seconds"],
+        "optimize_seconds": optimize_seconds,
+        **exact,
+    }
+    if getattr(prob, "extra_report", None) is not None:  # e.g. the dense dual's bound and gap
+        report.update(prob.extra_report(result["x"], report))
+    report["seconds"] = time.perf_counter() - start
+    return strategy, report
+
+
+def _progress_bar(prob: Problem, progress: bool | None, delay: float):
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=prob.name or "optimize", unit="it", file=sys.stderr, leave=False,
+                disable=progress is False, delay=0.0 if progress else delay, dynamic_ncols=True)
+
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+"""XLA CPU options for the Toeplitz and BLT losses: their graphs are small and cheap to run, and
+compiling dominates a run (about 2x faster to compile, same speed to run; measured here)."""
+
+
+def _jitted(prob: Problem, family: str):
+    options = FAST_COMPILE if family in ("banded-toeplitz", "blt") and jax.default_backend() == "cpu" else None
+    vg = jax.jit(prob.value_and_grad, compiler_options=options)
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        v, g = vg(jnp.asarray(x, jnp.float64))
+        return float(v), np.asarray(g, np.float64)
+
+    return fun
+
+
+def _run_staged(runner, prob: Problem, fun, **kw) -> dict:
+    """Runs ``runner`` once per stage of the problem (one for plain Problems), sharing the tracker,
+    the history and the iteration budget; the best point over all stages is the result."""
+    stages = int(getattr(prob, "stages", 1) or 1)
+    tracker = _Tracker()
+    history: list[float] = []
+    x = np.asarray(prob.x0, np.float64)
+    compile_start = time.perf_counter()
+    initial_loss, _ = fun(x)  # the first call traces and compiles
+    compile_seconds = time.perf_counter() - compile_start
+    if not math.isfinite(initial_loss):
+        raise ValueError(f"the loss of {prob.name} is not finite at its initial point (loss={initial_loss})")
+    tracker.see(x, initial_loss)
+    bar = _progress_bar(prob, kw.pop("progress"), kw.pop("progress_delay"))
+    stopped, converged = None, True
+    try:
+        for stage in range(1, stages + 1):
+            starts = [x] if stage == 1 else prob.next_stage(tracker.best_x, stage)
+            if isinstance(starts, np.ndarray) and starts.ndim == 1:
+                starts = [starts]
+            for x in starts:  # the tracker keeps the best point over every start
+                stopped, ok = runner(fun, x, tracker, history, bar, prob.bounds, **kw)
+                converged = converged and ok
+                if stopped not in ("converged", "max_iterations") and not ok:
+                    break
+            if stopped not in ("converged", "max_iterations") and not ok:
+                break
+    except KeyboardInterrupt:
+        stopped, converged = "interrupted", False
+    finally:
+        bar.close()
+    return {"x": tracker.best_x, "loss": tracker.best_loss, "initial_loss": initial_loss, "history": history,
+            "iterations": len(history), "evaluations": tracker.evaluations, "converged": converged,
+            "stopped": stopped, "compile_seconds": compile_seconds}
+
+
+def _report_iteration(history, bar, tracker, callback, start, max_seconds, v, x) -> str | None:
+    history.append(v)
+    bar.update(1)
+    bar.set_postfix(loss=f"{v:.8g}", refresh=False)
+    if callback is not None and callback(Progress(len(history), v, tracker.best_loss,
+                                                  time.perf_counter() - start, np.asarray(x))):
+        return "callback"
+    if max_seconds is not None and time.perf_counter() - start > max_seconds:
+        return "max_seconds"
+    return None
+
+
+def _single_threaded_blas():
+    """L-BFGS-B's BLAS calls are on vectors of a few thousand entries: threads only add hand-off
+    latency (6 ms per iteration on a busy 2-core machine, measured here). threadpoolctl is a dependency;
+    without it (a stripped install) the BLAS keeps its own threading."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _scipy_stage(fun, x0, tracker, history, bar, bounds, *, tol, gtol, max_iterations, max_seconds,
+                 callback, start) -> tuple[str, bool]:
+    """One L-BFGS-B run from x0; returns (why it stopped, converged)."""
+    stopped = None
+
+    def f(x):
+        v, g = fun(x)
+        tracker.see(x, v)
+        if not math.isfinite(v) or not np.all(np.isfinite(g)):
+            # Outside the loss's domain (e.g. an overflowing trial step): a wall the line search backs off from.
+            return 1e300, np.zeros_like(x)
+        return v, g
+
+    def cb(intermediate_result):
+        nonlocal stopped
+        stopped = _report_iteration(history, bar, tracker, callback, start, max_seconds,
+                                    float(intermediate_result.fun), intermediate_result.x)
+        if stopped is not None:
+            raise StopIteration
+
+    if bounds is not None:
+        bounds = list(zip(np.asarray(bounds[0], np.float64), np.asarray(bounds[1], np.float64)))
+    with _single_threaded_blas():
+        res = scipy.optimize.minimize(
+            f, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=cb,
+            options={"maxiter": max(1, max_iterations - len(history)), "ftol": tol, "gtol": gtol,
+                     "maxcor": 30, "maxls": 40},
+        )
+    if stopped is not None:
+        return stopped, False
+    if res.status == 0:
+        return "converged", True
+    if res.status == 1:
+        return "max_iterations", False
+    # ABNORMAL line search at the tolerance floor: no further decrease is possible in float64.
+    return str(res.message), "ABNORMAL" in str(res.message)
+
+
+def _optax_stage(fun_unused, x0, tracker, history, bar, bounds, *, prob, tol, gtol, max_iterations,
+                 max_seconds, callback, start) -> tuple[str, bool]:
+    """One optax.lbfgs run from x0 (a Python loop over a jitted step, for progress and Ctrl-C)."""
+
+    step, opt = _optax_step(prob)
+    x = jnp.asarray(x0, jnp.float64)
+    state = opt.init(x)
+    prev = math.inf
+    for it in range(max(1, max_iterations - len(history)) + 1):
+        x_new, state, v, g = step(x, state)
+        v = float(v)
+        tracker.see(np.asarray(x), v)
+        if it > 0:
+            why = _report_iteration(history, bar, tracker, callback, start, max_seconds, v, x)
+            if why is not None:
+                return why, False
+        if not math.isfinite(v):
+            return "non-finite loss", False
+        if float(jnp.max(jnp.abs(g))) <= gtol or (it > 0 and prev - v <= tol * max(abs(v), abs(prev), 1.0)):
+            return "converged", True
+        prev = v
+        x = x_new
+    return "max_iterations", False
+
+
+def _optax_step(prob: Problem):
+    cached = _OPTAX_CACHE.get(id(prob))
+    if cached is not None and cached[0] is prob:
+        return cached[1], cached[2]
+    import optax
+
+    loss_fn = lambda x: prob.value_and_grad(x)[0]  # noqa: E731
+    opt = optax.lbfgs(memory_size=30)
+    lower = upper = None
+    if prob.bounds is not None:
+        lower = jnp.asarray(prob.bounds[0], jnp.float64)
+        upper = jnp.asarray(prob.bounds[1], jnp.float64)
+
+    @jax.jit
+    def step(x, state):
+        v, g = prob.value_and_grad(x)
+        updates, state = opt.update(g, state, x, value=v, grad=g, value_fn=loss_fn)
+        x_new = optax.apply_updates(x, updates)
+        if lower is not None:
+            x_new = jnp.clip(x_new, lower, upper)  # projection: optax.lbfgs has no bounds
+        return x_new, state, v, g
+
+    _OPTAX_CACHE.clear()
+    _OPTAX_CACHE[id(prob)] = (prob, step, opt)
+    return step, opt
+
+
+_OPTAX_CACHE: dict = {}

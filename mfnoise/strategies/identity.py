@@ -1,0 +1,54 @@
+"""The identity strategy C = I: independent noise, i.e. DP-SGD."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from mfnoise.core import sensitivity as sens_lib
+from mfnoise.core.participation import Participation
+from mfnoise.strategies.base import Strategy, StreamTable, check_n, frozen_dataclass, register
+
+
+@frozen_dataclass
+class Identity(Strategy):
+    """C = I (n×n). Its columns are orthonormal, so sens = sqrt(min(k, ceil(n / b)))."""
+
+    n: int
+    family = "identity"
+    is_toeplitz = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n", check_n(self.n))
+
+    def _dense(self) -> np.ndarray:
+        return np.eye(self.n)
+
+    def toeplitz_coeffs(self) -> np.ndarray:
+        return np.ones(1)
+
+    def inverse_apply(self, z: np.ndarray) -> np.ndarray:
+        return np.asarray(z, dtype=np.float64)
+
+    def sensitivity(self, p: Participation) -> sens_lib.Sensitivity:
+        self._check_participation(p)
+        return sens_lib.Sensitivity(math.sqrt(p.reachable_participations), True, "orthonormal")
+
+    def stream_table(self, dtype: Any) -> StreamTable:
+        return StreamTable("identity", 0, np.zeros((1, 1)), dtype)
+
+    def realised(self, dtype: Any) -> "Identity":
+        """C = I in every dtype: the noise is the sample w_t itself."""
+        return self
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "Identity":
+        return cls(int(params["n"]))
+
+
+register(Identity, data_fields=[], meta_fields=["n"])

@@ -1,0 +1,78 @@
+"""Toeplitz strategies defined by a banded inverse: C^{-1}[i, j] = r_{i-j} for i - j < bands.
+
+BISR (banded inverse square root, "Banded Square Root Matrix Factorization for Differentially
+Private Model Training", Kalinin & Lampert 2024) is of this kind. C itself is a full Toeplitz
+matrix (the series reciprocal of r); the noise C^{-1} W streams from the last bands - 1 inputs w.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mfnoise.core import sensitivity as sens_lib
+from mfnoise.core import series
+from mfnoise.core.participation import Participation
+from mfnoise.strategies.base import Strategy, StreamTable, as_float64, check_n, frozen_dataclass, register, round_to
+from mfnoise.strategies.toeplitz import toeplitz_sensitivity
+
+
+@frozen_dataclass
+class InverseToeplitz(Strategy):
+    """Toeplitz C of size n whose inverse has first column ``inverse_coeffs`` (length bands)."""
+
+    inverse_coeffs: np.ndarray
+    n: int
+    family = "inverse-toeplitz"
+    is_toeplitz = True
+
+    def __post_init__(self) -> None:
+        r = as_float64("inverse toeplitz coefficients", self.inverse_coeffs, 1)
+        object.__setattr__(self, "inverse_coeffs", r)
+        object.__setattr__(self, "n", check_n(self.n))
+        if not isinstance(r, np.ndarray):
+            return
+        if not 1 <= r.size <= self.n:
+            raise ValueError(f"inverse has {r.size} coefficients, expected 1..n={self.n}")
+        if r[0] == 0:
+            raise ValueError("inverse toeplitz coefficient r_0 = 0 is not invertible")
+
+    @property
+    def bands(self) -> int:
+        return int(self.inverse_coeffs.shape[0])
+
+    def toeplitz_coeffs(self) -> np.ndarray:
+        return series.reciprocal(self.inverse_coeffs, self.n)
+
+    def _dense(self) -> np.ndarray:
+        return series.to_dense(self.toeplitz_coeffs(), self.n)
+
+    def inverse_apply(self, z: np.ndarray) -> np.ndarray:
+        return series.apply(self.inverse_coeffs, z)
+
+    def sensitivity(self, p: Participation) -> sens_lib.Sensitivity:
+        self._check_participation(p)
+        return toeplitz_sensitivity(self, self.toeplitz_coeffs(), p)
+
+    def stream_table(self, dtype: Any) -> StreamTable:
+        """One "input" row: C^{-1}[t, t - j] = r_j, rounded to dtype."""
+        r = round_to(self.inverse_coeffs, dtype)
+        return StreamTable("input", r.size - 1, r[None, :], dtype)
+
+    def realised(self, dtype: Any) -> "InverseToeplitz":
+        """The rounded r define C'^{-1} exactly (no reciprocal: r_0 is a multiplier)."""
+        return InverseToeplitz(self.stream_table(dtype).table[0], self.n)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"inverse_coeffs": np.asarray(self.inverse_coeffs)}
+
+    def params(self) -> dict[str, Any]:
+        return {"n": self.n, "bands": self.bands}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "InverseToeplitz":
+        return cls(arrays["inverse_coeffs"], int(params["n"]))
+
+
+register(InverseToeplitz, data_fields=["inverse_coeffs"], meta_fields=["n"])

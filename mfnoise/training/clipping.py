@@ -1,0 +1,752 @@
+"""Per-example clipping: the clipped sum of per-example gradients, with or without materialising them.
+
+For per-example gradients g_b (b < B) and clipping norm c,
+
+    clipped_sum = sum_b g_b * s_b,   s_b = min(1, c / N_b),   N_b >= ||g_b||  (global L2 norm over all parameters).
+
+Two ways to compute it:
+
+* ``clipped_sum(per_example, c)``: from materialised per-example gradients (B x params), e.g. from
+  ``mfnoise.training.per_example.per_example_grads``. Works for any model; costs B parameter-sized arrays.
+* ``clipped_grad(loss_fn, c)``: from the loss, by ghost clipping ("Efficient Per-Example Gradient
+  Computations", Goodfellow 2015; "Large Language Models Can Be Strong Differentially Private
+  Learners", Li et al. 2022). A weight W used exactly once in the loss, as an operand of a matrix
+  product y = h W (any ``dot_general`` without batch dimensions), has per-example gradient
+  P_b = grad_W l_b = H_b^T G_b with H_b (T x K) the other operand and G_b = dl_b/dy_b (T x M) the
+  output's gradient, flattened, rows h_t, g_t. Its norm needs neither P_b nor its B copies (below),
+  and the clipped sum is one matrix product, sum_b s_b H_b^T G_b = H^T diag(s) G. So one forward and
+  one backward pass (without the weight gradients) give the norms, and one product per weight gives
+  the clipped sum: about the cost of an ordinary minibatch gradient. Every other parameter (biases,
+  convolutions, shared or transformed weights, products with batch dimensions such as per-head
+  weights, anything inside a control-flow, checkpoint or custom-derivative primitive) gets
+  materialised per-example gradients in the same backward pass; its norm is added exactly.
+
+Safety of the norms (the privacy guarantee rests on it)
+-------------------------------------------------------
+N_b is a rigorous upper bound on the norm of the exact gradient of the example, for any finite
+input, in any float dtype (bfloat16 parameters are handled in float32), under ``jit``: with u the
+unit roundoff of the accumulation dtype (float32 for float32 and bfloat16 parameters) and the
+rounding model |fl(sum of n terms) - sum| <= gamma_n sum |terms| of any summation order and of any
+dot product, gamma_n = n u / (1 - n u), every formula below is inflated by its own gamma (computed
+with 2u, a margin for products that are not IEEE-exact such as FMA and multi-pass emulations; the
+norm dots run at ``Precision.HIGHEST``):
+
+* materialised gradients: sums of squares, reduced one axis at a time with optimisation barriers
+  between the stages (so the longest chain is the sum of the axis lengths, not their product);
+  s_true <= s_computed (1 + gamma_{sum of axis lengths + 1}). Summands are non-negative: no
+  cancellation, the bound is tight. (An axis too long for a useful gamma is split when it is not
+  sharded; else n max_i x_i^2 is used.)
+* ghost, T = 1: ||P||^2 = ||h||^2 ||g||^2, a product of two such sums (no cancellation).
+* ghost, T > 1, only where T (K + M) < K M (elsewhere P_b is no larger than the operands ghost
+  clipping keeps, and the leaf is materialised instead): the Gram form
+  ||P||^2 = <H H^T, G G^T>_F = sum_{t,s} A_ts B_ts. This sum cancels: with both input rows equal and
+  output gradients a and -a + d it is |h|^2 d^2 computed from terms of size |h|^2 a^2 (in float32
+  it came out 0 or negative for a = 5e3, d = 1). Its rounding error is bounded, with
+  alpha_t >= ||h_t||, beta_t >= ||g_t||, U = sum_t alpha_t beta_t >= ||P|| (triangle inequality), by
+      E = g_K alpha^T |B| alpha + g_M beta^T |A| beta + g_K g_M U^2 + gamma_{2T+1} sum |A o B|
+  (|A_ts - fl(A_ts)| <= g_K alpha_t alpha_s by Cauchy-Schwarz, g_K = gamma_K; for K > 128 the Gram
+  matrices are accumulated 128 columns at a time with compensated (TwoSum) addition of the C parts,
+  g_K = gamma_128 + gamma_C^2 + u; the sum over (t, s) runs in two stages), and
+  N^2 <= min(max(fl(S), 0) + 2E, U^2) (the factor 2 covers the rounding of E itself). For ordinary
+  examples E / S is about 2 g_K (1 + T / sqrt(M)) + 2 g_M (1 + T / sqrt(K)) + 2 gamma_{2T}. Where
+  E > 1e-2 S (a cancelling example) and the bound decides whether an example is clipped, that
+  weight's norms are recomputed for the batch (``lax.cond``: only then) from the formed products
+  fl(P_b), one example at a time, accumulated 32 rows at a time with compensated (TwoSum) addition
+  of the chunks: ||P - fl(P)|| <= (gamma_32 + gamma_C^2) U + u ||P|| (C chunks), so
+  N <= ||fl(P)|| (1 + ...) + (gamma_32 + gamma_C^2) U.
+A negative or NaN squared norm cannot occur for finite input: every bound is a sum of non-negative
+terms (and ``clip_weights`` drops any value that is not a finite non-negative number). The one
+absolute error is underflow: squares below the smallest normal number (1.2e-38 in float32) may be
+flushed to zero, hiding at most n * 1.2e-38 of a squared norm over n entries; the guarantee is
+stated for l2_clip_norm >= 1e-10 in float32 (1e-140 in float64), where that is negligible.
+
+Safety of the contribution. The sum H^T diag(s) G is itself computed in floating point, and the
+exact P_b can be much smaller than U_b (above): example b's own rows add rounding of up to
+gamma_{r+1} s_b U_b (the weighting s_b g_t, then r rows summed). So the product is accumulated
+r <= 32 rows of each example at a time (a slice of the T axis) with compensated addition of the
+chunks, and N_b is also at least R_b / 8e-4, R_b = sum over the example's ghost weights of
+(gamma_{r+1} + 2 gamma_C^2) U: then s_b R_b <= 8e-4 c (the rest of the tolerance covers the
+rounding of s_b itself). For ordinary examples U / N is about sqrt(T) and this floor is far below N
+(it binds only for T above ~10^4 or for cancelling examples, which it over-clips). Weighted sums
+are computed in the accumulation dtype and rounded to the parameter dtype toward zero (never up).
+Together: one example's contribution to the clipped sum has norm <= c (1 + TOLERANCE),
+TOLERANCE = 1e-3, counting the rounding of its own rows (the rounding of the batch's sum over
+examples, as of any floating-point sum, is not part of it). Over-clipping (N_b above the true norm)
+is privacy-safe and for ordinary examples below about 5e-3 relative (1e-4 in the tests' models).
+
+Which weights qualify is decided from the loss's jaxpr (``jax.make_jaxpr``), following each
+parameter leaf through ``jit`` calls: a leaf qualifies only if its one and only use is as an operand
+of a ``dot_general`` without batch dimensions whose other operand is not a parameter. Any other use
+(a reshape, a cast, a second product, a gather, a custom_jvp / custom_vjp / checkpoint / scan /
+cond / while that receives it) sends the leaf to the exact materialised path, so the norm never
+misses a contribution. ``ghost_leaves`` says which leaves a loss sends the ghost way.
+
+An example whose bound is not finite (a NaN or inf gradient entry, or finite values whose squares
+overflow the accumulation dtype: entries of a gradient or of a ghost product's operands above ~1e19
+in float32) gets weight 0 and is counted in ``nonfinite``. With finite input (and, in float32,
+l2_clip_norm <= 1e25 and B < 1e9) the clipped sum is finite. ``mfnoise.dp_aggregate`` takes either
+the per-example gradients or a ``ClippedSum``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+
+TOLERANCE = 1e-3  # one example's contribution has norm <= l2_clip_norm * (1 + TOLERANCE)
+_ROUNDING_SHARE = 8e-4  # of TOLERANCE, for the rounding of an example's own rows in a ghost product
+_CERTIFIED = 1e-2  # a Gram-form value is used as is when its error bound E <= _CERTIFIED * value
+_CHUNK = 4096  # axes longer than this are summed in chunks of this length (shorter rounding chains)
+_GRAM_COLS = 128  # columns per chunk of a Gram matrix's compensated accumulation
+_ROWS = 32  # rows of each example per chunk when a ghost product is accumulated (shorter rounding chains)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ClippedSum:
+    """sum_b clip(g_b) (pytree like the params), the number of dropped non-finite examples, and the
+    batch size B and clipping norm it was computed with (static)."""
+
+    grads: Any
+    nonfinite: jax.Array  # int32 scalar
+    batch_size: int = dataclasses.field(metadata={"static": True})
+    l2_clip_norm: float = dataclasses.field(metadata={"static": True})
+
+
+def _check_clip_norm(l2_clip_norm: Any, name: str = "l2_clip_norm") -> float:
+    """float(l2_clip_norm) if it is a positive finite real number (a Python or numpy scalar, or a
+    concrete 0-d array), else a ValueError / TypeError naming ``name`` and the value."""
+    if isinstance(l2_clip_norm, jax.core.Tracer):
+        raise TypeError(f"{name} must be a concrete number (it is static: it sets the sensitivity), got a traced value")
+    value = l2_clip_norm
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(value.dtype, np.number):
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        kind = type(l2_clip_norm).__name__
+        raise TypeError(f"{name} must be a positive finite number, got {l2_clip_norm!r} of type {kind}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite number, got {l2_clip_norm!r}")
+    return value
+
+
+def _accumulation_dtype(*dtypes: Any) -> Any:
+    return jnp.result_type(jnp.float32, *dtypes)  # norms and weighted sums in >= float32
+
+
+def _gamma(n: int, dtype: Any) -> float:
+    """gamma_n = n u' / (1 - n u') with u' = eps = 2u: a bound on the relative rounding of n operations."""
+    nu = n * float(jnp.finfo(dtype).eps)
+    return nu / (1 - nu) if nu < 0.5 else math.inf
+
+
+def _toward_zero(x: jax.Array, dtype: Any) -> jax.Array:
+    """x rounded to ``dtype`` toward zero: |result| <= |x| entrywise, so no norm grows."""
+    if x.dtype == dtype:
+        return x
+    y = x.astype(dtype)
+    grew = jnp.abs(y.astype(x.dtype)) > jnp.abs(x)
+    return jnp.where(grew, jnp.nextafter(y, jnp.zeros((), dtype)), y)
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b at full precision; with Explicit mesh axes, a replicated output where an operand is sharded
+    (the products here are small, per example: T x T Grams and K x M per-example gradients)."""
+    sharded = any(_axis_sharded(a, d) for d in range(a.ndim)) or any(_axis_sharded(b, d) for d in range(b.ndim))
+    extra = {"out_sharding": jax.sharding.PartitionSpec()} if sharded else {}
+    return jnp.matmul(a, b, precision=_HIGHEST, **extra)
+
+
+def _axis_sharded(x: jax.Array, axis: int) -> bool:
+    try:
+        spec = jax.typeof(x).sharding.spec
+        return axis < len(spec) and spec[axis] is not None
+    except (AttributeError, TypeError):  # pragma: no cover - no sharding information
+        return False
+
+
+def _sum_squares_upper(x: jax.Array, acc: Any) -> jax.Array:
+    """(B,) upper bounds on sum of squares of each example's row of x (B, ...), computed in acc.
+
+    One axis at a time, last first, with optimisation barriers between the stages so that XLA can
+    neither merge nor reorder them: a sum of n non-negative terms in any order has relative error
+    <= gamma_{n-1}, so the chain is bounded by the sum of the axis lengths (+1 for the squares).
+    Unsharded axes longer than _CHUNK are first split into chunks (zero padding adds exactly 0).
+    """
+    # no merging reshapes: merging sharded dimensions is not allowed with Explicit mesh axes
+    y = jnp.square(x.astype(acc))
+    chain = 1
+    for axis in range(x.ndim - 1, 0, -1):
+        d = y.shape[axis]
+        if d > _CHUNK and not _axis_sharded(x, axis):
+            pad = (-d) % _CHUNK
+            if pad:
+                y = jnp.pad(y, [(0, 0)] * axis + [(0, pad)] + [(0, 0)] * (y.ndim - axis - 1))
+            y = y.reshape(y.shape[:axis] + ((d + pad) // _CHUNK, _CHUNK) + y.shape[axis + 1 :])
+            y = jax.lax.optimization_barrier(jnp.sum(y, axis=axis + 1))
+            chain += _CHUNK
+            d = y.shape[axis]
+        y = jnp.sum(y, axis=axis)
+        chain += d
+        if axis > 1:
+            y = jax.lax.optimization_barrier(y)
+    gamma = _gamma(chain, acc)
+    if gamma > 0.1:  # a sharded axis too long for a useful bound: n max x^2 >= sum x^2, exactly
+        size = math.prod(x.shape[1:])
+        biggest = jnp.max(jnp.square(x.astype(acc)), axis=tuple(range(1, x.ndim))) if x.ndim > 1 else y
+        return biggest * size * (1 + _gamma(2, acc))
+    return y * (1 + gamma)
+
+
+def clip_weights(sq: jax.Array, l2_clip_norm: float) -> tuple[jax.Array, jax.Array]:
+    """(s, valid) for per-example squared norms (upper bounds) sq (B,): s_b = min(1, c / sqrt(sq_b)).
+
+    An entry that is not a valid squared norm (NaN, inf, or negative: none of this module's bounds
+    can be negative, so a negative value is never trusted) gets s_b = 0 and valid_b = False.
+    """
+    valid = jnp.isfinite(sq) & (sq >= 0)
+    norm = jnp.sqrt(jnp.where(valid, sq, 0.0))
+    scale = jnp.where(valid, jnp.minimum(1.0, l2_clip_norm / jnp.maximum(norm, 1e-30)), 0.0)
+    return scale, valid
+
+
+def _select_rows(finite: jax.Array, x: jax.Array) -> jax.Array:
+    keep = finite.reshape((finite.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+def _weighted_rows(finite: jax.Array, fn: Callable[..., jax.Array], *rows: jax.Array) -> jax.Array:
+    """fn(*rows), first zeroing the rows of non-finite examples (NaN * 0 = NaN), only when there are any."""
+    fast = lambda: fn(*rows)
+    slow = lambda: fn(*(_select_rows(finite, r) for r in rows))
+    return jax.lax.cond(jnp.all(finite), fast, slow)
+
+
+def _weighted_sum(scale: jax.Array, finite: jax.Array, x: jax.Array) -> jax.Array:
+    """sum_b scale_b x_b, non-finite rows dropped; in >= float32, rounded toward zero to x's dtype."""
+    acc = _accumulation_dtype(x.dtype, scale.dtype)
+
+    def fn(r: jax.Array) -> jax.Array:
+        # The weighted sum over examples as a dot (XLA:CPU reduces over a major axis ~30x slower).
+        total = jnp.tensordot(scale.astype(acc), r.astype(acc), axes=1, precision=_HIGHEST)
+        return _toward_zero(total, x.dtype)
+
+    return _weighted_rows(finite, fn, x)
+
+
+def _total_upper(terms: list[jax.Array], acc: Any) -> jax.Array:
+    """An upper bound on the sum of a few non-negative (B,) bounds."""
+    return sum(terms) * (1 + _gamma(len(terms) + 1, acc))
+
+
+def clipped_sum(per_example: Any, l2_clip_norm: float) -> tuple[Any, jax.Array]:
+    """(sum_b clip(g_b), number of dropped examples) for per-example grads with batch axis 0.
+
+    The norm of each example is a rigorous upper bound (module docstring); an example whose bound is
+    not finite is dropped (weight 0) and counted.
+    """
+    clip = _check_clip_norm(l2_clip_norm)
+    leaves = jax.tree.leaves(per_example)
+    if not leaves:
+        return per_example, jnp.zeros((), jnp.int32)
+    acc = _accumulation_dtype(*[x.dtype for x in leaves])
+    scale, finite = clip_weights(_total_upper([_sum_squares_upper(x, acc) for x in leaves], acc), clip)
+    return jax.tree.map(lambda x: _weighted_sum(scale, finite, x), per_example), jnp.sum(~finite).astype(jnp.int32)
+
+
+# -- which parameter leaves get ghost norms ----------------------------------------------------------
+
+_CALLS = ("jit", "pjit", "closed_call", "core_call")
+
+
+def _inner(eqn: Any) -> Any | None:
+    """The ClosedJaxpr of a call primitive we can see through, else None."""
+    if eqn.primitive.name not in _CALLS:
+        return None
+    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    return inner if isinstance(inner, jex.core.ClosedJaxpr) else None
+
+
+def _is_var(v: Any) -> bool:
+    return not isinstance(v, jex.core.Literal)
+
+
+def _sources(atoms: list, src: dict) -> list[int | None]:
+    return [src.get(v) if _is_var(v) else None for v in atoms]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ghost:
+    """A parameter leaf whose only use is operand ``operand`` of the product ``eqn`` (a dot_general)."""
+
+    leaf: int
+    operand: int
+    eqn: Any
+
+
+class _Walk:
+    """Uses of each parameter leaf, found by walking the loss's jaxpr through jit calls.
+
+    A use is ('dot', dot_index, operand) for a dot_general without batch dims whose other operand
+    holds no parameter, else ('other',). Dot indices count the dot_general eqns with a parameter
+    operand in traversal order; ``_evaluate`` walks in the same order, so the indices agree.
+    """
+
+    def __init__(self, num_params: int) -> None:
+        self.uses: list[list[tuple]] = [[] for _ in range(num_params)]
+        self.eqns: list[Any] = []
+
+    def walk(self, jaxpr: Any, insrc: list[int | None]) -> list[int | None]:
+        src: dict[Any, int] = {v: s for v, s in zip(jaxpr.invars, insrc) if s is not None}
+        for eqn in jaxpr.eqns:
+            eqn_src = _sources(eqn.invars, src)
+            if all(s is None for s in eqn_src):
+                continue
+            inner = _inner(eqn)
+            if inner is not None:
+                for v, s in zip(eqn.outvars, self.walk(inner.jaxpr, eqn_src)):
+                    if s is not None:
+                        src[v] = s
+                continue
+            if eqn.primitive.name == "dot_general":
+                index = len(self.eqns)
+                self.eqns.append(eqn)
+                _, (lb, rb) = eqn.params["dimension_numbers"]
+                ghostable = not lb and not rb and sum(s is not None for s in eqn_src) == 1
+                for operand, s in enumerate(eqn_src):
+                    if s is not None:
+                        self.uses[s].append(("dot", index, operand) if ghostable else ("other",))
+                continue
+            for s in eqn_src:
+                if s is not None:
+                    self.uses[s].append(("other",))
+        return _sources(jaxpr.outvars, src)
+
+
+def ghost_plan(closed: Any, num_params: int) -> dict[int, Ghost]:
+    """{dot_index: Ghost} for the leaves whose one and only use is one ghostable dot_general.
+
+    ``closed`` is the ClosedJaxpr of loss(params, example, ...) whose first ``num_params`` invars are
+    the parameter leaves (in ``jax.tree.leaves`` order).
+    """
+    w = _Walk(num_params)
+    out = w.walk(closed.jaxpr, list(range(num_params)) + [None] * (len(closed.jaxpr.invars) - num_params))
+    plan = {}
+    for leaf, uses in enumerate(w.uses):
+        if leaf not in out and len(uses) == 1 and uses[0][0] == "dot":
+            _, index, operand = uses[0]
+            plan[index] = Ghost(leaf, operand, w.eqns[index])
+    return plan
+
+
+# -- evaluation with probes on the ghost products ----------------------------------------------------
+
+
+class _Probe:
+    """One instrumented evaluation: probes added to the ghost products, and their other operands."""
+
+    def __init__(self, plan: dict[int, Ghost], probes: dict[int, jax.Array]) -> None:
+        self.plan = plan
+        self.probes = probes
+        self.dots = 0
+        self.operands: dict[int, jax.Array] = {}
+
+
+def _evaluate(jaxpr: Any, consts: list, args: list, insrc: list[int | None], probe: _Probe) -> tuple[list, list]:
+    """``jax.core.eval_jaxpr`` that adds probes[j] to the j-th ghost product and records its other operand."""
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    src: dict[Any, int] = {v: s for v, s in zip(jaxpr.invars, insrc) if s is not None}
+
+    def read(v: Any) -> Any:
+        return env[v] if _is_var(v) else v.val
+
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        eqn_src = _sources(eqn.invars, src)
+        held = any(s is not None for s in eqn_src)
+        inner = _inner(eqn) if held else None
+        if inner is not None:
+            outs, outsrc = _evaluate(inner.jaxpr, inner.consts, invals, eqn_src, probe)
+            src.update((v, s) for v, s in zip(eqn.outvars, outsrc) if s is not None)
+        else:
+            with eqn.ctx.manager:
+                ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            outs = ans if eqn.primitive.multiple_results else [ans]
+            if held and eqn.primitive.name == "dot_general":
+                index = probe.dots
+                probe.dots += 1
+                if index in probe.plan:
+                    probe.operands[index] = invals[1 - probe.plan[index].operand]
+                    outs = [outs[0] + probe.probes[index]]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars], _sources(jaxpr.outvars, src)
+
+
+def _dims(ghost: Ghost) -> tuple[int, int, int]:
+    """(T, K, M) of the ghost product: grad_W = H^T G with H (T x K), G (T x M) per example."""
+    (lc, rc), _ = ghost.eqn.params["dimension_numbers"]
+    hc = rc if ghost.operand == 0 else lc
+    hshape = ghost.eqn.invars[1 - ghost.operand].aval.shape
+    t = math.prod(d for i, d in enumerate(hshape) if i not in hc)
+    k = math.prod(hshape[i] for i in hc)
+    m = math.prod(ghost.eqn.outvars[0].aval.shape) // max(t, 1)
+    return t, k, m
+
+
+def _usable(ghost: Ghost, acc: Any) -> bool:
+    """Whether ghost norms pay and their rounding bounds are tight enough; else the leaf is materialised.
+
+    T = 1 always; T > 1 only in the Gram regime T (K + M) < K M (elsewhere H^T G per example is no
+    larger than the operands that ghost clipping keeps, so the materialised path costs no more).
+    """
+    t, k, m = _dims(ghost)
+    # the bounds' own factors (row norms over K or M terms, the Gram value over 2T) must stay small
+    if t < 1 or _gamma(max(k, m) + 2, acc) > 5e-2 or _gamma(2 * t + 2, acc) > 1e-2:
+        return False
+    return t == 1 or t * (k + m) < k * m
+
+
+def _flat_operands(h: jax.Array, g: jax.Array, ghost: Ghost) -> tuple[jax.Array, jax.Array]:
+    """(H, G) of shapes (T, K), (T, M) for one example: grad_W = H^T G up to an ordering of entries.
+
+    y = dot_general(lhs, rhs) has dims (lhs free..., rhs free...); the weight is operand
+    ``ghost.operand``, h the other one, with contracting dims ``hc``.
+    """
+    (lc, rc), _ = ghost.eqn.params["dimension_numbers"]
+    hc = list(rc if ghost.operand == 0 else lc)
+    free = [d for d in range(h.ndim) if d not in hc]
+    t = math.prod(h.shape[d] for d in free)
+    hm = jnp.transpose(h, free + hc).reshape(t, -1)
+    m = g.size // t
+    gm = g.reshape(t, m) if ghost.operand == 1 else g.reshape(m, t).T
+    return hm, gm
+
+
+def _row_norms_upper(x: jax.Array, acc: Any) -> jax.Array:
+    """(T,) upper bounds on the row norms of x (T, n)."""
+    sq = jnp.sum(jnp.square(x), axis=1) * (1 + _gamma(x.shape[1] + 1, acc))
+    return jnp.sqrt(sq) * (1 + _gamma(1, acc))
+
+
+def _rows_bound(hm: jax.Array, gm: jax.Array, acc: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(alpha, beta, U): upper bounds on ||h_t||, ||g_t|| and U = sum_t ||h_t|| ||g_t|| >= ||H^T G||_F."""
+    alpha, beta = _row_norms_upper(hm, acc), _row_norms_upper(gm, acc)
+    return alpha, beta, jnp.sum(alpha * beta) * (1 + _gamma(hm.shape[0] + 1, acc))
+
+
+def _add_compensated(carry: tuple[jax.Array, jax.Array], x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(s, c) + x by TwoSum: s + x = s' + e exactly, the errors e summed in c ("Accurate Sum and Dot
+    Product", Ogita, Rump and Oishi 2005: the result s + c of n additions is within u |sum| +
+    gamma_{n-1}^2 sum |x_i| of the exact sum)."""
+    s, c = carry
+    total = s + x
+    back = total - s
+    return total, c + ((s - (total - back)) + (x - back))
+
+
+def _compensated_sum(part: Callable[[Any], jax.Array], chunks: int) -> jax.Array:
+    """sum_{i < chunks} part(i), the parts added with compensation (``_add_compensated``); the carry
+    takes the first part's type (with its sharding, under Explicit mesh axes)."""
+    first = part(0)
+    body = lambda i, carry: _add_compensated(carry, part(i))
+    s, c = jax.lax.fori_loop(1, chunks, body, (first, jnp.zeros_like(first)))
+    return s + c
+
+
+def _chunked_product(hm: jax.Array, gm: jax.Array, acc: Any) -> tuple[jax.Array, float]:
+    """(fl(H^T G), g) for one example, with ||fl(H^T G) - H^T G||_F <= g U + u ||H^T G||.
+
+    _ROWS rows at a time with compensated accumulation of the C chunks: g = gamma_{_ROWS} + gamma_C^2
+    (a plain product, g = gamma_T, where the rows are few or sharded).
+    """
+    t = hm.shape[0]
+    if t <= _ROWS or _axis_sharded(hm, 0) or _axis_sharded(gm, 0):
+        return _matmul(hm.T, gm), _gamma(t, acc)
+    chunks = -(-t // _ROWS)
+    pad = chunks * _ROWS - t
+    hc = jnp.pad(hm, ((0, pad), (0, 0))).reshape(chunks, _ROWS, -1)
+    gc = jnp.pad(gm, ((0, pad), (0, 0))).reshape(chunks, _ROWS, -1)
+    return _compensated_sum(lambda i: _matmul(hc[i].T, gc[i]), chunks), _gamma(_ROWS, acc) + _gamma(chunks, acc) ** 2
+
+
+def _exact_sq(hm: jax.Array, gm: jax.Array, acc: Any) -> jax.Array:
+    """Upper bound on ||H^T G||_F^2 for one example from the formed product (module docstring)."""
+    _, _, rows = _rows_bound(hm, gm, acc)
+    p, margin = _chunked_product(hm, gm, acc)
+    norm = (jnp.sqrt(_sum_squares_upper(p[None], acc)[0]) + margin * rows) * (1 + _gamma(2, acc))
+    return jnp.square(jnp.minimum(norm, rows)) * (1 + _gamma(2, acc))
+
+
+def _gram(x: jax.Array, acc: Any) -> tuple[jax.Array, float]:
+    """(fl(X X^T), g) with |fl(X X^T) - X X^T|_ts <= g ||x_t|| ||x_s|| for X (T, n).
+
+    A plain product has g = gamma_n. For n > _GRAM_COLS the columns are taken _GRAM_COLS at a time
+    and the C partial Grams added with compensation: g = gamma_{_GRAM_COLS} + gamma_C^2 + u, much
+    smaller for wide X (so that few examples need the fallback of ``_norms``).
+    """
+    t, n = x.shape
+    if n <= _GRAM_COLS or _axis_sharded(x, 1):  # (no reshapes of a sharded axis: Explicit mesh axes)
+        return _matmul(x, x.T), _gamma(n, acc)
+    chunks = -(-n // _GRAM_COLS)
+    xc = jnp.pad(x, ((0, 0), (0, chunks * _GRAM_COLS - n))).reshape(t, chunks, _GRAM_COLS)
+
+    def part(i: Any) -> jax.Array:
+        cols = jax.lax.dynamic_index_in_dim(xc, i, axis=1, keepdims=False)
+        return _matmul(cols, cols.T)
+
+    return _compensated_sum(part, chunks), _gamma(_GRAM_COLS, acc) + _gamma(chunks, acc) ** 2 + _gamma(1, acc)
+
+
+def _ghost_bound(h: jax.Array, g: jax.Array, ghost: Ghost, acc: Any) -> tuple[jax.Array, ...]:
+    """(sq, U, E, S) for one example: sq >= ||H^T G||_F^2 (module docstring), U >= sum_t ||h_t|| ||g_t||,
+    and for the Gram form its value S and error bound E (T = 1: E = S = 0)."""
+    hm, gm = _flat_operands(h.astype(acc), g.astype(acc), ghost)
+    t = hm.shape[0]
+    alpha, beta, rows = _rows_bound(hm, gm, acc)
+    zero = jnp.zeros((), acc)
+    if t == 1:  # ||h g^T|| = ||h|| ||g||: no cancellation
+        return jnp.square(rows) * (1 + _gamma(1, acc)), rows, zero, zero
+    (a, gk), (b, gm_) = _gram(hm, acc), _gram(gm, acc)
+    terms = a * b
+    # two stages (rows, then their sum), so the rounding chain is 2T, not T^2
+    value = jnp.sum(jax.lax.optimization_barrier(jnp.sum(terms, axis=1)))
+    err = (
+        gk * jnp.dot(alpha, _matmul(jnp.abs(b), alpha), precision=_HIGHEST)
+        + gm_ * jnp.dot(beta, _matmul(jnp.abs(a), beta), precision=_HIGHEST)
+        + gk * gm_ * jnp.square(rows)
+        + _gamma(2 * t + 1, acc) * jnp.sum(jnp.abs(terms))
+    ) * 2  # the factor 2 covers the rounding in computing the bound itself
+    sq = jnp.minimum(jnp.maximum(value, 0) + err, jnp.square(rows)) * (1 + _gamma(2, acc))
+    return sq, rows, err, value
+
+
+def _exact_bounds(h: jax.Array, g: jax.Array, ghost: Ghost, acc: Any) -> jax.Array:
+    """(B,) bounds from the formed products H_b^T G_b, one example at a time (memory K M)."""
+
+    def one(hg: tuple[jax.Array, jax.Array]) -> jax.Array:
+        return _exact_sq(*_flat_operands(hg[0].astype(acc), hg[1].astype(acc), ghost), acc)
+
+    return jax.lax.map(one, (h, g))
+
+
+def _chunking(ghost: Ghost, h: jax.Array, g: jax.Array) -> tuple[int, int, int, int, int]:
+    """How the batch product H^T diag(s) G is accumulated: (h axis, y axis, length, chunks, rows).
+
+    Rows (the T axis, h's free dims) are taken ``length`` indices of the largest free axis at a time
+    (``rows`` <= max(_ROWS, T / that axis) rows of each example per chunk), and the chunks' products
+    are added with compensation, so the rounding of one example's rows is within
+    (gamma_{rows+1} + 2 gamma_chunks^2) s_b U_b (the floor in ``_norms``). One chunk of all T rows
+    where T <= _ROWS or that axis of the batched operands h, g is sharded (Explicit mesh axes).
+    """
+    (lc, rc), _ = ghost.eqn.params["dimension_numbers"]
+    hc = rc if ghost.operand == 0 else lc
+    hshape = ghost.eqn.invars[1 - ghost.operand].aval.shape
+    wrank = len(ghost.eqn.invars[ghost.operand].aval.shape)
+    free = [d for d in range(len(hshape)) if d not in hc]
+    t = math.prod(hshape[d] for d in free)
+    if t <= _ROWS:
+        return -1, -1, 1, 1, t
+    axis = max(free, key=lambda d: hshape[d])
+    other = t // hshape[axis]
+    length = max(1, _ROWS // other)
+    chunks = -(-hshape[axis] // length)
+    i = free.index(axis)
+    yaxis = i if ghost.operand == 1 else (wrank - len(hc)) + i
+    if _axis_sharded(h, 1 + axis) or _axis_sharded(g, 1 + yaxis):
+        return -1, -1, 1, 1, t
+    return axis, yaxis, length, chunks, length * other
+
+
+def _product_vjp(ghost: Ghost, w: jax.Array, h: jax.Array, g: jax.Array, scale: jax.Array, acc: Any) -> jax.Array:
+    """sum_b scale_b grad_W <G_b, dot(h_b, W)> = H^T diag(scale) G, as products (the vjp in W).
+
+    In acc (>= float32) at full precision, chunk by chunk (``_chunking``) with compensated
+    accumulation, rounded toward zero to W's dtype: the rounding of an example's rows stays within the
+    bound that the floor in ``_norms`` accounts for.
+    """
+    dims = ghost.eqn.params["dimension_numbers"]
+    out_sharding = ghost.eqn.params.get("out_sharding")
+    extra = {} if out_sharding is None else {"out_sharding": out_sharding}
+    wa = w.astype(acc)
+
+    def contribution(hpart: jax.Array, gpart: jax.Array) -> jax.Array:
+        def product(weight: jax.Array) -> jax.Array:
+            def one(hb: jax.Array) -> jax.Array:
+                args = (weight, hb) if ghost.operand == 0 else (hb, weight)
+                return jax.lax.dot_general(*args, dims, precision=_HIGHEST, preferred_element_type=acc, **extra)
+
+            return jax.vmap(one)(hpart)
+
+        out, vjp = jax.vjp(product, wa)
+        if jax.typeof(gpart) != jax.typeof(out):
+            # Explicit mesh axes: the probe's type (hence g's) lacks the product's sharding
+            gpart = jax.sharding.reshard(gpart, jax.typeof(out).sharding)
+        return vjp(gpart)[0]
+
+    weighted = g.astype(acc) * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(acc)
+    ha = h.astype(acc)
+    haxis, yaxis, length, chunks, _ = _chunking(ghost, h, g)
+    if chunks == 1:
+        return _toward_zero(contribution(ha, weighted), w.dtype)
+
+    def padded(x: jax.Array, axis: int) -> jax.Array:
+        pad = chunks * length - x.shape[axis]
+        return jnp.pad(x, [(0, pad) if d == axis else (0, 0) for d in range(x.ndim)]) if pad else x
+
+    hp, gp = padded(ha, 1 + haxis), padded(weighted, 1 + yaxis)
+
+    def part(i: Any) -> jax.Array:
+        hpart = jax.lax.dynamic_slice_in_dim(hp, i * length, length, axis=1 + haxis)
+        gpart = jax.lax.dynamic_slice_in_dim(gp, i * length, length, axis=1 + yaxis)
+        return contribution(hpart, gpart)
+
+    return _toward_zero(_compensated_sum(part, chunks), w.dtype)
+
+
+@dataclasses.dataclass
+class _Pass:
+    """What one instrumented forward/backward pass over a batch gives."""
+
+    leaves: list
+    treedef: Any
+    plan: dict[int, Ghost]
+    dense: list[int]
+    operands: dict[int, jax.Array]
+    g_probe: dict[int, jax.Array]
+    g_dense: list[jax.Array]
+    aux: Any
+    size: int
+    acc: Any
+
+
+def _run(loss_fn: Callable[..., jax.Array], has_aux: bool, params: Any, batch: Any, args: tuple) -> _Pass:
+    leaves, treedef = jax.tree.flatten(params)
+    batch_leaves = jax.tree.leaves(batch)
+    if not batch_leaves:
+        raise ValueError("clipped_grad: the batch has no arrays to take the batch size from")
+    size = int(batch_leaves[0].shape[0])
+    for x in batch_leaves:
+        if x.shape[:1] != (size,):
+            raise ValueError(f"clipped_grad: batch leaves disagree on the batch size: shape {x.shape}, batch {size}")
+    acc = _accumulation_dtype(*[x.dtype for x in leaves])
+    flat_loss = lambda p, ex: loss_fn(jax.tree.unflatten(treedef, p), ex, *args)
+    one = jax.tree.map(lambda x: x[0], batch)
+    closed, out_shape = jax.make_jaxpr(flat_loss, return_shape=True)(leaves, one)
+    out_tree = jax.tree.structure(out_shape)
+    plan = {j: g for j, g in ghost_plan(closed, len(leaves)).items() if _usable(g, acc)}
+    dense = sorted(set(range(len(leaves))) - {g.leaf for g in plan.values()})
+
+    def single(probes: dict, dense_params: list, example: Any) -> Any:
+        flat = list(leaves)
+        for i, x in zip(dense, dense_params):
+            flat[i] = x
+        probe = _Probe(plan, probes)
+        invals = flat + jax.tree.leaves(example)
+        insrc = list(range(len(leaves))) + [None] * (len(invals) - len(leaves))
+        outs, _ = _evaluate(closed.jaxpr, closed.consts, invals, insrc, probe)
+        out = jax.tree.unflatten(out_tree, outs)
+        value, aux = out if has_aux else (out, None)
+        return value, (probe.operands, aux)
+
+    probes = {j: jnp.zeros(g.eqn.outvars[0].aval.shape, g.eqn.outvars[0].aval.dtype) for j, g in plan.items()}
+    grad_fn = jax.grad(single, argnums=(0, 1), has_aux=True)
+    (g_probe, g_dense), (operands, aux) = jax.vmap(grad_fn, in_axes=(None, None, 0))(
+        probes, [leaves[i] for i in dense], batch
+    )
+    return _Pass(leaves, treedef, plan, dense, operands, g_probe, g_dense, aux, size, acc)
+
+
+def _norms(run: _Pass, clip: float) -> jax.Array:
+    """(B,) squared norms to clip by: rigorous upper bounds, at least the rounding floor (module docstring)."""
+    acc = run.acc
+    bounds = {
+        j: jax.vmap(lambda h, g, ghost=ghost: _ghost_bound(h, g, ghost, acc))(run.operands[j], run.g_probe[j])
+        for j, ghost in run.plan.items()
+    }
+    zero = jnp.zeros((run.size,), acc)
+    floor = zero
+    for j, ghost in run.plan.items():
+        _, _, _, chunks, rows = _chunking(ghost, run.operands[j], run.g_probe[j])
+        floor = floor + (_gamma(rows + 1, acc) + 2 * _gamma(chunks, acc) ** 2) * bounds[j][1]
+    floor = floor / _ROUNDING_SHARE
+    dense_sq = [_sum_squares_upper(x, acc) for x in run.g_dense]
+    ghost_sq = {j: b[0] for j, b in bounds.items()}
+    total = _total_upper(list(ghost_sq.values()) + dense_sq, acc) if ghost_sq or dense_sq else zero
+    # Where a Gram-form value is not certified accurate and the bound decides the clipping, that
+    # weight's norms come from the formed products instead (rare: a cancelling example in the batch).
+    deciding = total > jnp.maximum(clip**2, jnp.square(floor))
+    for j, ghost in run.plan.items():
+        sq, _, err, value = bounds[j]
+        if _dims(ghost)[0] == 1:
+            continue
+        needed = jnp.any(deciding & (err > _CERTIFIED * value))
+        h, g = run.operands[j], run.g_probe[j]
+        exact = lambda sq=sq, h=h, g=g, ghost=ghost: jnp.minimum(sq, _exact_bounds(h, g, ghost, acc))
+        ghost_sq[j] = jax.lax.cond(needed, exact, lambda sq=sq: sq)
+    total = _total_upper(list(ghost_sq.values()) + dense_sq, acc) if ghost_sq or dense_sq else zero
+    return jnp.maximum(total, jnp.square(floor))  # NaN stays NaN: an invalid example stays invalid
+
+
+def clipping_norms(loss_fn: Callable[..., jax.Array], l2_clip_norm: float) -> Callable[..., jax.Array]:
+    """Returns f(params, batch, *args) -> (B,) the norms ``clipped_grad(loss_fn, l2_clip_norm)`` clips
+    each example by (NaN or inf for a dropped example): each at least the norm of the example's exact
+    gradient (module docstring). For tests and diagnostics; ``clipped_grad`` computes them itself."""
+    clip = _check_clip_norm(l2_clip_norm)
+
+    def f(params: Any, batch: Any, *args: Any) -> jax.Array:
+        return jnp.sqrt(_norms(_run(loss_fn, False, params, batch, args), clip))
+
+    return f
+
+
+def ghost_leaves(loss_fn: Callable[..., jax.Array], params: Any, example: Any, *args: Any) -> list[str]:
+    """The parameter leaves (``jax.tree_util.keystr`` paths, sorted) that ``clipped_grad`` handles by
+    ghost norms for ``loss_fn(params, example, *args)``; all others are materialised per example."""
+    leaves, treedef = jax.tree.flatten(params)
+    acc = _accumulation_dtype(*[x.dtype for x in leaves])
+    flat_loss = lambda p, ex: loss_fn(jax.tree.unflatten(treedef, p), ex, *args)
+    closed = jax.make_jaxpr(flat_loss)(leaves, example)
+    names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return sorted(names[g.leaf] for g in ghost_plan(closed, len(leaves)).values() if _usable(g, acc))
+
+
+def clipped_grad(
+    loss_fn: Callable[..., jax.Array],
+    l2_clip_norm: float,
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+    """Returns f(params, batch, *args) -> ClippedSum (and the per-example aux if ``has_aux``).
+
+    ``loss_fn(params, example, *args)`` is the loss of ONE example (no batch axis), as for
+    ``mfnoise.training.per_example.per_example_grads``; ``batch`` is a pytree of arrays with a leading batch
+    axis B; ``args`` are shared by all examples. The result's ``grads`` equal
+    ``clipped_sum(per_example_grads(loss_fn)(params, batch), l2_clip_norm)`` up to float rounding,
+    computed by ghost clipping where the loss allows it; each example is clipped by an upper bound on
+    its norm, and contributes at most l2_clip_norm * (1 + TOLERANCE) (module docstring). Jittable.
+    """
+    clip = _check_clip_norm(l2_clip_norm)
+
+    def f(params: Any, batch: Any, *args: Any) -> Any:
+        run = _run(loss_fn, has_aux, params, batch, args)
+        scale, finite = clip_weights(_norms(run, clip), clip)
+        out = list(run.leaves)
+        for i, x in zip(run.dense, run.g_dense):
+            out[i] = _weighted_sum(scale, finite, x)
+        for j, ghost in run.plan.items():
+            w = run.leaves[ghost.leaf]
+            fn = lambda h, g, ghost=ghost, w=w: _product_vjp(ghost, w, h, g, scale, run.acc)
+            out[ghost.leaf] = _weighted_rows(finite, fn, run.operands[j], run.g_probe[j])
+        result = ClippedSum(jax.tree.unflatten(run.treedef, out), jnp.sum(~finite).astype(jnp.int32), run.size, clip)
+        return (result, run.aux) if has_aux else result
+
+    return f
