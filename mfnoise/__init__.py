@@ -28,6 +28,7 @@ from mfnoise.strategies.io import load
 # name -> (module, attribute or None for the module itself).
 _LAZY: dict[str, tuple[str, str | None]] = {
     "optimize": ("mfnoise.optim.solver", "optimize"),
+    "OptimizeResult": ("mfnoise.optim.result", "OptimizeResult"),
     "dp_aggregate": ("mfnoise.training.transforms", "dp_aggregate"),
     "correlated_noise": ("mfnoise.training.transforms", "correlated_noise"),
     "mf_sgd": ("mfnoise.training.transforms", "mf_sgd"),
@@ -46,6 +47,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from mfnoise import library, verify  # noqa: F401
+    from mfnoise.optim.result import OptimizeResult  # noqa: F401
     from mfnoise.optim.solver import optimize  # noqa: F401
     from mfnoise.training import accounting, batching, noise  # noqa: F401
     from mfnoise.training.accounting import calibrate, epsilon  # noqa: F401
