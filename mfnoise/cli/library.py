@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 
-from mfnoise.library import catalog as library
+from mfnoise import library
 from mfnoise.strategies import io
 
 HELP = "list, show, locate and rebuild the precomputed strategies in strategies/"
@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--workload", help="prefix | momentum:0.9")
-    p.add_argument("--family", help="optimizer family: blt | banded-toeplitz | banded")
+    p.add_argument("--family", choices=(*library.OPTIMIZER_FAMILIES, *library.FAMILY_ALIASES),
+                   help="optimizer family (" + "; ".join(f"{a}: an alias of {f}" for a, f in
+                                                         library.FAMILY_ALIASES.items()) + ")")
     p.add_argument("--objective", choices=["rmse", "max"])
     p.add_argument("--match", help="shell pattern on the name, e.g. 'prefix-n1000-*'")
     p = action("show", "show one strategy's index entry and file metadata")
@@ -96,7 +98,7 @@ def _path(args: argparse.Namespace) -> dict:
 
 
 def _build(args: argparse.Namespace) -> dict:
-    folder = args.library or _default_folder()
+    folder = args.library or library.default_directory()
     if args.missing:
         specs = library.missing(folder)
     elif args.all or args.only:
@@ -135,14 +137,6 @@ def _build(args: argparse.Namespace) -> dict:
     if tmp is not None:
         result["directory"] = None  # discarded: this run only checked reproducibility
     return {"action": "build", "count": len(specs), **result}
-
-
-def _default_folder():
-    try:
-        return library.directory()
-    except FileNotFoundError:
-        # No library yet (a fresh build): the checkout's strategies/.
-        return library._candidates()[-1]
 
 
 def format_text(result: dict) -> str:

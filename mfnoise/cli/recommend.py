@@ -32,9 +32,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def format_text(r: dict) -> str:
-    size = {k: r[k] for k in ("buffers", "bands") if k in r}
+    size = "".join(f", {k} {r[k]}" for k in ("buffers", "bands") if k in r)
     lines = [
-        f"recommended: {r['name']} ({r['family']}{', ' + ', '.join(f'{k} {v}' for k, v in size.items()) if size else ''})",
+        f"recommended: {r['name']} ({r['family']}{size})",
         f"  {_key(r)} {r['error']:.6g}; noise state {r['state_bytes']:,} bytes"
         + (f" of a {r['memory_budget']:,}-byte budget" if r["memory_budget"] is not None else ""),
         f"  {r['relative_to_dp_sgd']:.3f} x DP-SGD's ({r['dp_sgd'][_key(r)]:.6g})",

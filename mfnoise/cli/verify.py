@@ -6,7 +6,7 @@ import argparse
 import fnmatch
 import os
 
-from mfnoise.library import catalog as library
+from mfnoise import library
 from mfnoise.verify import checks as verify
 
 HELP = "check a strategy file: integrity, sensitivity, A = B C, streamed noise, stored losses"

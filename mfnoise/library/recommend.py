@@ -17,8 +17,8 @@ import os
 from typing import Any
 
 from mfnoise.core import workloads
-from mfnoise.core.participation import Participation
-from mfnoise.library import catalog as library
+from mfnoise.library.index import directory, entries, read_index
+from mfnoise.library.specs import schema
 from mfnoise.strategies import error
 from mfnoise.strategies.identity import Identity
 
@@ -32,31 +32,30 @@ def state_bytes(state_arrays: int, params: int, itemsize: int = 4) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _dp_sgd(n: int, epochs: int, workload: str) -> tuple[float, float, float]:
-    p = Participation.epochs(n, epochs)
-    r = error.evaluate(Identity(n), workloads.parse(workload, n), p)
+    r = error.evaluate(Identity(n), workloads.parse(workload, n), schema(n, epochs))
     return r["rmse"], r["max_error"], r["sensitivity"]
 
 
 def dp_sgd(n: int, epochs: int, workload: str = "prefix") -> dict[str, Any]:
     """The DP-SGD (identity strategy, independent noise) candidate for the same schema."""
     rmse, max_error, sens = _dp_sgd(n, epochs, workload)
-    return {"name": "dp-sgd", "family": "identity", "optimizer_family": "identity", "state_arrays": 0,
+    return {"name": "dp-sgd", "family": Identity.family, "optimizer_family": Identity.family, "state_arrays": 0,
             "rmse": rmse, "max_error": max_error, "sensitivity": sens, "path": None}
 
 
 def candidates(n: int, epochs: int, workload: str = "prefix",
                folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Library entries for (workload, n, epochs), plus DP-SGD."""
-    found = library.entries(folder, workload=workload, n=n, epochs=epochs)
+    """Library entries for (workload, n, epochs), then DP-SGD (``dp_sgd``), last."""
+    found = entries(folder, workload=workload, n=n, epochs=epochs)
     if not found:
-        have = sorted({(e["workload"], e["n"], e["epochs"]) for e in library.read_index(folder)["strategies"]})
+        have = sorted({(e["workload"], e["n"], e["epochs"]) for e in read_index(folder)["strategies"]})
         ns = sorted({x[1] for x in have if x[0] == workload})
         es = sorted({x[2] for x in have if x[0] == workload and x[1] == n})
         hint = (f"for n={n} it has epochs {es}" if es else f"it has n in {ns}") if ns else \
             f"it has workloads {sorted({x[0] for x in have})}"
         raise ValueError(f"the library holds no strategy for workload {workload!r}, n={n}, epochs={epochs}; "
                          f"{hint} (or run `mfnoise optimize`)")
-    folder = library.directory() if folder is None else folder
+    folder = directory() if folder is None else folder
     out = [dict(e, path=os.fspath(os.path.join(folder, e["file"]))) for e in found]
     return out + [dp_sgd(n, epochs, workload)]
 
@@ -84,7 +83,7 @@ def recommend(n: int, epochs: int, params: int, memory_budget: int | None = None
     rank = sorted(cands, key=lambda c: (c[key], c["state_bytes"], c["name"]))
     fitting = [c for c in rank if memory_budget is None or c["state_bytes"] <= memory_budget]
     best, chosen = rank[0], fitting[0]  # DP-SGD needs no state, so something always fits
-    sgd = next(c for c in cands if c["family"] == "identity")
+    sgd = cands[-1]  # candidates() lists DP-SGD last
 
     def summary(c: dict[str, Any]) -> dict[str, Any]:
         return {"name": c["name"], key: c[key], "state_bytes": c["state_bytes"]}
@@ -103,7 +102,7 @@ def recommend(n: int, epochs: int, params: int, memory_budget: int | None = None
         "candidates": len(cands),
         "fitting": len(fitting),
     })
-    p = Participation.epochs(n, epochs)
+    p = schema(n, epochs)
     out.update({"n": n, "epochs": epochs, "max_participations": p.max_participations, "min_sep": p.min_sep,
                 "workload": workload})
     return out

@@ -414,7 +414,7 @@ def _losses(strategy, w, p, meta, rows_sq, dense_limit: int) -> dict[str, Any]:
 
 
 def _index(path: str, meta: dict[str, Any], index_entry: dict[str, Any]) -> dict[str, Any]:
-    from mfnoise.library import catalog as library
+    from mfnoise.library import index as library
 
     problems = []
     sha = library.file_sha256(path)

@@ -6,16 +6,17 @@ import fnmatch
 import hashlib
 import json
 import os
+import shlex
 import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import mfnoise
-from mfnoise import cli
+from mfnoise import cli, library
 from mfnoise.core.participation import Participation
-from mfnoise.library import catalog as library
 from mfnoise.strategies import io
 from mfnoise.verify import checks as verify
 
@@ -37,10 +38,21 @@ NEW_ENTRIES = (
 )
 
 
+def _optimize_args(command: str) -> dict:
+    """What an ``mfnoise optimize`` command asks for, as the CLI parses it (the family in the
+    library's vocabulary, the output by its file name)."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["mfnoise", "optimize"]
+    args = cli.build_parser()[0].parse_args(argv[1:])
+    return {"family": library.canonical_family(args.family), "bands": args.bands, "buffers": args.buffers,
+            "n": args.n, "epochs": args.epochs, "workload": args.workload, "objective": args.objective,
+            "out": Path(args.out).name}
+
+
 def _subset() -> list[dict]:
     """One entry per (optimizer family, objective, size class): the smallest n, and the largest;
     plus NEW_ENTRIES (those that exercised the optimizer's saturated decays and the last build)."""
-    chosen: dict[tuple, dict] = {name: BY_NAME[name] for name in NEW_ENTRIES if name in BY_NAME}
+    chosen: dict[object, dict] = {name: BY_NAME[name] for name in NEW_ENTRIES if name in BY_NAME}
     for e in sorted(ENTRIES, key=lambda e: (e["n"], -e["epochs"], e["name"])):
         size = e.get("buffers", e.get("bands"))
         chosen.setdefault((e["optimizer_family"], e["objective"], size > 4), e)
@@ -55,14 +67,19 @@ def test_index_is_well_formed():
     grid = {s.name: s for s in library.grid()}
     for e in ENTRIES:
         s = grid[e["name"]]  # every entry is a point of the grid, and fits it
-        p = Participation.epochs(s.n, s.epochs)
+        p = s.participation()
         assert (e["workload"], e["n"], e["epochs"], e["optimizer_family"], e["objective"]) == \
             (s.workload, s.n, s.epochs, s.family, s.objective)
-        assert (e["max_participations"], e["min_sep"], e["participation"]) == (p.max_participations, p.min_sep, "cyclic")
+        assert (e["max_participations"], e["min_sep"], e["participation"]) == \
+            (p.max_participations, p.min_sep, "cyclic")
         assert e["requested_" + s.size_key] == s.size and e[s.size_key] <= s.size
         assert e["file"] == f"{s.name}.npz"
-        assert e["command"] == s.command(f"strategies/{e['file']}")
-        assert e["command"].startswith("mfnoise optimize ")
+        # The command regenerates this entry: run in the library folder, it writes the entry's file.
+        assert e["command"] == s.command()
+        assert _optimize_args(e["command"]) == {"family": s.family, "bands": None, "buffers": None,
+                                                "n": s.n, "epochs": s.epochs, "workload": s.workload,
+                                                "objective": s.objective, "out": e["file"],
+                                                s.size_key: s.size}
         if s.family != "blt":
             assert s.size <= p.min_sep  # "where they fit"
         for key in ("rmse", "max_error", "sensitivity"):
@@ -85,10 +102,12 @@ def test_every_file_matches_its_index_entry():
         assert path.stat().st_size == e["bytes"]
         _, meta = io.read(os.fspath(path))
         assert meta["sha256"] == e["digest"]
-        assert meta["name"] == e["name"] and meta["command"] == e["command"]
+        # The file records the command it was built with (older files: with a folder and the
+        # optimizer's former family name); it asks for the same optimization as the index's.
+        assert meta["name"] == e["name"] and _optimize_args(meta["command"]) == _optimize_args(e["command"])
         for key in ("rmse", "max_error", "sensitivity"):
             assert meta[key] == e[key]
-        assert Participation.from_dict(meta["participation"]) == Participation.epochs(e["n"], e["epochs"])
+        assert Participation.from_dict(meta["participation"]) == library.schema(e["n"], e["epochs"])
         assert meta["workload"]["name"] == e["workload"]
         # The state the noise generator keeps is that of the stored strategy.
         size = meta["params"].get("buffers", meta["params"].get("bands", 0) - 1)
@@ -177,7 +196,8 @@ def test_get_by_name_and_by_criteria():
                      objective=e["objective"], **{size_key: e[size_key]})
     assert s2.arrays().keys() == s.arrays().keys()
     assert all(np.array_equal(s.arrays()[k], s2.arrays()[k]) for k in s.arrays())
-    assert library.path(e["name"]) == FOLDER.resolve() / e["file"] or library.path(e["name"]).samefile(FOLDER / e["file"])
+    assert library.path(e["name"]) == FOLDER.resolve() / e["file"] or \
+        library.path(e["name"]).samefile(FOLDER / e["file"])
     assert mfnoise.library.get is library.get
     with pytest.raises(ValueError, match="no strategy named"):
         library.get("no-such-strategy")
@@ -191,7 +211,7 @@ def test_found_from_env_checkout_and_package(tmp_path, monkeypatch):
     # The installed-package route: the package data mfnoise.library.data (the checkout's strategies/).
     import importlib.resources
 
-    packaged = Path(os.fspath(importlib.resources.files("mfnoise.library.data")))
+    packaged = Path(str(importlib.resources.files("mfnoise.library.data")))
     assert (packaged / "index.json").is_file() and packaged.samefile(FOLDER)
     monkeypatch.setenv(library.ENV_VAR, os.fspath(tmp_path))
     assert library.directory() == tmp_path
@@ -214,9 +234,39 @@ def test_grid_matches_the_issue():
     assert {s.epochs for s in grid} == {1, 2, 4, 8, 16, 32, 64}
     assert {(s.size, s.objective) for s in grid if s.family == "blt"} == {
         (d, o) for d in range(2, 7) for o in ("rmse", "max")}
-    assert {s.size for s in grid if s.family == "banded-toeplitz"} == {4, 16, 64}
+    assert {s.size for s in grid if s.family == "toeplitz"} == {4, 16, 64}
     assert max(s.n for s in grid if s.family == "banded") == 2000
     assert all(s.fits() for s in grid) and len({s.name for s in grid}) == len(grid)
+
+
+def test_one_family_vocabulary_with_the_old_name_as_an_alias(capsys):
+    """Families are the strategies' names; ``banded-toeplitz`` still selects ``toeplitz``; names stay."""
+    assert library.OPTIMIZER_FAMILIES == ("blt", "toeplitz", "banded")
+    assert {e["optimizer_family"] for e in ENTRIES} == {e["family"] for e in ENTRIES} == set(library.OPTIMIZER_FAMILIES)
+    old = library.Spec("prefix", 1000, 4, "banded-toeplitz", 16)
+    assert old == library.Spec("prefix", 1000, 4, "toeplitz", 16) and old.family == "toeplitz"
+    assert old.name == "prefix-n1000-e4-banded-toeplitz16-rmse" and old.name in BY_NAME
+    toeplitz = library.entries(optimizer_family="toeplitz")
+    assert toeplitz == library.entries(optimizer_family="banded-toeplitz") == library.entries(family="toeplitz")
+    assert toeplitz and all(e["family"] == "toeplitz" for e in toeplitz)
+    with pytest.raises(ValueError, match="unknown library family"):
+        library.Spec("prefix", 1000, 4, "dense", 16)
+    for family in ("toeplitz", "banded-toeplitz"):
+        assert cli.main(["library", "list", "--n", "1000", "--epochs", "4", "--family", family, "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)["strategies"]
+        assert {r["name"] for r in rows} == {e["name"] for e in toeplitz if e["n"] == 1000 and e["epochs"] == 4}
+
+
+def test_list_recommend_and_the_grid_give_no_warnings(capsys):
+    """The grid builds schemas whose k does not divide n on purpose: no EpochsWarning for them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert any(s.participation().max_participations != s.epochs for s in library.grid())
+        for argv in (["library", "list", "--n", "1000", "--epochs", "16"],
+                     ["recommend", "--n", "1000", "--epochs", "16", "--params", "1000"]):
+            assert cli.main(argv) == 0
+            out = capsys.readouterr()
+            assert "Warning" not in out.err and out.out.strip()
 
 
 def test_build_reproduces_a_shipped_entry(tmp_path):
@@ -264,7 +314,8 @@ def test_merge_takes_better_or_new_entries_and_keeps_better_shipped_ones(tmp_pat
 
     picks = sorted(ENTRIES, key=lambda e: e["bytes"])[:4]
     source, target = tmp_path / "new", tmp_path / "lib"
-    source.mkdir(), target.mkdir()
+    source.mkdir()
+    target.mkdir()
     for e in picks:
         shutil.copyfile(FOLDER / e["file"], source / e["file"])
         shutil.copyfile(FOLDER / e["file"], target / e["file"])

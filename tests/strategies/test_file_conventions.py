@@ -12,9 +12,9 @@ import sys
 import pytest
 
 import mfnoise
-from mfnoise import cli
+from mfnoise import cli, library
+from mfnoise.library import building
 from mfnoise.strategies import io
-from mfnoise.library import catalog as library
 
 FOLDER = library.directory()
 SMALLEST = min(library.read_index(FOLDER)["strategies"], key=lambda e: e["bytes"])
@@ -206,11 +206,11 @@ def test_cli_optimize_out(tmp_path, capsys, monkeypatch, umask):
 
 def test_cli_library_build_out(tmp_path, capsys, monkeypatch, umask):
     umask(0o022)
-    monkeypatch.setattr(library, "build_entry", _never)
+    monkeypatch.setattr(building, "build_entry", _never)
     argv = ["library", "build", "--only", SMALLEST["name"], "--json", "--out"]
     _refused(capsys, [*argv, str(tmp_path / "typo" / "lib")], str(tmp_path / "typo"))
     # the folder itself may be new (or exist); its index gets the usual mode
-    monkeypatch.setattr(library, "build_entry", lambda s, out: dict(SMALLEST))
+    monkeypatch.setattr(building, "build_entry", lambda s, out: dict(SMALLEST))
     for _ in range(2):
         assert cli.main([*argv, str(tmp_path / "lib")]) == 0
         assert json.loads(capsys.readouterr().out)["ok"]
