@@ -5,29 +5,35 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
+import sys
 
 from mfnoise.cli import schema
 from mfnoise.core import workloads
+from mfnoise.optim import problem
 from mfnoise.strategies import io
 
-HELP = "optimize a strategy (banded, banded-toeplitz, blt, dense) and write its strategy file"
+_FAMILIES = problem.families()
+_ALIASES = problem.deprecated_aliases()
+
+HELP = f"optimize a strategy ({', '.join(_FAMILIES)}) and write its strategy file"
 DESCRIPTION = """Optimize a correlated-noise strategy and write it as a strategy file (.npz).
 
   mfnoise optimize --family blt --buffers 5 --n 1000000 --objective max --out blt.npz
-  mfnoise optimize --family banded-toeplitz --bands 64 --n 4096 --epochs 4 --out bt.npz --json
+  mfnoise optimize --family toeplitz --bands 64 --n 4096 --epochs 4 --out bt.npz --json
   mfnoise optimize --family banded --bands 32 --n 1024 --min-sep 64 --max-participations 8 --out b.npz
 
 The reported sensitivity, rmse and max_error are recomputed exactly from the optimized strategy
 (as `mfnoise evaluate FILE` does), never taken from the optimizer. A progress bar (stderr) shows
 for runs over ~2 s; Ctrl-C stops early and still writes the best strategy found so far."""
 
-FAMILIES = ["banded", "banded-toeplitz", "blt", "dense"]
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", required=True, choices=FAMILIES, help="strategy family")
+    aliases = "".join(f"; {old} is a deprecated alias of {new}" for old, new in _ALIASES.items())
+    parser.add_argument("--family", required=True, choices=[*_FAMILIES, *_ALIASES],
+                        metavar="{" + ",".join(_FAMILIES) + "}",
+                        help=f"strategy family (banded Toeplitz: toeplitz with --bands{aliases})")
     schema.add_participation(parser, required=True)
-    parser.add_argument("--bands", type=int, help="bands (banded, banded-toeplitz)")
+    parser.add_argument("--bands", type=int, help="bands (banded, toeplitz)")
     parser.add_argument("--buffers", type=int, help="buffers (blt)")
     schema.add_workload(parser)
     parser.add_argument("--objective", choices=["rmse", "max"], default="rmse",
@@ -40,6 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-iterations", type=int, default=20_000, help="safety limit on iterations")
     parser.add_argument("--max-seconds", type=float, help="stop after this many seconds (keeps the best so far)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _family(args: argparse.Namespace) -> str:
+    """The family's registered name; a deprecated alias is said on stderr."""
+    if args.family in _ALIASES:
+        name = _ALIASES[args.family]
+        print(f"mfnoise: warning: --family {args.family} is deprecated; use --family {name} (the same problem)",
+              file=sys.stderr)
+        return name
+    return args.family
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -60,55 +76,48 @@ def command_line(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> dict:
     from mfnoise.optim.solver import optimize
 
+    args = argparse.Namespace(**{**vars(args), "family": _family(args)})
     if args.n is None or args.n < 1:
         raise ValueError(f"--n must be a positive integer, got {args.n}")
     for flag, value in (("--bands", args.bands), ("--buffers", args.buffers)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be positive, got {value}")
-    if args.buffers is not None and args.family != "blt":
-        raise ValueError(f"--buffers applies to --family blt, not {args.family}")
-    if args.bands is not None and args.family == "blt":
-        raise ValueError("--bands does not apply to --family blt (use --buffers)")
     if not (math.isfinite(args.tol) and args.tol >= 0):
         raise ValueError(f"--tol must be a non-negative number, got {args.tol}")
     io.output_folder(args.out, "--out")  # a mistyped folder fails now, not after the optimization
     p = schema.participation(args)
     w = workloads.parse(args.workload, args.n)
-    strategy, report = optimize(
+    # The family's builder refuses a size it does not take (--bands for blt, --buffers for the others).
+    strategy, result = optimize(
         w, p, args.family, bands=args.bands, buffers=args.buffers, objective=args.objective,
         method=args.method, tol=args.tol, max_iterations=args.max_iterations, max_seconds=args.max_seconds,
         progress=False if args.no_progress else None,
     )
     path = strategy.save(
-        args.out, participation=p, workload=w, rmse=report["rmse"], max_error=report["max_error"],
-        sensitivity=report["sensitivity"], objective=args.objective, command=command_line(args),
-        optimizer={k: report[k] for k in ("method", "iterations", "evaluations", "converged", "stopped", "seconds")},
+        args.out, participation=p, workload=w, rmse=result.rmse, max_error=result.max_error,
+        sensitivity=result.sensitivity, objective=args.objective, command=command_line(args),
+        optimizer={"method": result.method, "iterations": result.iterations, "evaluations": result.evaluations,
+                   "converged": result.converged, "stopped": result.stopped, "seconds": result.seconds},
     )
     out = {
-        "family": args.family,
+        "family": result.family,
         "n": p.n,
         "max_participations": p.max_participations,
         "min_sep": p.min_sep,
         "participation": p.kind,
         "workload": w.name,
         "objective": args.objective,
-    }
-    params = strategy.params()
-    if "bands" in params:
-        out["bands"] = params["bands"]
-    if "buffers" in params:
-        out["buffers"] = params["buffers"]
-    out.update({
-        "rmse": report["rmse"],
-        "max_error": report["max_error"],
-        "sensitivity": report["sensitivity"],
-        "sensitivity_exact": report["sensitivity_exact"],
-        "iterations": report["iterations"],
-        "converged": report["converged"],
-        "stopped": report["stopped"],
-        "seconds": report["seconds"],
+        **{k: v for k, v in result.params.items() if k in ("bands", "buffers")},
+        "rmse": result.rmse,
+        "max_error": result.max_error,
+        "sensitivity": result.sensitivity,
+        "sensitivity_exact": result.sensitivity_exact,
+        "iterations": result.iterations,
+        "converged": result.converged,
+        "stopped": result.stopped,
+        "seconds": result.seconds,
         "path": path,
-    })
+    }
     # the dense dual certifies its result: rmse >= dual_bound for every strategy of the family
-    out.update({k: report[k] for k in ("formulation", "dual_bound", "duality_gap") if k in report})
+    out.update({k: v for k, v in result.details.items() if k in ("formulation", "dual_bound", "duality_gap")})
     return out

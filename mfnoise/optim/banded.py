@@ -1,11 +1,12 @@
-"""The general banded (BandMF) problem: column-normalised banded C, O(n * bands^2) loss.
+"""The ``banded`` family's problem (BandMF): column-normalised banded C, O(n * bands^2) loss.
 
 Parameters: the raw columns x of shape (n, bands), x[t, j] ~ C[t + j, t], flattened. Inside the
 loss every column is scaled to unit norm, C[:, t] = x[t] / ||x[t]||, so with bands <= min_sep the
 columns of one participation pattern have disjoint supports and sens^2 = k (the reachable number
 of participations), a constant ("Multi-Epoch Matrix Factorization Mechanisms for Private Machine
-Learning", Choquette-Choo et al. 2023; "(Amplified) Banded Matrix Factorization: A unified
-approach to private training", Choquette-Choo et al. 2023). The objectives are then
+Learning", Choquette-Choo et al. 2023, arXiv:2211.06530; "(Amplified) Banded Matrix
+Factorization: A unified approach to private training", Choquette-Choo et al. 2023,
+arXiv:2306.08153). The objectives are then
 
     rmse^2    = k ||A C^{-1}||_F^2 / n,
     max_err^2 = k max_i ||(A C^{-1})[i, :]||^2.
@@ -49,7 +50,7 @@ import numpy as np
 from mfnoise.core import series
 from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload
-from mfnoise.optim.problem import Problem, check_arguments
+from mfnoise.optim.problem import Problem, check_arguments, register
 from mfnoise.strategies import closed_forms
 from mfnoise.strategies.banded import Banded
 from mfnoise.strategies.base import Strategy
@@ -75,7 +76,7 @@ def workload_inverse_columns(workload: Workload, max_bands: int = MAX_INVERSE_BA
     An explicit matrix (n <= DENSE_FALLBACK_LIMIT): its inverse, if banded.
     """
     n = workload.n
-    if workload.is_toeplitz:
+    if workload.coeffs is not None:  # Toeplitz
         r = series.reciprocal(workload.coeffs, n)
         band = _band_of(r[None, :], max_bands)
         if band is None:
@@ -85,7 +86,7 @@ def workload_inverse_columns(workload: Workload, max_bands: int = MAX_INVERSE_BA
         eta = np.asarray(workload.learning_rates, dtype=np.float64)
         if np.any(eta <= 0):
             return None
-        beta = float(workload.beta)
+        beta = 0.0 if workload.beta is None else float(workload.beta)
         cols = np.zeros((n, 3))
         cols[:, 0] = 1.0 / eta
         cols[:-1, 1] = -1.0 / eta[1:] - beta / eta[:-1]
@@ -119,13 +120,13 @@ def _cut_columns(cols: np.ndarray) -> np.ndarray:
     return np.where(t + j < n, cols, 0.0)
 
 
-def normalized(x: jax.Array, mask: jax.Array) -> jax.Array:
+def _normalized(x: jax.Array, mask: jax.Array) -> jax.Array:
     """C's columns from raw parameters: x[t] masked to rows < n and scaled to unit norm."""
     cols = x * mask
     return cols / jnp.sqrt(jnp.sum(cols * cols, axis=1, keepdims=True))
 
 
-def banded_product(c: jax.Array, ainv: np.ndarray) -> jax.Array:
+def _banded_product(c: jax.Array, ainv: np.ndarray) -> jax.Array:
     """Columns (n, bands + q - 1) of U = C A^{-1} for banded C (n, bands) and A^{-1} (n, q).
 
     U[s + j, s] = sum_i A^{-1}[s + i, s] C[s + j, s + i] = sum_i ainv[s, i] c[s + i, j - i].
@@ -172,8 +173,8 @@ def _inverse_blocks(lower: jax.Array) -> jax.Array:
     """L_k^{-1} for a batch (K, m, m) of lower-triangular blocks, by recursive 2×2 blocking.
 
     [[P, 0], [R, S]]^{-1} = [[P^{-1}, 0], [-S^{-1} R P^{-1}, S^{-1}]], log2(m) levels of batched
-    matmuls (the same arithmetic as a triangular inversion). XLA's batched triangular_solve on
-    CPU was 100x slower than these matmuls when the cores are shared, and matmuls suit GPUs.
+    matmuls (the same arithmetic as a triangular inversion): XLA's batched triangular_solve on
+    CPU is far slower than batched matmuls, and matmuls suit GPUs.
     """
     k, m, _ = lower.shape
     size = 1 << max(m - 1, 0).bit_length()  # next power of two; pad with an identity block
@@ -308,7 +309,7 @@ def smooth_max(r: jax.Array) -> jax.Array:
     return top * jnp.sum((r / top) ** p) ** (1.0 / p)
 
 
-def dense_from_columns(c: jax.Array) -> jax.Array:
+def _dense_from_columns(c: jax.Array) -> jax.Array:
     """The n×n lower-triangular matrix with columns c[t, j] = C[t + j, t] (for the fallback)."""
     n, bands = c.shape
     t, j = np.meshgrid(np.arange(n), np.arange(bands), indexing="ij")
@@ -318,7 +319,7 @@ def dense_from_columns(c: jax.Array) -> jax.Array:
 
 def _decoder_dense(c: jax.Array, a: np.ndarray) -> jax.Array:
     """B = A C^{-1} densely (fallback): solves C^T B^T = A^T."""
-    cd = dense_from_columns(c)
+    cd = _dense_from_columns(c)
     return jax.scipy.linalg.solve_triangular(cd.T, jnp.asarray(a).T, lower=False).T
 
 
@@ -370,10 +371,10 @@ def problem(
         blocking = _Blocking(n, min(bands + ainv.shape[1] - 1, n))
 
         def fro(c):
-            return frobenius_sq(banded_product(c, ainv), blocking)
+            return frobenius_sq(_banded_product(c, ainv), blocking)
 
         def rows(c):
-            return row_norms_sq(banded_product(c, ainv), blocking)
+            return row_norms_sq(_banded_product(c, ainv), blocking)
 
         how = f"banded-inverse O(n bands^2), block {blocking.m}"
     else:
@@ -397,13 +398,13 @@ def problem(
     if objective == "rmse":
 
         def loss(x):
-            c = normalized(x.reshape(n, bands), mask)
+            c = _normalized(x.reshape(n, bands), mask)
             return jnp.sqrt(k * fro(c) / n)
 
     else:
 
         def loss(x):
-            c = normalized(x.reshape(n, bands), mask)
+            c = _normalized(x.reshape(n, bands), mask)
             return jnp.sqrt(k * smooth_max(rows(c)))
 
     value_and_grad = jax.jit(jax.value_and_grad(loss))
@@ -444,3 +445,6 @@ def _initial_columns(workload: Workload, bands: int, init) -> np.ndarray:
     if not np.all(np.isfinite(out)) or np.any(out[:, 0] == 0):
         raise ValueError("init has a zero diagonal entry or non-finite values")
     return out
+
+
+register("banded", problem)

@@ -1,8 +1,9 @@
-"""Optimization problem for BLT (buffered linear Toeplitz) strategies, in closed form.
+"""The ``blt`` family's problem: BLT (buffered linear Toeplitz) strategies, in closed form.
 
 A BLT with d buffers is the Toeplitz C with c(x) = N(x) / D(x), D = prod_i (1 - theta_i x),
 N = prod_k (1 - theta'_k x), and C^{-1} is the BLT with decays theta' ("Efficient and Near-Optimal
-Noise Generation for Streaming Differential Privacy", Dvijotham et al. 2024; mfnoise.strategies.blt).
+Noise Generation for Streaming Differential Privacy", Dvijotham et al. 2024, arXiv:2404.16706;
+mfnoise.strategies.blt).
 
 Parametrisation. The 2d decays interlace, 0 < theta'_1 < theta_1 < theta'_2 < ... < theta'_d <
 theta_d < 1, which is exactly the set of BLTs with output scales omega_i > 0 whose inverse has
@@ -12,7 +13,7 @@ participation schema. The decays are held as delta = 1 - theta in log space (pre
 1 for n up to 10^7 and more): y_k = softplus(v_1) + ... + softplus(v_k) (increasing), log delta_(k)
 = -(TAU + h(y_k)), the odd-ranked ones theta', the even-ranked ones theta. Any v in R^{2d} is valid
 in exact arithmetic; in float64, gaps below its resolution can make two poles coincide, where the
-loss is NaN (a wall for the line search) and to_strategy refuses (blt_from_params).
+loss is NaN (a wall for the line search) and to_strategy refuses (_blt_from_params).
 h(y) = y / (1 + (y / L)^p)^(1/p) (p = SATURATION_POWER, L = LOG_DELTA_RANGE) is the identity up to
 a relative 5e-4 for y < L / 2 and saturates smoothly below L, so every decay lies in
 [1 - e^-TAU, 1 - e^-(TAU + L)] ~ [1e-7, 1 - 9e-14]: a decay whose optimum is 1 (a constant column,
@@ -33,15 +34,19 @@ Closed forms (no loss term touches n elements). Every sequence is a sum of geome
   O(m^2 d^2).
 Other Toeplitz workloads use the materialised b = a * (1 / c) (O(n d + n log n)).
 
+Stages. Without an ``init``, d buffers are found in d rounds (``Problem.stages``): round s
+optimises s active buffers (the others cancelled pairs, exactly no buffer), starting from the best
+(s-1)-buffer solution with one buffer inserted at each of several places (``_next_stage``); the
+best point over all rounds is kept, so d buffers are never worse than d - 1 (the paper above grows
+buffers the same way).
+
 The loss is log(objective), objective = max_error or rmse. The final strategy's numbers come from
 mfnoise.strategies.error.evaluate.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable
 from fractions import Fraction
 
 import jax
@@ -50,30 +55,16 @@ import numpy as np
 
 from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload
-from mfnoise.optim.problem import Problem, check_arguments
+from mfnoise.optim.problem import FAST_COMPILE, Problem, check_arguments, register
 from mfnoise.optim.toeplitz import series_multiply, workload_coeffs
 from mfnoise.strategies.blt import BLT, blt_inverse
 
 DEFAULT_BUFFERS = 4
 SERIES_TERMS = 16
-SMALL_X = 0.5
-CANCEL = -40.0
+_SMALL_X = 0.5
+_CANCEL = -40.0
 """Gap parameter of a cancelled pair: softplus(-40) ~ 4e-18 is below float64 resolution of log(1 - decay),
 so theta' == theta exactly, omega = 0, and the pair contributes exactly nothing (a BLT with one buffer fewer)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StagedProblem(Problem):
-    """A Problem solved in ``stages`` rounds: round s starts from ``next_stage(best x so far, s)``.
-
-    For BLTs with d buffers, round s optimises s active buffers (the others cancelled exactly),
-    starting from the best (s-1)-buffer solution with one buffer inserted; the best point over
-    all rounds is kept, so d buffers are never worse than d - 1 ("Efficient and Near-Optimal Noise
-    Generation for Streaming Differential Privacy" grows buffers the same way).
-    """
-
-    stages: int = 1
-    next_stage: Callable[[np.ndarray, int], np.ndarray] | None = None
 
 
 # -- stable geometric sums -----------------------------------------------------------------------
@@ -100,7 +91,7 @@ def _phi(x: jax.Array) -> jax.Array:
     return jnp.where(small, 1.0 - x / 2, -jnp.expm1(-safe) / safe)
 
 
-def geometric_sums(eps: jax.Array, n: jax.Array | int, sums: np.ndarray | None = None,
+def geometric_sums(eps: jax.Array, n: jax.Array | np.ndarray | int, sums: np.ndarray | None = None,
                    weighted: bool = False) -> jax.Array:
     """G_n(q) = sum_{j<n} q^j, or H_n(q) = sum_{j<n} (n - j) q^j if ``weighted``, q = 1 - eps.
 
@@ -110,11 +101,13 @@ def geometric_sums(eps: jax.Array, n: jax.Array | int, sums: np.ndarray | None =
     alternating series in L when x is small (no cancellation), else directly.
     """
     big_l = eps * _psi(eps)
-    x = n * big_l
-    g = n * _phi(x) * _psi(eps)
+    x = jnp.multiply(n, big_l)
+    g = jnp.multiply(n, _phi(x)) * _psi(eps)
     if not weighted:
         return g
-    small = x < SMALL_X
+    if sums is None:
+        raise ValueError("the weighted sums H_n need sums = power_sums(n, SERIES_TERMS)")
+    small = x < _SMALL_X
     # (n - G) / eps = psi * sum_{k>=1} (-1)^{k+1} L^{k-1} S_k / k!
     l_small = jnp.where(small, big_l, 0.0)
     series = 0.0
@@ -153,15 +146,15 @@ def unsaturate(z: np.ndarray) -> np.ndarray:
     return z / (1.0 - (z / LOG_DELTA_RANGE) ** SATURATION_POWER) ** (1.0 / SATURATION_POWER)
 
 
-def log_deltas(v, xp=jnp):
+def _log_deltas(v, xp=jnp):
     """log(1 - decay) of the 2d interlaced decays, decreasing (decays increasing), shape (2d,)."""
     softplus = jax.nn.softplus if xp is jnp else (lambda x: np.logaddexp(0.0, x))
     return -(TAU + saturate(xp.cumsum(softplus(v)), xp))
 
 
-def split(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _split(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(delta, delta') = 1 - (theta, theta') from the parameters (each shape (d,))."""
-    ld = log_deltas(v)
+    ld = _log_deltas(v)
     return jnp.exp(ld[1::2]), jnp.exp(ld[0::2])
 
 
@@ -182,7 +175,7 @@ def _residues(eps_poles, eps_zeros, extra_power: int = 0):
     return res
 
 
-def strategy_terms(delta: jax.Array, delta_inv: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _strategy_terms(delta: jax.Array, delta_inv: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(s0, r): c_j = s0 [j = 0] + sum_i r_i theta_i^j, with c_0 = s0 + sum r = 1."""
     theta = 1.0 - delta
     # r_i = prod_k (theta_i - theta'_k) / (theta_i prod_{l != i} (theta_i - theta_l))
@@ -191,7 +184,7 @@ def strategy_terms(delta: jax.Array, delta_inv: jax.Array) -> tuple[jax.Array, j
     return s0, r
 
 
-def rational_workload(workload: Workload) -> tuple[float, np.ndarray] | None:
+def _rational_workload(workload: Workload) -> tuple[float, np.ndarray] | None:
     """(eta, alpha) with a(x) = eta / prod_p (1 - alpha_p x), or None for other workloads."""
     if not workload.is_toeplitz:
         return None
@@ -208,7 +201,7 @@ def rational_workload(workload: Workload) -> tuple[float, np.ndarray] | None:
     return None
 
 
-def decoder_terms(delta: jax.Array, delta_inv: jax.Array, eta: float, alpha: np.ndarray):
+def _decoder_terms(delta: jax.Array, delta_inv: jax.Array, eta: float, alpha: np.ndarray):
     """(A, eps): b_j = sum_m A_m (1 - eps_m)^j for a = eta / prod_p (1 - alpha_p x)."""
     eps_poles = jnp.concatenate([jnp.asarray(1.0 - alpha), delta_inv])
     m = eps_poles.shape[0]
@@ -216,18 +209,18 @@ def decoder_terms(delta: jax.Array, delta_inv: jax.Array, eta: float, alpha: np.
     return eta * _residues(eps_poles, delta, extra_power=m - 1 - d), eps_poles
 
 
-def pair_eps(eps: jax.Array) -> jax.Array:
+def _pair_eps(eps: jax.Array) -> jax.Array:
     """1 - rho_m rho_l for all pairs, shape (M, M)."""
     return eps[:, None] + eps[None, :] - eps[:, None] * eps[None, :]
 
 
-def sum_squares(amps: jax.Array, eps: jax.Array, n: int, sums: np.ndarray, weighted: bool) -> jax.Array:
+def _sum_squares(amps: jax.Array, eps: jax.Array, n: int, sums: np.ndarray, weighted: bool) -> jax.Array:
     """sum_{j<n} w_j s_j^2 for s_j = sum_m amps_m (1 - eps_m)^j, w = 1 or n - j."""
-    g = geometric_sums(pair_eps(eps), n, sums, weighted)
+    g = geometric_sums(_pair_eps(eps), n, sums, weighted)
     return amps @ g @ amps
 
 
-def sensitivity_squared(s0: jax.Array, r: jax.Array, delta: jax.Array, p: Participation) -> jax.Array:
+def _sensitivity_squared(s0: jax.Array, r: jax.Array, delta: jax.Array, p: Participation) -> jax.Array:
     """sens^2 = sum_{i,j in {0, b, ..}} X[i, j] for c_j = s0 [j = 0] + sum_i r_i theta_i^j (c >= 0 decreasing)."""
     n, b = p.n, p.min_sep
     m = p.reachable_participations
@@ -242,7 +235,7 @@ def sensitivity_squared(s0: jax.Array, r: jax.Array, delta: jax.Array, p: Partic
     lag = np.array(qs, np.float64)
     count = np.array(lens, np.float64)
     w = np.array(weights)
-    eps2 = pair_eps(delta)  # (d, d)
+    eps2 = _pair_eps(delta)  # (d, d)
     big_l = -jnp.log1p(-delta)  # -log theta
     # sum_{l<=L} c_l c_{l+lag}: s0 c_lag + sum_{i,k} r_i r_k theta_k^lag G_{L+1}(theta_i theta_k), plus
     # s0^2 + 2 s0 sum r for lag = 0 (c_0 = s0 + sum r).
@@ -255,14 +248,14 @@ def sensitivity_squared(s0: jax.Array, r: jax.Array, delta: jax.Array, p: Partic
 
 
 # -- the problem -----------------------------------------------------------------------------------
-def _v_from_log_deltas(ld: np.ndarray) -> np.ndarray:
-    """v for decreasing log-deltas within (LOG_DELTA_MIN, -TAU) (the inverse of log_deltas)."""
+def params_from_log_deltas(ld: np.ndarray) -> np.ndarray:
+    """v for decreasing log-deltas within (LOG_DELTA_MIN, -TAU) (the inverse of _log_deltas)."""
     y = unsaturate(-np.asarray(ld, np.float64) - TAU)
     gaps = np.diff(np.concatenate([[0.0], y]))
     return np.log(np.expm1(np.maximum(gaps, 1e-300)))  # softplus^{-1}
 
 
-INIT_TOP = 0.4571
+_INIT_TOP = 0.4571
 """1 - the largest initial decay; not a round number, so that it does not coincide with a
 workload pole (momentum beta = 0.5 would make a double pole)."""
 
@@ -271,33 +264,33 @@ def init_params(buffers: int, n: int) -> np.ndarray:
     """v whose 2d decays have 1 - decay log-spaced from about 1/2 down to about 1/n (an
     exponential-sum quadrature of the square root's j^(-1/2) decay)."""
     k = 2 * buffers
-    ld = np.linspace(np.log(INIT_TOP), np.log(0.5 / n), k)
-    return _v_from_log_deltas(ld)
+    ld = np.linspace(np.log(_INIT_TOP), np.log(0.5 / n), k)
+    return params_from_log_deltas(ld)
 
 
 def _with_cancelled(active_ld: np.ndarray, buffers: int) -> np.ndarray:
     """v for the active (interlaced) log-deltas followed by cancelled pairs (omega = 0) below them."""
-    v = list(_v_from_log_deltas(active_ld))
+    v = list(params_from_log_deltas(active_ld))
     for _ in range(buffers - active_ld.size // 2):
-        v += [math.log(math.expm1(1.0)), CANCEL]
+        v += [math.log(math.expm1(1.0)), _CANCEL]
     return np.array(v)
 
 
-def staged_start(buffers: int, n: int) -> np.ndarray:
+def _staged_start(buffers: int, n: int) -> np.ndarray:
     """Round 1: one active buffer (log-spaced init), the other pairs cancelled."""
-    return _with_cancelled(np.log([INIT_TOP, 0.5 / n]), buffers)
+    return _with_cancelled(np.log([_INIT_TOP, 0.5 / n]), buffers)
 
 
-NEAR_ONE = math.log(1e-12)
+_NEAR_ONE = math.log(1e-12)
 """log(1 - decay) of the near-constant buffer that each round also tries (1 - decay = 1e-12)."""
 
 
-def next_stage(v: np.ndarray, stage: int, buffers: int, n: int) -> list[np.ndarray]:
+def _next_stage(v: np.ndarray, stage: int, buffers: int, n: int) -> list[np.ndarray]:
     """Starts for round ``stage``: the active pairs of v plus one new pair, inserted either inside
     each log gap between pairs (and above / below all), right next to an existing decay (optima often
     hold two nearly equal decays, approximating a double pole theta^j j, which local steps from a
     distant insertion miss), or next to 1 (1 - decay = 1e-12: a nearly constant column)."""
-    ld = log_deltas(np.asarray(v, np.float64), np)
+    ld = _log_deltas(np.asarray(v, np.float64), np)
     pairs = ld.reshape(-1, 2)
     active = pairs[pairs[:, 0] - pairs[:, 1] > 1e-12][: stage - 1].reshape(-1)
     # Slots where a pair may go without breaking interlacing: above the first, between pairs, below
@@ -310,15 +303,15 @@ def next_stage(v: np.ndarray, stage: int, buffers: int, n: int) -> list[np.ndarr
         hi, lo = slots[i + 1]
         eta = min(1e-2, (hi - lo) / 3)
         news.append(np.array([hi - eta, hi - 2 * eta]))
-    if active.size and active[-1] > NEAR_ONE + 2.0:
+    if active.size and active[-1] > _NEAR_ONE + 2.0:
         # A decay next to 1 (a nearly constant column): multi-epoch max-error optima often hold one,
         # and from the slots above, local steps rarely get that far into the saturated range.
         # Its inverse decay (the zero) below the others, so that its scale omega ~ 1 - zero is not tiny.
-        news.append(np.array([max(active[-1] - 2.0, NEAR_ONE + 1.0), NEAR_ONE]))
+        news.append(np.array([max(active[-1] - 2.0, _NEAR_ONE + 1.0), _NEAR_ONE]))
     return [_with_cancelled(np.sort(np.concatenate([active, new]))[::-1], buffers) for new in news]
 
 
-def params_from_blt(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
+def _params_from_blt(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
     """v for a BLT with omega > 0 (its inverse decays must be positive and distinct)."""
     order = np.argsort(np.asarray(theta, np.float64))
     theta = np.asarray(theta, np.float64)[order]
@@ -327,7 +320,7 @@ def params_from_blt(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
     decays[0::2], decays[1::2] = np.sort(inv_theta), theta
     if np.any(np.diff(decays) <= 0) or decays[0] <= 0 or decays[-1] >= 1:
         raise ValueError("init BLT must have omega > 0 and positive inverse decays (interlacing)")
-    return _v_from_log_deltas(np.log1p(-decays))
+    return params_from_log_deltas(np.log1p(-decays))
 
 
 def problem(workload: Workload, participation: Participation, *, objective: str = "rmse",
@@ -346,29 +339,29 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         raise ValueError(f"buffers must be positive, got {d}")
     stages = 1
     if init is None:
-        v0, stages = staged_start(d, n), d
+        v0, stages = _staged_start(d, n), d
     elif isinstance(init, BLT):
         if init.buffers != d:
             raise ValueError(f"init BLT has {init.buffers} buffers, expected {d}")
-        v0 = params_from_blt(init.theta, init.omega)
+        v0 = _params_from_blt(init.theta, init.omega)
     else:
         v0 = np.asarray(init, np.float64)
         if v0.shape != (2 * d,):
             raise ValueError(f"init has shape {v0.shape}, expected ({2 * d},)")
-    rational = rational_workload(workload)
+    rational = _rational_workload(workload)
     a = None if rational is not None else workload_coeffs(workload)
     weighted = objective == "rmse"
     sums = power_sums(n, SERIES_TERMS)
 
     def loss(v: jax.Array) -> jax.Array:
-        delta, delta_inv = split(v)
-        s0, r = strategy_terms(delta, delta_inv)
-        sens2 = sensitivity_squared(s0, r, delta, p)
+        delta, delta_inv = _split(v)
+        s0, r = _strategy_terms(delta, delta_inv)
+        sens2 = _sensitivity_squared(s0, r, delta, p)
         if rational is not None:
-            amps, eps = decoder_terms(delta, delta_inv, *rational)
-            err2 = sum_squares(amps, eps, n, sums, weighted)
+            amps, eps = _decoder_terms(delta, delta_inv, *rational)
+            err2 = _sum_squares(amps, eps, n, sums, weighted)
         else:
-            b = materialized_decoder(delta, delta_inv, jnp.asarray(a), n)
+            b = _materialized_decoder(delta, delta_inv, jnp.asarray(a), n)
             w = jnp.arange(n, 0, -1, dtype=b.dtype) if weighted else 1.0
             err2 = jnp.sum(w * b * b)
         if weighted:
@@ -376,31 +369,32 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         return 0.5 * (jnp.log(sens2) + jnp.log(err2))
 
     def to_strategy(v: np.ndarray) -> BLT:
-        return blt_from_params(v, n)
+        return _blt_from_params(v, n)
 
-    return StagedProblem(
+    return Problem(
         x0=np.asarray(v0, np.float64),
         value_and_grad=jax.value_and_grad(loss),
         to_strategy=to_strategy,
-        bounds=None,
         name=f"blt(n={n}, buffers={d}, {objective})",
         stages=stages,
-        next_stage=lambda v, stage: next_stage(v, stage, d, n),
+        next_stage=lambda v, stage: _next_stage(v, stage, d, n),
+        objective_from_loss=math.exp,
+        cpu_compiler_options=FAST_COMPILE,
     )
 
 
-def blt_from_params(v: np.ndarray, n: int) -> BLT:
+def _blt_from_params(v: np.ndarray, n: int) -> BLT:
     """The BLT of parameters v (numpy float64).
 
-    Cancelled pairs (omega = 0 exactly) are no buffers at all. Decays within MERGE_GAP of each other
+    Cancelled pairs (omega = 0 exactly) are no buffers at all. Decays within _MERGE_GAP of each other
     (only possible next to the saturation bound 1 - 9e-14, or for gaps below float64 resolution) are
     one buffer with the summed scale.
     """
-    ld = log_deltas(np.asarray(v, np.float64), np)
+    ld = _log_deltas(np.asarray(v, np.float64), np)
     delta, delta_inv = np.exp(ld[1::2]), np.exp(ld[0::2])
     theta = 1.0 - delta
     with np.errstate(invalid="ignore", divide="ignore"):  # coinciding poles: refused just below
-        omega = _residues(delta, delta_inv)  # r_i theta_i
+        omega = np.asarray(_residues(delta, delta_inv))  # r_i theta_i
     # A cancelled pair has omega = 0 exactly; a pair whose gap is below float64 resolution of its
     # decays, omega ~ 1e-20 or less: neither changes any c_j by more than 1e-16 / n (for j < n), and the
     # latter's inverse decays are not resolvable in float64, so neither is a buffer.
@@ -411,10 +405,10 @@ def blt_from_params(v: np.ndarray, n: int) -> BLT:
         raise ValueError(f"BLT parameters give non-finite output scales {omega}")
     if theta.size == 0:
         raise ValueError("BLT parameters cancel every buffer (the identity strategy, not a BLT)")
-    if theta.size > 1 and np.any(np.diff(theta) < MERGE_GAP):
-        # Consecutive decays closer than MERGE_GAP: one buffer, omega-weighted decay (first-order
+    if theta.size > 1 and np.any(np.diff(theta) < _MERGE_GAP):
+        # Consecutive decays closer than _MERGE_GAP: one buffer, omega-weighted decay (first-order
         # exact: sum_i omega_i theta_i^j = (sum omega) theta_bar^j + O(j^2 gap^2)).
-        group = np.concatenate([[0], np.cumsum(np.diff(theta) >= MERGE_GAP)])
+        group = np.concatenate([[0], np.cumsum(np.diff(theta) >= _MERGE_GAP)])
         total = np.bincount(group, weights=omega)
         theta, omega = np.bincount(group, weights=omega * theta) / total, total
     while theta.size > 1:
@@ -432,13 +426,13 @@ def blt_from_params(v: np.ndarray, n: int) -> BLT:
     return BLT(theta, omega, n)
 
 
-MERGE_GAP = 2.0**-46
+_MERGE_GAP = 2.0**-46
 """Decays closer than 64 float64 steps below 1 (~1.4e-14) are one buffer: their inverse's decays,
 between them, are not resolvable in float64 (the noise generator streams with those), and merging
 them changes c_j by at most omega j 1.4e-14 (omega > 0: no cancellation)."""
 
 
-def inverse_coeffs(delta: jax.Array, delta_inv: jax.Array, n: int) -> jax.Array:
+def _inverse_coeffs(delta: jax.Array, delta_inv: jax.Array, n: int) -> jax.Array:
     """First n coefficients of 1 / c = D / N (materialised, O(n d))."""
     amps = _residues(delta_inv, delta, extra_power=-1)  # prod (eps_z - eps_m) / (rho_m prod ...)
     s0_inv = 1.0 - jnp.sum(amps)
@@ -447,11 +441,9 @@ def inverse_coeffs(delta: jax.Array, delta_inv: jax.Array, n: int) -> jax.Array:
     return geo.at[0].add(s0_inv)
 
 
-def materialized_decoder(delta: jax.Array, delta_inv: jax.Array, a: jax.Array, n: int) -> jax.Array:
+def _materialized_decoder(delta: jax.Array, delta_inv: jax.Array, a: jax.Array, n: int) -> jax.Array:
     """b = a * (1 / c) mod x^n, shape (n,) (any Toeplitz workload)."""
-    return series_multiply(a, inverse_coeffs(delta, delta_inv, n), n)
+    return series_multiply(a, _inverse_coeffs(delta, delta_inv, n), n)
 
 
-def objective_from_loss(loss: float) -> float:
-    """The objective (rmse or max_error) that a loss value of this problem stands for."""
-    return math.exp(loss)
+register("blt", problem)

@@ -1,8 +1,9 @@
-"""The dense problem: any lower-triangular C, single or multi-epoch participation.
+"""The ``dense`` family's problem: any lower-triangular C, single or multi-epoch participation.
 
 The classic formulation ("Improved Differential Privacy for SGD via Optimal Private Linear
-Operators on Adaptive Streams", Denisov et al. 2022; "Multi-Epoch Matrix Factorization Mechanisms
-for Private Machine Learning", Choquette-Choo et al. 2023) optimises X = C^T C over positive
+Operators on Adaptive Streams", Denisov et al. 2022, arXiv:2202.08312; "Multi-Epoch Matrix
+Factorization Mechanisms for Private Machine Learning", Choquette-Choo et al. 2023,
+arXiv:2211.06530) optimises X = C^T C over positive
 definite matrices. We parametrise X by its factor: x holds the lower triangle of C (n (n+1) / 2
 entries), so X = C^T C is positive definite whenever diag(C) != 0, and C is exactly the strategy
 (the "reverse Cholesky" factor of X: C^T C = X with C lower triangular).
@@ -21,7 +22,7 @@ Sensitivity by normalisation, inside the loss:
   blocks X[P_c, P_c] are formed: O(n^2 k), not O(n^3).
 * min-sep participation with k > 1: sens^2 <= best(r), r_i = best_j(|X_ij|), the row bound that
   ``mfnoise.core.sensitivity.dense`` uses when there are too many patterns to enumerate (a dynamic
-  programme over separated steps, ``best_pattern_sum``); loss = rmse with that bound. Its max is
+  programme over separated steps, ``_best_pattern_sum``); loss = rmse with that bound. Its max is
   not smooth: L-BFGS follows a subgradient.
 
 The max objective uses ``mfnoise.optim.banded.smooth_max`` (an l_p norm within 1% above the max).
@@ -35,14 +36,14 @@ negative entries across patterns (which the sensitivity does not involve), so it
 ``exact=False`` ("cyclic-abs-bound") with the correct value.
 
 The dual (``formulation="dual"``; what ``mfnoise.optimize`` uses for the rmse objective under
-cyclic or single participation). The problem above is convex in X:
+cyclic or single participation: the family registers ``formulation="auto"``). The problem above is convex in X:
 
     min_X tr(M X^{-1})  s.t.  X > 0,  sum_{i, j in P_c} |X_ij| <= 1 for every c,   M = A^T A,
 
 and rmse^2 = tr(M X^{-1}) / n at its optimum. Writing the constraint as max over symmetric Z_c
 with |Z_c| <= 1 of <Z_c, X[P_c, P_c]>, its Lagrange dual ("Improved Differential Privacy for SGD
-via Optimal Private Linear Operators on Adaptive Streams", Denisov et al. 2022, for the diagonal
-case) is
+via Optimal Private Linear Operators on Adaptive Streams", Denisov et al. 2022, arXiv:2202.08312,
+for the diagonal case) is
 
     q(Lambda) = min_X tr(M X^{-1}) + tr(Lambda X) - sum_c mu_c = 2 tr((Y^T M Y)^{1/2}) - sum_c mu_c,
 
@@ -60,16 +61,19 @@ is k (k - 1) / 2 + 1 numbers per pattern (1792 for n = 1024, 4 epochs, against 5
 C for the primal), and q is smooth there: no kinks, unlike the primal's |X_ij|. A loss costs one
 symmetric eigendecomposition of Y^T M Y (n×n), with the gradient d tr(K^{1/2}) = tr(K^{-1/2} dK) / 2
 written out. The strategy is C with C^T C = X(Lambda) (a QR factorisation of
-diag(w^{1/4}) Q^T Y^{-1}, K = Q diag(w) Q^T, so X is never squared), then ``normalize``d: the
+diag(w^{1/4}) Q^T Y^{-1}, K = Q diag(w) Q^T, so X is never squared), then ``_normalize``d: the
 returned strategy is feasible at any Lambda, and the report gives the certified gap between its
 exact rmse (``mfnoise.strategies.error.evaluate``) and the dual bound sqrt(q / n).
+
+Both formulations run with a single-threaded BLAS (``Problem.single_threaded_blas``): their
+O(n^3) LAPACK calls (eigh, QR, Cholesky) gain little from a second thread and lose much when other
+work shares the cores.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +83,8 @@ import scipy.linalg
 from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload
 from mfnoise.optim.banded import smooth_max
-from mfnoise.optim.problem import Problem, check_arguments
+from mfnoise.optim.problem import Problem, check_arguments, register, single_threaded_blas
+from mfnoise.optim.result import OptimizeResult
 from mfnoise.strategies import closed_forms, error
 from mfnoise.strategies.base import Strategy
 from mfnoise.strategies.dense import Dense
@@ -90,19 +95,7 @@ DENSE_LIMIT = 4096
 FORMULATIONS = ("primal", "dual", "auto")
 
 
-@dataclasses.dataclass(frozen=True)
-class DualProblem(Problem):
-    """A Problem whose loss is -q(Lambda) / n, minus the dual bound on rmse^2 (see the module docstring).
-
-    objective_from_loss: loss -> the rmse lower bound sqrt(-loss) it certifies.
-    extra_report: (x, report) -> entries for the optimizer's report (the dual bound, the gap).
-    """
-
-    objective_from_loss: Callable[[float], float] | None = None
-    extra_report: Callable[[np.ndarray, dict], dict] | None = None
-
-
-def pattern_sums(c: jax.Array, b: int) -> jax.Array:
+def _pattern_sums(c: jax.Array, b: int) -> jax.Array:
     """S_c = sum_{i, j in P_c} |X_ij|, X = C^T C, for the cyclic patterns P_c = {c, c + b, ...}.
 
     Shape (b,). Columns past n are zero-padded, so the ragged last epoch needs no special case.
@@ -114,10 +107,15 @@ def pattern_sums(c: jax.Array, b: int) -> jax.Array:
     return jnp.sum(jnp.abs(x), axis=(1, 2))
 
 
-def best_pattern_sum(w: jax.Array, n: int, b: int, k: int) -> jax.Array:
+def _best_pattern_sum(w: jax.Array, n: int, b: int, k: int) -> jax.Array:
     """max over min-sep patterns P (|P| <= k, gaps >= b) of sum_{t in P} w[..., t], w >= 0.
 
-    The dynamic programme of ``mfnoise.core.sensitivity.best_pattern_sum``, in JAX.
+    The dynamic programme of ``mfnoise.core.sensitivity.best_pattern_sum`` (min-sep branch):
+    g_j = cummax(max(g_{j-1}, shift_b(g_{j-1}) + w)). It is written again here because the loss
+    needs it in JAX, traced under jit and differentiated (a subgradient of the max), which the
+    core routine, numpy float64 with its argument checks, cannot be; the final strategy's
+    sensitivity comes from the core routine. tests/optim/test_losses_banded.py checks that the
+    two agree.
     """
     def cummax(v):
         return jax.lax.cummax(v, axis=v.ndim - 1)
@@ -200,9 +198,9 @@ def problem(
     def normalisation(c):
         """(sqrt(S_{t mod b}): column t of C is divided by it, or None; the sens^2 bound, or None)."""
         if cyclic:
-            s = pattern_sums(c, b)
+            s = _pattern_sums(c, b)
             return jnp.sqrt(jnp.tile(s, -(-n // b))[:n]), None
-        return None, best_pattern_sum(best_pattern_sum(jnp.abs(c.T @ c), n, b, k), n, b, k)
+        return None, _best_pattern_sum(_best_pattern_sum(jnp.abs(c.T @ c), n, b, k), n, b, k)
 
     def loss(x):
         c = unpack(x)
@@ -220,15 +218,16 @@ def problem(
     def to_strategy(x: np.ndarray) -> Dense:
         c = np.zeros((n, n))
         c[rows, cols] = np.asarray(x, dtype=np.float64)
-        return Dense(normalize(c, participation))
+        return Dense(_normalize(c, participation))
 
     x0 = _initial_matrix(workload, init)[rows, cols]
     how = "cyclic pattern normalisation" if cyclic else "min-sep row bound"
     name = f"dense(n={n}, {objective}, {participation}, {how})"
-    return Problem(x0=x0, value_and_grad=value_and_grad, to_strategy=to_strategy, name=name)
+    return Problem(x0=x0, value_and_grad=value_and_grad, to_strategy=to_strategy, name=name,
+                   single_threaded_blas=True, formulation="primal")
 
 
-def normalize(c: np.ndarray, participation: Participation) -> np.ndarray:
+def _normalize(c: np.ndarray, participation: Participation) -> np.ndarray:
     """C scaled so that the sensitivity bound of the loss is 1 (numpy float64).
 
     Cyclic / single: columns of pattern P_c divided by sqrt(S_c). Min-sep: C / sqrt(row bound).
@@ -327,7 +326,7 @@ class DualLayout:
         return y.at[self.rows, self.cols].set(v * s[self.rows], unique_indices=True)
 
 
-def dual_problem(workload: Workload, participation: Participation) -> DualProblem:
+def dual_problem(workload: Workload, participation: Participation) -> Problem:
     """The Lagrange dual of the pattern-normalised rmse problem (module docstring), as a minimisation.
 
     Parameters theta (shape (m + b,)): the strictly lower entries of the L_c (m = sum over patterns
@@ -358,31 +357,37 @@ def dual_problem(workload: Workload, participation: Participation) -> DualProble
     x0 = np.concatenate([np.zeros(layout.m), np.full(b, 2.0 * math.log(nuclear / b))])
 
     def to_strategy(theta: np.ndarray) -> Dense:
-        raw = Dense(normalize(primal_matrix(theta), participation))
+        raw = Dense(_normalize(primal_matrix(theta), participation))
         cleaned = clean_kinks(raw.matrix, b)
         if cleaned is None:
             return raw
-        cleaned = Dense(normalize(cleaned, participation))
+        cleaned = Dense(_normalize(cleaned, participation))
         # Keep the cleaned strategy only if its exact rmse is no worse: never worse than the raw one.
         better = error.rmse(cleaned, workload, participation) <= error.rmse(raw, workload, participation)
         return cleaned if better else raw
 
     def primal_matrix(theta: np.ndarray) -> np.ndarray:
-        y = layout.y(np.asarray(theta, np.float64), np)
-        return primal_from_dual(y, apply_a(y, np))
+        y = np.asarray(layout.y(np.asarray(theta, np.float64), np))
+        return primal_from_dual(y, np.asarray(apply_a(y, np)))
 
-    def extra_report(theta: np.ndarray, report: dict) -> dict:
-        bound = math.sqrt(max(-float(report["loss"]), 0.0))  # theta is the best point: its loss
-        history = report.get("history") or []
+    def extra_report(theta: np.ndarray, result: OptimizeResult) -> dict[str, Any]:
+        bound = _rmse_bound(result.loss)  # theta is the best point: its loss
+        history = result.history
         change = (abs(history[-1] - history[-2]) / max(abs(history[-1]), abs(history[-2]), 1e-300)
                   if len(history) >= 2 else None)
         return {"formulation": "dual", "dual_bound": bound,
-                "duality_gap": report["rmse"] / bound - 1.0 if bound > 0 else math.inf,
+                "duality_gap": result.rmse / bound - 1.0 if bound > 0 else math.inf,
                 "final_relative_change": change}
 
     name = f"dense(n={n}, rmse, {participation}, dual of the pattern normalisation)"
-    return DualProblem(x0=x0, value_and_grad=jax.value_and_grad(loss), to_strategy=to_strategy, name=name,
-                       objective_from_loss=lambda v: math.sqrt(max(-float(v), 0.0)), extra_report=extra_report)
+    return Problem(x0=x0, value_and_grad=jax.value_and_grad(loss), to_strategy=to_strategy, name=name,
+                   objective_from_loss=_rmse_bound, extra_report=extra_report, single_threaded_blas=True,
+                   formulation="dual")
+
+
+def _rmse_bound(loss: float) -> float:
+    """The lower bound sqrt(q / n) on the optimal rmse that a dual loss -q / n certifies."""
+    return math.sqrt(max(-float(loss), 0.0))
 
 
 def primal_from_dual(y: np.ndarray, ay: np.ndarray) -> np.ndarray:
@@ -395,8 +400,8 @@ def primal_from_dual(y: np.ndarray, ay: np.ndarray) -> np.ndarray:
         raise ValueError("the dual point gives a singular Y^T M Y (is the workload invertible?)")
     # X = F^T F with F = diag(w^{1/4}) Q^T Y^{-1}; F[:, ::-1] = Q' R (R upper) gives
     # X = P R^T R P (P the reversal), so C = P R P is lower triangular.
-    f = (w ** 0.25)[:, None] * scipy.linalg.solve_triangular(y, q, lower=True, trans="T").T
-    r = scipy.linalg.qr(f[:, ::-1], mode="r", check_finite=False)[0]
+    f = (w ** 0.25)[:, None] * scipy.linalg.solve_triangular(y, q, lower=True, trans=1).T  # Y^{-T} Q
+    r = np.asarray(scipy.linalg.qr(f[:, ::-1], mode="r", check_finite=False)[0])
     c = r[::-1, ::-1]
     return c * np.sign(np.diag(c))[:, None]  # row signs do not change C^T C
 
@@ -427,3 +432,15 @@ def clean_kinks(c: np.ndarray, b: int) -> np.ndarray | None:
     except np.linalg.LinAlgError:
         return None
     return c2 if np.all(np.isfinite(c2)) and np.all(np.diag(c2) > 0) else None
+
+
+def _problem(workload: Workload, participation: Participation, *, objective: str = "rmse", bands: int | None = None,
+             buffers: int | None = None, init: Strategy | np.ndarray | None = None) -> Problem:
+    """What the family registers: ``problem`` with ``formulation="auto"`` (the dual where it
+    applies), built with a single-threaded BLAS like the rest of the run."""
+    with single_threaded_blas():
+        return problem(workload, participation, objective=objective, bands=bands, buffers=buffers, init=init,
+                       formulation="auto")
+
+
+register("dense", _problem)

@@ -1,17 +1,21 @@
 """Offline strategy optimization: ``mfnoise.optimize(workload, participation, family=...)``.
 
-Each family has a problem module (``mfnoise.optim.<family>``) giving a flat float64 parameter
-vector, a jittable loss (an increasing function of rmse or max_error) with its gradient, and the
-map back to a Strategy. Here a quasi-Newton method minimises it:
+Each family's loss module (``mfnoise.optim.<family>``) registers a builder of its ``Problem``
+(``mfnoise.optim.problem``): a flat float64 parameter vector, a jittable loss (an increasing
+function of rmse or max_error) with its gradient, and the map back to a Strategy. Here a
+quasi-Newton method minimises it, whatever the family:
 
-* ``method="scipy"`` (default): scipy's L-BFGS-B (Byrd, Lu, Nocedal & Zhu 1995) on the jitted
-  float64 value-and-gradient; box bounds are honoured. benchmarks/optimize.py compares it with
-  ``method="optax"`` (optax.lbfgs with its zoom line search, one jitted step per iteration).
+* ``method="scipy"`` (default): scipy's L-BFGS-B ("A Limited Memory Algorithm for Bound
+  Constrained Optimization", Byrd, Lu, Nocedal & Zhu 1995, SIAM J. Sci. Comput. 16(5)) on the
+  jitted float64 value-and-gradient; box bounds are honoured. benchmarks/optimize.py compares it
+  with ``method="optax"`` (optax.lbfgs with its zoom line search, one jitted step per iteration).
 * Stopping on a tolerance: relative decrease of the loss below ``tol`` (L-BFGS-B's ftol) or
   projected gradient below ``gtol``, with ``max_iterations`` as a safety net only.
+* Stages: a problem with ``stages`` > 1 is solved in rounds from ``next_stage``'s starts, the
+  best point over all of them kept.
 * Progress: a tqdm bar on stderr (loss, iteration) once a run has lasted ``progress_delay``
   seconds; ``callback(Progress)`` after every iteration (return True to stop); Ctrl-C stops the
-  run and keeps the best strategy found so far (``report["interrupted"]``).
+  run and keeps the best strategy found so far (``OptimizeResult.interrupted``).
 
 The returned strategy's sensitivity, rmse and max_error are always recomputed by the
 foundation's exact routines (``mfnoise.strategies.error.evaluate``), never taken from the loss.
@@ -20,13 +24,13 @@ foundation's exact routines (``mfnoise.strategies.error.evaluate``), never taken
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import importlib
 import math
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -35,16 +39,12 @@ import scipy.optimize
 
 from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload, parse
-from mfnoise.optim.problem import Problem
+from mfnoise.optim import problem as problems
+from mfnoise.optim.problem import Problem, single_threaded_blas
+from mfnoise.optim.result import OptimizeResult
 from mfnoise.strategies import error
 from mfnoise.strategies.base import Strategy
 
-PROBLEMS = {
-    "banded": "mfnoise.optim.banded",
-    "dense": "mfnoise.optim.dense",
-    "banded-toeplitz": "mfnoise.optim.toeplitz",
-    "blt": "mfnoise.optim.blt",
-}
 METHODS = ("scipy", "optax")
 
 
@@ -73,26 +73,24 @@ class _Tracker:
             self.best_x = np.array(x, dtype=np.float64, copy=True)
 
 
-class _Stop(Exception):
-    pass
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the iterations give: the best point, its loss and how the run went."""
 
-
-def problem_module(family: str):
-    """The problem module of a family (ValueError naming the families if unknown)."""
-    if family not in PROBLEMS:
-        raise ValueError(f"unknown family {family!r}: expected one of {sorted(PROBLEMS)}")
-    try:
-        return importlib.import_module(PROBLEMS[family])
-    except ModuleNotFoundError as e:
-        if e.name == PROBLEMS[family]:
-            raise ValueError(f"family {family!r} is not available in this build ({e.name} missing)") from None
-        raise
+    x: np.ndarray
+    loss: float
+    initial_loss: float
+    history: tuple[float, ...]
+    evaluations: int
+    converged: bool
+    stopped: str | None
+    compile_seconds: float
 
 
 def optimize(
     workload: Workload | str,
     participation: Participation,
-    family: str = "banded-toeplitz",
+    family: str = "toeplitz",
     *,
     bands: int | None = None,
     buffers: int | None = None,
@@ -106,32 +104,32 @@ def optimize(
     callback: Callable[[Progress], bool | None] | None = None,
     progress: bool | None = None,
     progress_delay: float = 2.0,
-) -> tuple[Strategy, dict]:
+) -> tuple[Strategy, OptimizeResult]:
     """Finds a strategy of ``family`` minimising ``objective`` for ``workload`` under ``participation``.
 
     Args:
       workload: a Workload (or its spec string, e.g. "prefix", "momentum:0.9") of size n.
       participation: the schema the strategy must be private for (its sensitivity is exact for it).
-      family: "banded" (column-normalised BandMF), "banded-toeplitz", "blt" or "dense".
+      family: a registered family (``mfnoise.optim.problem.families()``): "banded"
+        (column-normalised BandMF), "toeplitz" (banded Toeplitz with ``bands``), "blt" or
+        "dense"; "banded-toeplitz" is a deprecated alias of "toeplitz".
       bands / buffers: the size of the banded / BLT strategy (family defaults when None).
       objective: "rmse" (sens * ||A C^-1||_F / sqrt(n)) or "max" (sens * max row norm).
       init: the family's initial value (see its problem module); default a closed form.
       method: "scipy" (L-BFGS-B) or "optax" (optax.lbfgs).
       tol, gtol: stop when the relative loss decrease is below tol or the gradient below gtol.
-      max_iterations, max_seconds: safety limits (the report says when one of them stopped it).
+      max_iterations, max_seconds: safety limits (the result says when one of them stopped it).
       callback: called with a Progress after each iteration; returning True stops the run.
       progress: show a progress bar on stderr (None: only once the run lasts progress_delay s).
 
     Returns:
-      (strategy, report): report has family, n, objective, method, iterations, evaluations,
-      history (the loss after each iteration), objective_history (the same as rmse / max_error
-      where the family's loss says how), initial_loss, loss, seconds (total wall time), compile_seconds,
-      optimize_seconds, converged, stopped (why), interrupted, and the exact sensitivity,
-      sensitivity_exact, rmse and max_error from ``mfnoise.strategies.error.evaluate``. The dense family with
-      the rmse objective under cyclic or single participation is solved through its Lagrange dual
-      (``mfnoise.optim.dense``): its loss is minus a lower bound on rmse^2, objective_history is
-      that bound on rmse, and the report adds formulation, dual_bound, duality_gap (rmse / bound
-      - 1, a certificate of optimality) and final_relative_change.
+      (strategy, result): the result (``OptimizeResult``) holds the run (iterations, history,
+      loss, timings, why it stopped) and the exact sensitivity, rmse and max_error of the
+      strategy from ``mfnoise.strategies.error.evaluate``; ``result["rmse"]`` reads it as the
+      dict report did. The dense family with the rmse objective under cyclic or single
+      participation is solved through its Lagrange dual (``mfnoise.optim.dense``): its loss is
+      minus a lower bound on rmse^2, objective_history is that bound on rmse, and the details
+      give the bound and the duality gap, a certificate of optimality.
     """
     start = time.perf_counter()
     if not isinstance(participation, Participation):
@@ -142,60 +140,53 @@ def optimize(
         raise ValueError(f"workload has n={workload.n} but participation has n={participation.n}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    module = problem_module(family)
-    # The dense family's O(n^3) LAPACK calls (eigh, QR, Cholesky) run single-threaded: on 2 cores a
-    # second OpenBLAS thread saves ~25% when the machine is quiet (eigh n=1024: 0.14 vs 0.18 s) but
-    # costs 3-50x when other jobs share the cores (0.5-9.7 s CPU per eigh, measured here).
-    blas = _single_threaded_blas() if family == "dense" else contextlib.nullcontext()
+    family = problems.family_name(family)
+    with jax.enable_x64(True):
+        prob = problems.builder(family)(workload, participation, objective=objective, bands=bands,
+                                        buffers=buffers, init=init)
+    blas = single_threaded_blas() if prob.single_threaded_blas else contextlib.nullcontext()
     with blas:
         with jax.enable_x64(True):
-            # The dense family solves the rmse problem under cyclic / single participation through
-            # its dual (smooth, k (k - 1) / 2 + 1 parameters per pattern, not n (n + 1) / 2 entries of C).
-            extra = {"formulation": "auto"} if family == "dense" else {}
-            prob = module.problem(workload, participation, objective=objective, bands=bands, buffers=buffers,
-                                  init=init, **extra)
             kw = dict(tol=tol, gtol=gtol, max_iterations=max_iterations, max_seconds=max_seconds,
                       callback=callback, progress=progress, progress_delay=progress_delay, start=start)
             if method == "scipy":
-                result = _run_staged(_scipy_stage, prob, _jitted(prob, family), **kw)
+                run = _run_staged(_scipy_stage, prob, _jitted(prob), **kw)
             else:
-                result = _run_staged(functools.partial(_optax_stage, prob=prob), prob, _jitted(prob, family), **kw)
+                run = _run_staged(functools.partial(_optax_stage, prob=prob), prob, _jitted(prob), **kw)
         optimize_seconds = time.perf_counter() - start
-        strategy = prob.to_strategy(result["x"])
+        strategy = prob.to_strategy(run.x)
         exact = error.evaluate(strategy, workload, participation)
-        # A problem may say how its loss maps to the objective (the dense dual: a lower bound), else
-        # its module.
-        to_objective = getattr(prob, "objective_from_loss", None) or getattr(module, "objective_from_loss", None)
-    report = {
-        "family": family,
-        "n": participation.n,
-        "max_participations": participation.max_participations,
-        "min_sep": participation.min_sep,
-        "participation": participation.kind,
-        "workload": workload.name,
-        **strategy.params(),
-        "objective": objective,
-        "method": method,
-        "problem": prob.name,
-        "iterations": result["iterations"],
-        "evaluations": result["evaluations"],
-        "history": result["history"],
-        # The objective itself per iteration, where the family's loss says how (log(objective) for
-        # banded-toeplitz and blt); otherwise only the loss history.
-        "objective_history": ([to_objective(v) for v in result["history"]] if to_objective else None),
-        "initial_loss": result["initial_loss"],
-        "loss": result["loss"],
-        "converged": result["converged"],
-        "stopped": result["stopped"],
-        "interrupted": result["stopped"] == "interrupted",
-        "compile_seconds": result["compile_seconds"],
-        "optimize_seconds": optimize_seconds,
-        **exact,
-    }
-    if getattr(prob, "extra_report", None) is not None:  # e.g. the dense dual's bound and gap
-        report.update(prob.extra_report(result["x"], report))
-    report["seconds"] = time.perf_counter() - start
-    return strategy, report
+    to_objective = prob.objective_from_loss
+    result = OptimizeResult(
+        family=family,
+        n=participation.n,
+        max_participations=participation.max_participations,
+        min_sep=participation.min_sep,
+        participation=participation.kind,
+        workload=workload.name,
+        params=strategy.params(),
+        objective=objective,
+        method=method,
+        problem=prob.name,
+        iterations=len(run.history),
+        evaluations=run.evaluations,
+        history=run.history,
+        objective_history=None if to_objective is None else tuple(to_objective(v) for v in run.history),
+        initial_loss=run.initial_loss,
+        loss=run.loss,
+        converged=run.converged,
+        stopped=run.stopped,
+        compile_seconds=run.compile_seconds,
+        optimize_seconds=optimize_seconds,
+        sensitivity=exact["sensitivity"],
+        sensitivity_exact=exact["sensitivity_exact"],
+        sensitivity_method=exact["sensitivity_method"],
+        rmse=exact["rmse"],
+        max_error=exact["max_error"],
+        seconds=math.nan,
+    )
+    details = prob.extra_report(run.x, result)
+    return strategy, dataclasses.replace(result, details=details, seconds=time.perf_counter() - start)
 
 
 def _progress_bar(prob: Problem, progress: bool | None, delay: float):
@@ -205,14 +196,9 @@ def _progress_bar(prob: Problem, progress: bool | None, delay: float):
                 disable=progress is False, delay=0.0 if progress else delay, dynamic_ncols=True)
 
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-"""XLA CPU options for the Toeplitz and BLT losses: their graphs are small and cheap to run, and
-compiling dominates a run (about 2x faster to compile, same speed to run; measured here)."""
-
-
-def _jitted(prob: Problem, family: str):
-    options = FAST_COMPILE if family in ("banded-toeplitz", "blt") and jax.default_backend() == "cpu" else None
-    vg = jax.jit(prob.value_and_grad, compiler_options=options)
+def _jitted(prob: Problem) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+    options = prob.cpu_compiler_options if jax.default_backend() == "cpu" else None
+    vg = jax.jit(prob.value_and_grad, compiler_options=None if options is None else dict(options))
 
     def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
         v, g = vg(jnp.asarray(x, jnp.float64))
@@ -221,10 +207,12 @@ def _jitted(prob: Problem, family: str):
     return fun
 
 
-def _run_staged(runner, prob: Problem, fun, **kw) -> dict:
-    """Runs ``runner`` once per stage of the problem (one for plain Problems), sharing the tracker,
-    the history and the iteration budget; the best point over all stages is the result."""
-    stages = int(getattr(prob, "stages", 1) or 1)
+_STOPS_EARLY = ("converged", "max_iterations")
+
+
+def _run_staged(runner, prob: Problem, fun, **kw) -> _Run:
+    """Runs ``runner`` once per start of every stage of the problem, sharing the tracker, the
+    history and the iteration budget; the best point over all of them is the result."""
     tracker = _Tracker()
     history: list[float] = []
     x = np.asarray(prob.x0, np.float64)
@@ -235,26 +223,26 @@ def _run_staged(runner, prob: Problem, fun, **kw) -> dict:
         raise ValueError(f"the loss of {prob.name} is not finite at its initial point (loss={initial_loss})")
     tracker.see(x, initial_loss)
     bar = _progress_bar(prob, kw.pop("progress"), kw.pop("progress_delay"))
-    stopped, converged = None, True
+    stopped, converged, ok = None, True, True
     try:
-        for stage in range(1, stages + 1):
+        for stage in range(1, prob.stages + 1):
+            assert tracker.best_x is not None  # the initial point is finite, so it was seen
             starts = [x] if stage == 1 else prob.next_stage(tracker.best_x, stage)
-            if isinstance(starts, np.ndarray) and starts.ndim == 1:
-                starts = [starts]
             for x in starts:  # the tracker keeps the best point over every start
                 stopped, ok = runner(fun, x, tracker, history, bar, prob.bounds, **kw)
                 converged = converged and ok
-                if stopped not in ("converged", "max_iterations") and not ok:
+                if stopped not in _STOPS_EARLY and not ok:
                     break
-            if stopped not in ("converged", "max_iterations") and not ok:
+            if stopped not in _STOPS_EARLY and not ok:
                 break
     except KeyboardInterrupt:
         stopped, converged = "interrupted", False
     finally:
         bar.close()
-    return {"x": tracker.best_x, "loss": tracker.best_loss, "initial_loss": initial_loss, "history": history,
-            "iterations": len(history), "evaluations": tracker.evaluations, "converged": converged,
-            "stopped": stopped, "compile_seconds": compile_seconds}
+    assert tracker.best_x is not None
+    return _Run(x=tracker.best_x, loss=tracker.best_loss, initial_loss=initial_loss, history=tuple(history),
+                evaluations=tracker.evaluations, converged=converged, stopped=stopped,
+                compile_seconds=compile_seconds)
 
 
 def _report_iteration(history, bar, tracker, callback, start, max_seconds, v, x) -> str | None:
@@ -267,17 +255,6 @@ def _report_iteration(history, bar, tracker, callback, start, max_seconds, v, x)
     if max_seconds is not None and time.perf_counter() - start > max_seconds:
         return "max_seconds"
     return None
-
-
-def _single_threaded_blas():
-    """L-BFGS-B's BLAS calls are on vectors of a few thousand entries: threads only add hand-off
-    latency (6 ms per iteration on a busy 2-core machine, measured here). threadpoolctl is a dependency;
-    without it (a stripped install) the BLAS keeps its own threading."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
 
 
 def _scipy_stage(fun, x0, tracker, history, bar, bounds, *, tol, gtol, max_iterations, max_seconds,
@@ -302,7 +279,7 @@ def _scipy_stage(fun, x0, tracker, history, bar, bounds, *, tol, gtol, max_itera
 
     if bounds is not None:
         bounds = list(zip(np.asarray(bounds[0], np.float64), np.asarray(bounds[1], np.float64)))
-    with _single_threaded_blas():
+    with single_threaded_blas():
         res = scipy.optimize.minimize(
             f, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=cb,
             options={"maxiter": max(1, max_iterations - len(history)), "ftol": tol, "gtol": gtol,
@@ -360,7 +337,7 @@ def _optax_step(prob: Problem):
     def step(x, state):
         v, g = prob.value_and_grad(x)
         updates, state = opt.update(g, state, x, value=v, grad=g, value_fn=loss_fn)
-        x_new = optax.apply_updates(x, updates)
+        x_new = cast(jax.Array, optax.apply_updates(x, updates))
         if lower is not None:
             x_new = jnp.clip(x_new, lower, upper)  # projection: optax.lbfgs has no bounds
         return x_new, state, v, g

@@ -1,15 +1,18 @@
-"""Optimization problem for (banded) Toeplitz strategies C[i, j] = c_{i-j}, j - i < bands.
+"""The ``toeplitz`` family's problem: (banded) Toeplitz strategies C[i, j] = c_{i-j}, i - j < bands.
 
 For a Toeplitz workload A (first column a) the decoder B = A C^{-1} is Toeplitz with first column
 b = a / c (power series mod x^n), so
 
     ||B||_F^2 = sum_j (n - j) b_j^2,      max_i ||B[i, :]||^2 = sum_{j<n} b_j^2   (the last row).
 
-b is computed in O(n log n) by a Newton iteration for 1 / c (each step an FFT product, doubling
-the number of exact coefficients) and one FFT product; JAX differentiates through it.
+b is computed by a blocked recurrence in O(n bands) (``decoder_coeffs``), or past
+``_FFT_ABOVE_BANDS`` bands in O(n log n) by a Newton iteration for 1 / c (each step an FFT
+product, doubling the number of exact coefficients) and one FFT product; JAX differentiates
+through either. Banded Toeplitz is this family with ``bands`` < n (the family's one name in files,
+the command line and the library: ``toeplitz``; ``banded-toeplitz`` is a deprecated alias).
 
 Sensitivity ("Multi-Epoch Matrix Factorization Mechanisms for Private Machine Learning",
-Choquette-Choo et al. 2023):
+Choquette-Choo et al. 2023, arXiv:2211.06530):
 
 * bands <= min_sep (or one participation): columns in one pattern have disjoint supports, so
   sens^2 = max_P sum_{t in P} ||C[:, t]||^2. ||C[:, t]||^2 = S(min(bands, n - t)) with
@@ -33,7 +36,7 @@ import numpy as np
 
 from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload
-from mfnoise.optim.problem import Problem, check_arguments
+from mfnoise.optim.problem import FAST_COMPILE, Problem, check_arguments, register
 from mfnoise.strategies import closed_forms
 from mfnoise.strategies.toeplitz import Toeplitz
 
@@ -69,17 +72,17 @@ def series_reciprocal(t: jax.Array, n: int) -> jax.Array:
     return g
 
 
-BLOCK = 128
+_BLOCK = 128
 """Block size of the blocked recurrence for b = a / c."""
 
-FFT_ABOVE_BANDS = 8192
+_FFT_ABOVE_BANDS = 8192
 """Above this many bands, b = a / c uses the FFT Newton reciprocal instead of the recurrence."""
 
 
 def decoder_coeffs(a: jax.Array, c: jax.Array, n: int) -> jax.Array:
     """b = a / c mod x^n: first column of B = A C^{-1}, shape (n,), for c of length bands.
 
-    Blocked recurrence (O(n * bands)): with blocks of s = min(bands - 1, BLOCK) steps,
+    Blocked recurrence (O(n * bands)): with blocks of s = min(bands - 1, _BLOCK) steps,
     L b_k = a_k - sum_{h=1..H} U_h b_{k-h}, L[i, i'] = c_{i-i'} (i >= i'),
     U_h[i, i'] = c_{h s + i - i'} (zero outside 1..bands-1), H = ceil((bands - 1) / s).
     One small triangular inverse and a scan over n / s blocks: quick to compile and to run.
@@ -88,9 +91,9 @@ def decoder_coeffs(a: jax.Array, c: jax.Array, n: int) -> jax.Array:
     a = jnp.asarray(a)[:n]
     if bands == 1:
         return a / c[0]
-    if bands > FFT_ABOVE_BANDS:
+    if bands > _FFT_ABOVE_BANDS:
         return series_multiply(a, series_reciprocal(c, n), n)
-    s = min(bands - 1, BLOCK)
+    s = min(bands - 1, _BLOCK)
     h_count = -(-(bands - 1) // s)
     blocks = -(-n // s)
     i = np.arange(s)
@@ -112,7 +115,7 @@ def decoder_coeffs(a: jax.Array, c: jax.Array, n: int) -> jax.Array:
 
 
 # -- sensitivity ------------------------------------------------------------------------------
-def banded_sensitivity_squared(c: jax.Array, p: Participation) -> jax.Array:
+def _banded_sensitivity_squared(c: jax.Array, p: Participation) -> jax.Array:
     """sens^2 for bands = len(c) <= min_sep (or one participation): sum_{i<m} S(min(bands, n - i b))."""
     bands = c.shape[0]
     s = jnp.cumsum(c * c)
@@ -121,7 +124,7 @@ def banded_sensitivity_squared(c: jax.Array, p: Participation) -> jax.Array:
     return jnp.sum(s[idx])
 
 
-def monotone_sensitivity_squared(c: jax.Array, p: Participation) -> jax.Array:
+def _monotone_sensitivity_squared(c: jax.Array, p: Participation) -> jax.Array:
     """sens^2 for non-negative non-increasing c: sum over i, j in {0, b, ..} of X[i, j]."""
     n, b = p.n, p.min_sep
     c = jnp.pad(c, (0, max(0, n - c.shape[0])))[:n]
@@ -133,11 +136,12 @@ def monotone_sensitivity_squared(c: jax.Array, p: Participation) -> jax.Array:
         js = (np.arange(m - q) + q) * b
         contrib = jnp.sum(s[n - 1 - js])
         total = total + (contrib if q == 0 else 2.0 * contrib)
-    return total
+    return jnp.asarray(total)
 
 
 # -- the problem ------------------------------------------------------------------------------
 def workload_coeffs(workload: Workload) -> np.ndarray:
+    """The first column of a Toeplitz workload A (ValueError for any other workload)."""
     if not workload.is_toeplitz:
         raise ValueError(
             f"Toeplitz strategies need a Toeplitz workload; {workload.name!r} is not "
@@ -146,7 +150,7 @@ def workload_coeffs(workload: Workload) -> np.ndarray:
     return np.asarray(workload.coeffs, np.float64)
 
 
-def default_bands(p: Participation) -> int:
+def _default_bands(p: Participation) -> int:
     return int(min(p.n, p.min_sep, DEFAULT_MAX_BANDS))
 
 
@@ -160,8 +164,8 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
     p = participation
     n = check_arguments(workload, p, objective)
     if buffers is not None:
-        raise ValueError("buffers applies to the blt family, not banded-toeplitz")
-    bands = default_bands(p) if bands is None else int(bands)
+        raise ValueError("buffers applies to the blt family, not toeplitz")
+    bands = _default_bands(p) if bands is None else int(bands)
     if not 1 <= bands <= n:
         raise ValueError(f"bands={bands} must be in [1, n={n}]")
     a = workload_coeffs(workload)
@@ -194,9 +198,9 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         b = decoder_coeffs(jnp.asarray(a), c, n)
         err2 = jnp.sum(jnp.asarray(weights) * b * b)
         if monotone:
-            sens2 = monotone_sensitivity_squared(c, p)
+            sens2 = _monotone_sensitivity_squared(c, p)
         else:
-            sens2 = banded_sensitivity_squared(c, p)
+            sens2 = _banded_sensitivity_squared(c, p)
         return 0.5 * (jnp.log(sens2) + jnp.log(err2))
 
     def to_strategy(x: np.ndarray) -> Toeplitz:
@@ -205,16 +209,15 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
             return Toeplitz(np.concatenate([[1.0], np.exp(np.cumsum(-np.logaddexp(0.0, -x)))]), n)
         return Toeplitz(np.concatenate([[1.0], x]), n)
 
-    kind = "monotone" if monotone else "banded"
+    kind = "monotone" if monotone else "free"
     return Problem(
         x0=np.asarray(x0, np.float64),
         value_and_grad=jax.value_and_grad(loss),
         to_strategy=to_strategy,
-        bounds=None,
-        name=f"banded-toeplitz({kind}, n={n}, bands={bands}, {objective})",
+        name=f"toeplitz({kind}, n={n}, bands={bands}, {objective})",
+        objective_from_loss=math.exp,
+        cpu_compiler_options=FAST_COMPILE,
     )
 
 
-def objective_from_loss(loss: float) -> float:
-    """The objective (rmse or max_error) that a loss value of this problem stands for."""
-    return math.exp(loss)
+register("toeplitz", problem, deprecated_aliases=("banded-toeplitz",))

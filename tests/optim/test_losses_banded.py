@@ -292,6 +292,23 @@ def test_dense_optimized_beats_init_and_sqrt_toeplitz(p, objective):
             assert ev["rmse"] == pytest.approx(loss, rel=1e-9)
 
 
+@pytest.mark.parametrize("p", [Participation(24, 3, 6), Participation(23, 2, 9), Participation(20, 4, 1),
+                               Participation(30, 5, 7)], ids=str)
+def test_dense_loss_jax_best_pattern_sum_agrees_with_the_core_one_and_brute_force(p):
+    """optim.dense keeps a JAX twin of core.sensitivity.best_pattern_sum (the loss traces and
+    differentiates it); both are the best sum over the min-sep patterns, enumerated here."""
+    from mfnoise.core import sensitivity
+
+    rng = np.random.default_rng(p.n)
+    w = rng.random((3, p.n)) * (rng.random((3, p.n)) < 0.7)  # some zero weights
+    brute = np.array([max(row[list(pat)].sum() for pat in p.patterns()) for row in w])
+    with jax.enable_x64(True):
+        got = np.asarray(jax.jit(ld._best_pattern_sum, static_argnums=(1, 2, 3))(
+            w, p.n, p.min_sep, p.reachable_participations))
+    np.testing.assert_allclose(sensitivity.best_pattern_sum(w, p), brute, rtol=1e-13)
+    np.testing.assert_allclose(got, brute, rtol=1e-13)
+
+
 def test_dense_matches_banded_when_bands_equal_n_single():
     """Single participation: dense = column-normalised full-band BandMF, the same loss."""
     n = 16

@@ -97,11 +97,12 @@ _LOSSES = {d: jitted(prob) for d, prob in _PROBLEMS.items()}
 @given(seed=st.integers(0, 2**31), buffers=st.integers(1, 4), log_scale=st.floats(-1.0, 1.5))
 def test_any_parameters_give_a_valid_blt_or_a_non_finite_loss(seed, buffers, log_scale):
     """v of magnitude up to ~100 (any sign; the sums of gaps go far into the saturated regime, and
-    gaps as small as e^-100 make pairs nearly cancel or poles nearly coincide): to_strategy gives finite omega > 0, theta in (0, 1) and non-negative
-    non-increasing coefficients (the exact Toeplitz sensitivity applies) or refuses with a ValueError;
-    where the loss is finite (every point the optimizer can keep) it returns that BLT and the loss is
-    its rmse. Gaps below float64 resolution can make two poles coincide: then the loss is NaN (a
-    wall for the line search) and to_strategy refuses."""
+    gaps as small as e^-100 make pairs nearly cancel or poles nearly coincide): to_strategy gives
+    finite omega > 0, theta in (0, 1) and non-negative non-increasing coefficients (the exact
+    Toeplitz sensitivity applies) or refuses with a ValueError; where the loss is finite (every
+    point the optimizer can keep) it returns that BLT and the loss is its rmse. Gaps below float64
+    resolution can make two poles coincide: then the loss is NaN (a wall for the line search) and
+    to_strategy refuses."""
     v = np.random.default_rng(seed).normal(scale=10.0**log_scale, size=2 * buffers)
     value, _ = _LOSSES[buffers](v)
     try:

@@ -236,13 +236,13 @@ def test_interrupted_dual_run_returns_a_valid_evaluated_strategy():
 def test_formulation_choice_and_refusals():
     w = workloads.prefix_sum(16)
     with jax.enable_x64(True):
-        assert isinstance(ld.problem(w, Participation.epochs(16, 2), formulation="auto"), ld.DualProblem)
-        assert isinstance(ld.problem(w, Participation.single(16), formulation="dual"), ld.DualProblem)
+        assert ld.problem(w, Participation.epochs(16, 2), formulation="auto").formulation == "dual"
+        assert ld.problem(w, Participation.single(16), formulation="dual").formulation == "dual"
         # the primal is kept where the dual does not apply, and by default
         for kw in ({"objective": "max"}, {"init": closed_forms.sqrt_toeplitz(16)}):
-            assert not isinstance(ld.problem(w, Participation.epochs(16, 2), formulation="auto", **kw), ld.DualProblem)
-        assert not isinstance(ld.problem(w, Participation(16, 2, 8), formulation="auto"), ld.DualProblem)
-        assert not isinstance(ld.problem(w, Participation.epochs(16, 2)), ld.DualProblem)
+            assert ld.problem(w, Participation.epochs(16, 2), formulation="auto", **kw).formulation != "dual"
+        assert ld.problem(w, Participation(16, 2, 8), formulation="auto").formulation != "dual"
+        assert ld.problem(w, Participation.epochs(16, 2)).formulation != "dual"
         with pytest.raises(ValueError, match="rmse objective"):
             ld.problem(w, Participation.epochs(16, 2), objective="max", formulation="dual")
         with pytest.raises(ValueError, match="cyclic or single"):

@@ -1,4 +1,4 @@
-"""Tests of the strategy optimizer (mfnoise.optimize, losses/toeplitz.py, losses/blt.py, `mfnoise optimize`).
+"""Tests of the strategy optimizer (mfnoise.optimize, optim/toeplitz.py, optim/blt.py, `mfnoise optimize`).
 
 Every loss is checked against an independent dense computation (C formed densely, B = A C^{-1} by
 a triangular solve, sensitivity by brute force over patterns), its gradient against central
@@ -58,7 +58,7 @@ def brute_force_sensitivity(c: np.ndarray, p: Participation) -> float:
 
 def jitted(prob):
     """The problem's value-and-gradient, compiled once (float64)."""
-    from mfnoise.optim.solver import FAST_COMPILE
+    from mfnoise.optim.problem import FAST_COMPILE
 
     f = jax.jit(prob.value_and_grad, compiler_options=FAST_COMPILE)
 
@@ -203,11 +203,12 @@ def _exact(strategy, w, p, objective):
     return ev["rmse" if objective == "rmse" else "max_error"]
 
 
-@pytest.mark.parametrize("p", [Participation.single(48), Participation.epochs(48, 4), Participation(48, 3, 10)], ids=str)
+@pytest.mark.parametrize("p", [Participation.single(48), Participation.epochs(48, 4), Participation(48, 3, 10)],
+                         ids=str)
 def test_full_toeplitz_beats_its_init_and_the_closed_forms(p):
     """bands = n: the family holds sqrt-Toeplitz and BISR (both non-negative and non-increasing)."""
     w = workloads.prefix_sum(p.n)
-    strategy, report = optimize(w, p, "banded-toeplitz", bands=p.n, progress=False)
+    strategy, report = optimize(w, p, "toeplitz", bands=p.n, progress=False)
     assert report["converged"] and report["loss"] <= report["initial_loss"]
     assert report["rmse"] == pytest.approx(_exact(strategy, w, p, "rmse"), rel=1e-12)
     assert report["rmse"] <= math.exp(report["initial_loss"]) * (1 + 1e-12)
@@ -218,7 +219,7 @@ def test_full_toeplitz_beats_its_init_and_the_closed_forms(p):
 @pytest.mark.parametrize("objective", ["rmse", "max"])
 def test_banded_toeplitz_beats_its_init_and_bsr(objective):
     p, w = Participation.epochs(256, 4), workloads.prefix_sum(256)
-    strategy, report = optimize(w, p, "banded-toeplitz", bands=16, objective=objective, progress=False)
+    strategy, report = optimize(w, p, "toeplitz", bands=16, objective=objective, progress=False)
     key = "rmse" if objective == "rmse" else "max_error"
     assert strategy.bands == 16 and report["converged"]
     init = toeplitz_loss.problem(w, p, objective=objective, bands=16)
@@ -251,8 +252,8 @@ def test_blt_max_error_single_participation_near_sqrt_toeplitz():
 
 def test_optax_method_agrees_with_scipy():
     p, w = Participation.epochs(64, 2), workloads.prefix_sum(64)
-    _, a = optimize(w, p, "banded-toeplitz", bands=4, method="scipy", progress=False)
-    _, b = optimize(w, p, "banded-toeplitz", bands=4, method="optax", progress=False)
+    _, a = optimize(w, p, "toeplitz", bands=4, method="scipy", progress=False)
+    _, b = optimize(w, p, "toeplitz", bands=4, method="optax", progress=False)
     assert b["stopped"] == "converged"
     assert b["rmse"] == pytest.approx(a["rmse"], rel=1e-7)
 
@@ -265,7 +266,7 @@ def test_callback_progress_and_interrupt_keep_the_best_so_far(capsys):
         seen.append(progress)
         return progress.iteration >= 3
 
-    strategy, report = optimize(w, p, "banded-toeplitz", bands=16, callback=stop_after_three, progress=True)
+    strategy, report = optimize(w, p, "toeplitz", bands=16, callback=stop_after_three, progress=True)
     assert report["stopped"] == "callback" and report["iterations"] == 3 and not report["converged"]
     assert [s.iteration for s in seen] == [1, 2, 3]
     assert all(s.best_loss <= s.loss + 1e-15 for s in seen)
@@ -275,7 +276,7 @@ def test_callback_progress_and_interrupt_keep_the_best_so_far(capsys):
         if progress.iteration == 2:
             raise KeyboardInterrupt
 
-    strategy, report = optimize(w, p, "banded-toeplitz", bands=16, callback=interrupt, progress=False)
+    strategy, report = optimize(w, p, "toeplitz", bands=16, callback=interrupt, progress=False)
     assert report["interrupted"] and report["iterations"] == 2
     assert report["loss"] <= report["initial_loss"]
     assert report["rmse"] == pytest.approx(math.exp(report["loss"]), rel=1e-10)  # a valid, evaluated strategy
@@ -290,7 +291,7 @@ def test_bad_input_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="objective"):
         optimize(w, p, "blt", objective="mean")
     with pytest.raises(ValueError, match="bands"):
-        optimize(w, p, "banded-toeplitz", bands=17)
+        optimize(w, p, "toeplitz", bands=17)
     with pytest.raises(ValueError, match="buffers"):
         optimize(w, p, "blt", buffers=0)
     with pytest.raises(ValueError, match="n=16"):
@@ -309,7 +310,7 @@ def _cli(argv):
 
 
 @pytest.mark.parametrize("family,size,schema", [
-    ("banded-toeplitz", ["--bands", "8"], ["--epochs", "4"]),
+    ("toeplitz", ["--bands", "8"], ["--epochs", "4"]),
     ("blt", ["--buffers", "2"], ["--min-sep", "20", "--max-participations", "3"]),
 ])
 def test_cli_reported_rmse_equals_mfnoise_evaluate_on_the_saved_file(tmp_path, family, size, schema):

@@ -1,0 +1,128 @@
+"""``OptimizeResult``: what ``mfnoise.optimize`` reports about a run, as a typed record.
+
+The numbers that describe the strategy (sensitivity, rmse, max_error) are the foundation's exact
+ones (``mfnoise.strategies.error.evaluate`` on the returned strategy), never the loss's. The
+loss-side numbers (history, loss, initial_loss) are the family's loss (``mfnoise.optim.problem``),
+which is an increasing function of the objective; ``objective_history`` translates it where the
+family says how.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import ItemsView, KeysView, Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeResult:
+    """The report of one optimization run.
+
+    Attributes:
+      family: the strategy family optimized (its registered name, e.g. "toeplitz").
+      n, max_participations, min_sep, participation: the participation schema (``kind``).
+      workload: the workload's name.
+      params: the strategy's parameters (``Strategy.params()``: n, and bands or buffers).
+      objective: "rmse" or "max".
+      method: "scipy" (L-BFGS-B) or "optax" (optax.lbfgs).
+      problem: the problem's description (``Problem.name``).
+      iterations, evaluations: quasi-Newton iterations and loss evaluations, over all stages.
+      history: the loss after each iteration.
+      objective_history: the objective per iteration where the family's loss says how
+        (``Problem.objective_from_loss``; the dense dual: its lower bound on rmse), else None.
+      initial_loss, loss: the loss at the initial point and at the returned (best) point.
+      converged: every stage stopped on its tolerance.
+      stopped: why the last stage stopped ("converged", "max_iterations", "max_seconds",
+        "callback", "interrupted", or the method's message).
+      compile_seconds: the first loss call (tracing and compiling).
+      optimize_seconds: from the call to the end of the iterations.
+      seconds: the whole call, the exact evaluation included.
+      sensitivity, sensitivity_exact, sensitivity_method, rmse, max_error: the exact numbers of
+        the returned strategy (``mfnoise.strategies.error.evaluate``).
+      details: family-specific entries (``Problem.extra_report``); the dense dual gives
+        formulation, dual_bound, duality_gap (rmse / dual_bound - 1, a certificate of
+        optimality) and final_relative_change.
+    """
+
+    family: str
+    n: int
+    max_participations: int
+    min_sep: int
+    participation: str
+    workload: str
+    params: Mapping[str, Any]
+    objective: str
+    method: str
+    problem: str
+    iterations: int
+    evaluations: int
+    history: tuple[float, ...]
+    objective_history: tuple[float, ...] | None
+    initial_loss: float
+    loss: float
+    converged: bool
+    stopped: str | None
+    compile_seconds: float
+    optimize_seconds: float
+    sensitivity: float
+    sensitivity_exact: bool
+    sensitivity_method: str
+    rmse: float
+    max_error: float
+    seconds: float
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def interrupted(self) -> bool:
+        """Ctrl-C stopped the run (the strategy is the best point found before it)."""
+        return self.stopped == "interrupted"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict: every field (tuples as lists), ``interrupted``, the
+        strategy's params and the details spread into it (the keys of the report dict that
+        ``mfnoise.optimize`` returned before this type)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "params":
+                out.update(self.params)
+            elif f.name == "details":
+                out.update(self.details)
+            else:
+                out[f.name] = _plain(getattr(self, f.name))
+            if f.name == "stopped":
+                out["interrupted"] = self.interrupted
+        return out
+
+    # -- compatibility shim: the report used to be a dict; result["rmse"] still reads it -----------
+    def __getitem__(self, key: str) -> Any:
+        """``result[key]`` is ``result.to_dict()[key]`` (a compatibility shim for code written
+        against the dict report; new code reads the attributes)."""
+        if key in self.details:
+            return self.details[key]
+        if key in self.params:
+            return self.params[key]
+        if key in _FIELDS or key == "interrupted":
+            return _plain(getattr(self, key))
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.details or key in self.params or key in _FIELDS or key == "interrupted"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``result.to_dict().get(key, default)`` (the compatibility shim)."""
+        return self[key] if key in self else default
+
+    def keys(self) -> KeysView[str]:
+        """``to_dict().keys()`` (the compatibility shim)."""
+        return self.to_dict().keys()
+
+    def items(self) -> ItemsView[str, Any]:
+        """``to_dict().items()`` (the compatibility shim)."""
+        return self.to_dict().items()
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(OptimizeResult)) - {"params", "details"}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
