@@ -31,12 +31,6 @@ def state_arrays(strategy: Strategy) -> int:
     return strategy.stream_table(np.float64).m
 
 
-def _report_value(report: Any, key: str) -> Any:
-    if isinstance(report, dict):
-        return report.get(key)
-    return getattr(report, key)
-
-
 def build_entry(s: Spec, folder: str | os.PathLike) -> dict[str, Any]:
     """Optimizes ``s``, writes ``<folder>/<name>.npz`` and returns its index entry."""
     from mfnoise.optim.solver import optimize  # loads JAX; the library's queries do not need it
@@ -45,20 +39,18 @@ def build_entry(s: Spec, folder: str | os.PathLike) -> dict[str, Any]:
     start = time.perf_counter()
     strategy, report = optimize(w, p, **s.optimize_kwargs(), progress=False)
     seconds = time.perf_counter() - start
-    if _report_value(report, "interrupted"):
+    if report.interrupted:
         # The optimizer keeps its best point on Ctrl-C; an unconverged entry is never shipped.
         raise KeyboardInterrupt
     result = error.evaluate(strategy, w, p)
     command = s.command()
-    iterations = _report_value(report, "iterations")
     out = io.save(strategy, os.path.join(folder, s.file),
                   name=s.name, participation=p, workload=w, objective=s.objective,
                   optimizer_family=s.family, epochs=s.epochs,
                   rmse=result["rmse"], max_error=result["max_error"], sensitivity=result["sensitivity"],
                   sensitivity_exact=result["sensitivity_exact"], sensitivity_method=result["sensitivity_method"],
                   command=command, optimize_seconds=seconds,
-                  iterations=None if iterations is None else int(iterations),
-                  stopped=_report_value(report, "stopped"))
+                  iterations=report.iterations, stopped=report.stopped)
     meta = io.read(out)[1]
     return {
         "name": s.name,

@@ -27,6 +27,7 @@ from typing import Any
 
 from mfnoise.core import workloads
 from mfnoise.core.participation import EpochsWarning, Participation
+from mfnoise.optim import problem
 from mfnoise.optim.problem import OBJECTIVES
 from mfnoise.strategies import BLT, Banded, Toeplitz
 
@@ -40,7 +41,10 @@ BANDED_BANDS = (4, 16, 64)
 BANDED_MAX_N = 2000
 
 OPTIMIZER_FAMILIES = (BLT.family, Toeplitz.family, Banded.family)
-FAMILY_ALIASES: Mapping[str, str] = {"banded-toeplitz": Toeplitz.family}
+# The optimizer's deprecated names of these families (``banded-toeplitz``), accepted here silently:
+# the shipped files' metadata still says them.
+FAMILY_ALIASES: Mapping[str, str] = {old: new for old, new in problem.deprecated_aliases().items()
+                                     if new in OPTIMIZER_FAMILIES}
 
 
 @dataclasses.dataclass(frozen=True)
