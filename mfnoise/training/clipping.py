@@ -9,17 +9,18 @@ Two ways to compute it:
 * ``clipped_sum(per_example, c)``: from materialised per-example gradients (B x params), e.g. from
   ``mfnoise.training.per_example.per_example_grads``. Works for any model; costs B parameter-sized arrays.
 * ``clipped_grad(loss_fn, c)``: from the loss, by ghost clipping ("Efficient Per-Example Gradient
-  Computations", Goodfellow 2015; "Large Language Models Can Be Strong Differentially Private
-  Learners", Li et al. 2022). A weight W used exactly once in the loss, as an operand of a matrix
-  product y = h W (any ``dot_general`` without batch dimensions), has per-example gradient
-  P_b = grad_W l_b = H_b^T G_b with H_b (T x K) the other operand and G_b = dl_b/dy_b (T x M) the
-  output's gradient, flattened, rows h_t, g_t. Its norm needs neither P_b nor its B copies (below),
-  and the clipped sum is one matrix product, sum_b s_b H_b^T G_b = H^T diag(s) G. So one forward and
-  one backward pass (without the weight gradients) give the norms, and one product per weight gives
-  the clipped sum: about the cost of an ordinary minibatch gradient. Every other parameter (biases,
-  convolutions, shared or transformed weights, products with batch dimensions such as per-head
-  weights, anything inside a control-flow, checkpoint or custom-derivative primitive) gets
-  materialised per-example gradients in the same backward pass; its norm is added exactly.
+  Computations", Goodfellow 2015, arXiv:1510.01799; "Large Language Models Can Be Strong
+  Differentially Private Learners", Li et al. 2022, arXiv:2110.05679). A weight W used exactly once
+  in the loss, as an operand of a matrix product y = h W (any ``dot_general`` without batch
+  dimensions), has per-example gradient P_b = grad_W l_b = H_b^T G_b with H_b (T x K) the other
+  operand and G_b = dl_b/dy_b (T x M) the output's gradient, flattened, rows h_t, g_t. Its norm
+  needs neither P_b nor its B copies (below), and the clipped sum is one matrix product, sum_b s_b
+  H_b^T G_b = H^T diag(s) G. So one forward and one backward pass (without the weight gradients)
+  give the norms, and one product per weight gives the clipped sum: about the cost of an ordinary
+  minibatch gradient. Every other parameter (biases, convolutions, shared or transformed weights,
+  products with batch dimensions such as per-head weights, anything inside a control-flow,
+  checkpoint or custom-derivative primitive) gets materialised per-example gradients in the same
+  backward pass; its norm is added exactly.
 
 Safety of the norms (the privacy guarantee rests on it)
 -------------------------------------------------------
@@ -100,6 +101,7 @@ import jax
 import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 TOLERANCE = 1e-3  # one example's contribution has norm <= l2_clip_norm * (1 + TOLERANCE)
 _ROUNDING_SHARE = 8e-4  # of TOLERANCE, for the rounding of an example's own rows in a ghost product
@@ -125,7 +127,7 @@ class ClippedSum:
 def _check_clip_norm(l2_clip_norm: Any, name: str = "l2_clip_norm") -> float:
     """float(l2_clip_norm) if it is a positive finite real number (a Python or numpy scalar, or a
     concrete 0-d array), else a ValueError / TypeError naming ``name`` and the value."""
-    if isinstance(l2_clip_norm, jax.core.Tracer):
+    if isinstance(l2_clip_norm, Tracer):
         raise TypeError(f"{name} must be a concrete number (it is static: it sets the sensitivity), got a traced value")
     value = l2_clip_norm
     if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(value.dtype, np.number):
@@ -162,8 +164,9 @@ def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     """a @ b at full precision; with Explicit mesh axes, a replicated output where an operand is sharded
     (the products here are small, per example: T x T Grams and K x M per-example gradients)."""
     sharded = any(_axis_sharded(a, d) for d in range(a.ndim)) or any(_axis_sharded(b, d) for d in range(b.ndim))
-    extra = {"out_sharding": jax.sharding.PartitionSpec()} if sharded else {}
-    return jnp.matmul(a, b, precision=_HIGHEST, **extra)
+    if sharded:
+        return jnp.matmul(a, b, precision=_HIGHEST, out_sharding=jax.sharding.PartitionSpec())
+    return jnp.matmul(a, b, precision=_HIGHEST)
 
 
 def _axis_sharded(x: jax.Array, axis: int) -> bool:
@@ -244,8 +247,11 @@ def _weighted_sum(scale: jax.Array, finite: jax.Array, x: jax.Array) -> jax.Arra
 
 
 def _total_upper(terms: list[jax.Array], acc: Any) -> jax.Array:
-    """An upper bound on the sum of a few non-negative (B,) bounds."""
-    return sum(terms) * (1 + _gamma(len(terms) + 1, acc))
+    """An upper bound on the sum of a few (at least one) non-negative (B,) bounds."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total * (1 + _gamma(len(terms) + 1, acc))
 
 
 def clipped_sum(per_example: Any, l2_clip_norm: float) -> tuple[Any, jax.Array]:
@@ -285,7 +291,7 @@ def _sources(atoms: list, src: dict) -> list[int | None]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Ghost:
+class _Ghost:
     """A parameter leaf whose only use is operand ``operand`` of the product ``eqn`` (a dot_general)."""
 
     leaf: int
@@ -332,8 +338,8 @@ class _Walk:
         return _sources(jaxpr.outvars, src)
 
 
-def ghost_plan(closed: Any, num_params: int) -> dict[int, Ghost]:
-    """{dot_index: Ghost} for the leaves whose one and only use is one ghostable dot_general.
+def _ghost_plan(closed: Any, num_params: int) -> dict[int, _Ghost]:
+    """{dot_index: _Ghost} for the leaves whose one and only use is one ghostable dot_general.
 
     ``closed`` is the ClosedJaxpr of loss(params, example, ...) whose first ``num_params`` invars are
     the parameter leaves (in ``jax.tree.leaves`` order).
@@ -344,7 +350,7 @@ def ghost_plan(closed: Any, num_params: int) -> dict[int, Ghost]:
     for leaf, uses in enumerate(w.uses):
         if leaf not in out and len(uses) == 1 and uses[0][0] == "dot":
             _, index, operand = uses[0]
-            plan[index] = Ghost(leaf, operand, w.eqns[index])
+            plan[index] = _Ghost(leaf, operand, w.eqns[index])
     return plan
 
 
@@ -354,7 +360,7 @@ def ghost_plan(closed: Any, num_params: int) -> dict[int, Ghost]:
 class _Probe:
     """One instrumented evaluation: probes added to the ghost products, and their other operands."""
 
-    def __init__(self, plan: dict[int, Ghost], probes: dict[int, jax.Array]) -> None:
+    def __init__(self, plan: dict[int, _Ghost], probes: dict[int, jax.Array]) -> None:
         self.plan = plan
         self.probes = probes
         self.dots = 0
@@ -392,7 +398,7 @@ def _evaluate(jaxpr: Any, consts: list, args: list, insrc: list[int | None], pro
     return [read(v) for v in jaxpr.outvars], _sources(jaxpr.outvars, src)
 
 
-def _dims(ghost: Ghost) -> tuple[int, int, int]:
+def _dims(ghost: _Ghost) -> tuple[int, int, int]:
     """(T, K, M) of the ghost product: grad_W = H^T G with H (T x K), G (T x M) per example."""
     (lc, rc), _ = ghost.eqn.params["dimension_numbers"]
     hc = rc if ghost.operand == 0 else lc
@@ -403,7 +409,7 @@ def _dims(ghost: Ghost) -> tuple[int, int, int]:
     return t, k, m
 
 
-def _usable(ghost: Ghost, acc: Any) -> bool:
+def _usable(ghost: _Ghost, acc: Any) -> bool:
     """Whether ghost norms pay and their rounding bounds are tight enough; else the leaf is materialised.
 
     T = 1 always; T > 1 only in the Gram regime T (K + M) < K M (elsewhere H^T G per example is no
@@ -416,7 +422,7 @@ def _usable(ghost: Ghost, acc: Any) -> bool:
     return t == 1 or t * (k + m) < k * m
 
 
-def _flat_operands(h: jax.Array, g: jax.Array, ghost: Ghost) -> tuple[jax.Array, jax.Array]:
+def _flat_operands(h: jax.Array, g: jax.Array, ghost: _Ghost) -> tuple[jax.Array, jax.Array]:
     """(H, G) of shapes (T, K), (T, M) for one example: grad_W = H^T G up to an ordering of entries.
 
     y = dot_general(lhs, rhs) has dims (lhs free..., rhs free...); the weight is operand
@@ -507,7 +513,7 @@ def _gram(x: jax.Array, acc: Any) -> tuple[jax.Array, float]:
     return _compensated_sum(part, chunks), _gamma(_GRAM_COLS, acc) + _gamma(chunks, acc) ** 2 + _gamma(1, acc)
 
 
-def _ghost_bound(h: jax.Array, g: jax.Array, ghost: Ghost, acc: Any) -> tuple[jax.Array, ...]:
+def _ghost_bound(h: jax.Array, g: jax.Array, ghost: _Ghost, acc: Any) -> tuple[jax.Array, ...]:
     """(sq, U, E, S) for one example: sq >= ||H^T G||_F^2 (module docstring), U >= sum_t ||h_t|| ||g_t||,
     and for the Gram form its value S and error bound E (T = 1: E = S = 0)."""
     hm, gm = _flat_operands(h.astype(acc), g.astype(acc), ghost)
@@ -530,7 +536,7 @@ def _ghost_bound(h: jax.Array, g: jax.Array, ghost: Ghost, acc: Any) -> tuple[ja
     return sq, rows, err, value
 
 
-def _exact_bounds(h: jax.Array, g: jax.Array, ghost: Ghost, acc: Any) -> jax.Array:
+def _exact_bounds(h: jax.Array, g: jax.Array, ghost: _Ghost, acc: Any) -> jax.Array:
     """(B,) bounds from the formed products H_b^T G_b, one example at a time (memory K M)."""
 
     def one(hg: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -539,7 +545,7 @@ def _exact_bounds(h: jax.Array, g: jax.Array, ghost: Ghost, acc: Any) -> jax.Arr
     return jax.lax.map(one, (h, g))
 
 
-def _chunking(ghost: Ghost, h: jax.Array, g: jax.Array) -> tuple[int, int, int, int, int]:
+def _chunking(ghost: _Ghost, h: jax.Array, g: jax.Array) -> tuple[int, int, int, int, int]:
     """How the batch product H^T diag(s) G is accumulated: (h axis, y axis, length, chunks, rows).
 
     Rows (the T axis, h's free dims) are taken ``length`` indices of the largest free axis at a time
@@ -567,7 +573,7 @@ def _chunking(ghost: Ghost, h: jax.Array, g: jax.Array) -> tuple[int, int, int, 
     return axis, yaxis, length, chunks, length * other
 
 
-def _product_vjp(ghost: Ghost, w: jax.Array, h: jax.Array, g: jax.Array, scale: jax.Array, acc: Any) -> jax.Array:
+def _product_vjp(ghost: _Ghost, w: jax.Array, h: jax.Array, g: jax.Array, scale: jax.Array, acc: Any) -> jax.Array:
     """sum_b scale_b grad_W <G_b, dot(h_b, W)> = H^T diag(scale) G, as products (the vjp in W).
 
     In acc (>= float32) at full precision, chunk by chunk (``_chunking``) with compensated
@@ -619,7 +625,7 @@ class _Pass:
 
     leaves: list
     treedef: Any
-    plan: dict[int, Ghost]
+    plan: dict[int, _Ghost]
     dense: list[int]
     operands: dict[int, jax.Array]
     g_probe: dict[int, jax.Array]
@@ -643,7 +649,7 @@ def _run(loss_fn: Callable[..., jax.Array], has_aux: bool, params: Any, batch: A
     one = jax.tree.map(lambda x: x[0], batch)
     closed, out_shape = jax.make_jaxpr(flat_loss, return_shape=True)(leaves, one)
     out_tree = jax.tree.structure(out_shape)
-    plan = {j: g for j, g in ghost_plan(closed, len(leaves)).items() if _usable(g, acc)}
+    plan = {j: g for j, g in _ghost_plan(closed, len(leaves)).items() if _usable(g, acc)}
     dense = sorted(set(range(len(leaves))) - {g.leaf for g in plan.values()})
 
     def single(probes: dict, dense_params: list, example: Any) -> Any:
@@ -717,7 +723,7 @@ def ghost_leaves(loss_fn: Callable[..., jax.Array], params: Any, example: Any, *
     flat_loss = lambda p, ex: loss_fn(jax.tree.unflatten(treedef, p), ex, *args)
     closed = jax.make_jaxpr(flat_loss)(leaves, example)
     names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    return sorted(names[g.leaf] for g in ghost_plan(closed, len(leaves)).values() if _usable(g, acc))
+    return sorted(names[g.leaf] for g in _ghost_plan(closed, len(leaves)).values() if _usable(g, acc))
 
 
 def clipped_grad(
