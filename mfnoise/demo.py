@@ -12,7 +12,7 @@ Everything private goes through mfnoise:
 * noise multiplier: ``mfnoise.calibrate(epsilon, delta, p)``: every strategy is normalised to
   sensitivity 1 by ``dp_aggregate``, so all methods share one noise multiplier (one Gaussian
   mechanism, "Multi-Epoch Matrix Factorization Mechanisms for Private Machine Learning",
-  Choquette-Choo et al. 2023);
+  Choquette-Choo et al. 2023, arXiv:2211.06530);
 * clipping and summing: ``mfnoise.training.clipping.clipped_grad`` (ghost clipping; padded slots are
   masked out exactly); noise: ``mfnoise.dp_aggregate`` inside ``optax.chain``, which divides the
   noisy sum by the stated batch size (``expected_batch_size``, a public constant: never the
@@ -39,7 +39,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +49,13 @@ import optax
 from mfnoise.core import workloads
 from mfnoise.core.participation import Participation
 from mfnoise.strategies import io
+from mfnoise.strategies.banded import Banded
 from mfnoise.strategies.base import Strategy
+from mfnoise.strategies.blt import BLT
 from mfnoise.strategies.identity import Identity
 from mfnoise.training import batching
 
 METHODS = ("dp-sgd", "bandmf", "blt", "dp-sgd-poisson")
-DEFAULT_METHODS = METHODS
 LABELS = {
     "dp-sgd": "DP-SGD",
     "bandmf": "BandMF",
@@ -63,7 +64,7 @@ LABELS = {
 }
 # How each method samples its batches: fixed cyclic batches (no amplification), or Poisson
 # sampling from the whole dataset (one group, b = 1: DP-SGD's usual amplified accounting).
-SAMPLING = {"dp-sgd": "cyclic", "bandmf": "cyclic", "blt": "cyclic", "dp-sgd-poisson": "poisson"}
+_SAMPLING = {"dp-sgd": "cyclic", "bandmf": "cyclic", "blt": "cyclic", "dp-sgd-poisson": "poisson"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +76,14 @@ class Config:
     epochs: int = 8
     batch_size: int = 64
     seeds: int = 5
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] = METHODS
     learning_rates: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.5)
     momentum: float = 0.9
     clip: float = 1.0
     hidden: int = 32
     bands: int | None = None  # BandMF bands (default: b, the steps per epoch)
     buffers: int = 4  # BLT buffers
-    accountant: str = "pld"
+    accountant: Literal["pld", "rdp"] = "pld"
     pld_discretization: float = 1e-3  # coarser than dp-accounting's 1e-4: faster, still an upper bound
     test_fraction: float = 0.2
     validation_fraction: float = 0.15  # of the rest: picks each method's learning rate
@@ -115,12 +116,14 @@ class Config:
 
 # -- data and model -------------------------------------------------------------------------------
 class Data(NamedTuple):
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+    """The three splits, as numpy arrays on the host or as JAX arrays (the jitted trainer's argument)."""
+
+    x_train: np.ndarray | jax.Array
+    y_train: np.ndarray | jax.Array
+    x_val: np.ndarray | jax.Array
+    y_val: np.ndarray | jax.Array
+    x_test: np.ndarray | jax.Array
+    y_test: np.ndarray | jax.Array
 
 
 def load_digits(test_fraction: float = 0.2, validation_fraction: float = 0.15, seed: int = 0,
@@ -140,7 +143,7 @@ def load_digits(test_fraction: float = 0.2, validation_fraction: float = 0.15, s
                                               random_state=seed, stratify=y_rest)
     if max_train is not None:
         x_tr, y_tr = x_tr[:max_train], y_tr[:max_train]
-    return Data(x_tr, y_tr, x_va, y_va, x_te, y_te)
+    return Data(*(np.asarray(a) for a in (x_tr, y_tr, x_va, y_va, x_te, y_te)))
 
 
 def init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
@@ -153,7 +156,7 @@ def init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]
     return params
 
 
-def mlp(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
+def _mlp(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
     for layer in params[:-1]:
         x = jnp.tanh(x @ layer["w"] + layer["b"])
     return x @ params[-1]["w"] + params[-1]["b"]
@@ -161,25 +164,25 @@ def mlp(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
 
 def example_loss(params, x: jax.Array, y: jax.Array) -> jax.Array:
     """Cross-entropy of ONE example (no batch axis)."""
-    return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x[None]), y[None])[0]
+    return optax.softmax_cross_entropy_with_integer_labels(_mlp(params, x[None]), y[None])[0]
 
 
-def accuracy(params, x: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.argmax(mlp(params, x), axis=-1) == y)
+def _accuracy(params, x: jax.typing.ArrayLike, y: jax.typing.ArrayLike) -> jax.Array:
+    return jnp.mean(jnp.argmax(_mlp(params, jnp.asarray(x)), axis=-1) == y)
 
 
 # -- strategies ----------------------------------------------------------------------------------
 def make_strategy(method: str, p: Participation, workload: workloads.Workload, cfg: Config) -> tuple[Strategy, dict]:
     """(strategy, info) for a method; info has the optimizer's report fields worth printing."""
     if method in ("dp-sgd", "dp-sgd-poisson"):
-        return Identity(p.n), {"family": "identity"}
+        return Identity(p.n), {"family": Identity.family}
     from mfnoise.optim.solver import optimize  # (``mfnoise.optimize`` itself is also the module's name)
 
     if method == "bandmf":
         bands = p.min_sep if cfg.bands is None else min(cfg.bands, p.n)
-        strategy, report = optimize(workload, p, family="banded", bands=bands, progress=False)
+        strategy, report = optimize(workload, p, family=Banded.family, bands=bands, progress=False)
     elif method == "blt":
-        strategy, report = optimize(workload, p, family="blt", buffers=cfg.buffers, progress=False)
+        strategy, report = optimize(workload, p, family=BLT.family, buffers=cfg.buffers, progress=False)
     else:
         raise ValueError(f"unknown method {method!r}")
     return strategy, {"family": strategy.family, **strategy.params(), "optimize_seconds": report["seconds"]}
@@ -214,7 +217,7 @@ def make_trainer(strategy: Strategy, p: Participation, noise_multiplier: float, 
     Each step's update is ``(sum_b mask_b clip(g_b) + noise) / cfg.batch_size`` (``dp_aggregate``
     with ``expected_batch_size=cfg.batch_size``): the normaliser is the batch size the user states, a
     public constant, never the number of examples a step happens to hold nor the padded capacity
-    (either would tell neighbouring datasets apart; README, "Threat model"). For the fixed cyclic
+    (either would tell neighbouring datasets apart; docs/design.md, "Threat model"). For the fixed cyclic
     batches it is within a factor 1 + 1/b of their real size dataset_size / b; for Poisson sampling
     it is exactly the expected batch size q * dataset_size / b, since q is defined from it
     (``batching.sampling_probability``). ``non_private=True`` (noise multiplier 0) is the clipped
@@ -245,8 +248,8 @@ def make_trainer(strategy: Strategy, p: Participation, noise_multiplier: float, 
             g = grad(params, data.x_train[idx], data.y_train[idx], m)
             updates, state = opt.update(g, state, params)
             params = optax.apply_updates(params, updates)
-            return (params, state), (accuracy(params, data.x_val, data.y_val),
-                                     accuracy(params, data.x_test, data.y_test))
+            return (params, state), (_accuracy(params, data.x_val, data.y_val),
+                                     _accuracy(params, data.x_test, data.y_test))
 
         (params, _), (val, test) = jax.lax.scan(step, (params, state), (indices, mask))
         return val, test, params
@@ -269,7 +272,6 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
     workload = workloads.parse(cfg.workload_spec, p.n)
     # Poisson sampling from the whole dataset: one group (b = 1), every step a round.
     p_poisson = Participation(p.n, p.n, 1, cyclic=True)
-    accounting = dict(accountant=cfg.accountant, pld_discretization=cfg.pld_discretization)
     log(f"{dataset_size} training examples, batch {cfg.batch_size}, {cfg.epochs} epochs: n={p.n} steps, "
         f"b={p.min_sep} steps per epoch; (epsilon={cfg.epsilon:g}, delta={cfg.delta:g}), {cfg.accountant}")
     setups: dict[str, tuple] = {}
@@ -279,13 +281,15 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
         if sampling not in setups:
             t0 = time.perf_counter()
             if sampling == "cyclic":
-                z = calibrate(cfg.epsilon, cfg.delta, p, **accounting)
+                z = calibrate(cfg.epsilon, cfg.delta, p, accountant=cfg.accountant,
+                              pld_discretization=cfg.pld_discretization)
                 plans = [batching.cyclic_batches(dataset_size, p, seed) for seed in range(cfg.seeds)]
                 schema = p
             else:
                 schema = p_poisson
                 z = calibrate(cfg.epsilon, cfg.delta, schema, sampling="cyclic-poisson", dataset_size=dataset_size,
-                              batch_size=cfg.batch_size, strategy=Identity(p.n), **accounting)
+                              batch_size=cfg.batch_size, strategy=Identity(p.n), accountant=cfg.accountant,
+                              pld_discretization=cfg.pld_discretization)
                 plans = [batching.cyclic_poisson_batches(dataset_size, schema, cfg.batch_size, seed)
                          for seed in range(cfg.seeds)]
                 # packed: pad to the largest sampled batch (over all seeds: one compilation), not to
@@ -303,7 +307,7 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
     epoch_end = np.arange(1, cfg.epochs + 1) * p.min_sep - 1
     results = []
     for method in cfg.methods:
-        schema, z, plans, _ = setup(SAMPLING[method])
+        schema, z, plans, _ = setup(_SAMPLING[method])
         t0 = time.perf_counter()
         strategy, info = make_strategy(method, schema, workload, cfg)
         strategy_seconds = time.perf_counter() - t0
@@ -319,7 +323,7 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
             "method": method,
             "label": LABELS[method],
             **info,
-            "sampling": SAMPLING[method],
+            "sampling": _SAMPLING[method],
             "epsilon": cfg.epsilon,
             "delta": cfg.delta,
             "noise_multiplier": z,

@@ -20,12 +20,12 @@ DESCRIPTION = """Find the noise multiplier z that makes a sensitivity-normalised
 Noise convention: the noise added to C G has standard deviation z * clip * sens(C, p).
 --sampling none (default): any batches that honour the schema; the mechanism is one Gaussian
 mechanism with noise multiplier z, whatever k is.
---sampling cyclic-poisson: amplified BandMF (Choquette-Choo et al. 2023): ceil(n / b) rounds of a
-Poisson-subsampled Gaussian with q = batch / (dataset / b) and noise multiplier
-z * sens(C, p) / (max column norm of C). It needs the strategy itself (--strategy FILE, e.g. from
-`mfnoise optimize` or `mfnoise library`), which is checked: C must be banded with bands <= min_sep b
-(identity, i.e. DP-SGD, is bands = 1), and the schema must allow ceil(n / b) participations.
-Anything else is refused, with the reason.
+--sampling cyclic-poisson: amplified BandMF (Choquette-Choo et al. 2023, arXiv:2306.08153):
+ceil(n / b) rounds of a Poisson-subsampled Gaussian with q = batch / (dataset / b) and noise
+multiplier z * sens(C, p) / (max column norm of C). It needs the strategy itself (--strategy FILE,
+e.g. from `mfnoise optimize` or `mfnoise library`), which is checked: C must be banded with
+bands <= min_sep b (identity, i.e. DP-SGD, is bands = 1), and the schema must allow ceil(n / b)
+participations. Anything else is refused, with the reason.
 The PLD accountant coarsens its grid at large epsilon (bounded memory; still an upper bound) and
 is refused beyond a grid of 256 (epsilon ~ 1e7): use --accountant rdp there."""
 
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         p = schema.participation(args)
     kwargs: dict = {}
+    amp = None
     if args.sampling == "cyclic-poisson":
         if strategy is None:
             raise ValueError("--sampling cyclic-poisson needs --strategy FILE: the theorem's hypotheses (banded, "
@@ -75,6 +76,8 @@ def run(args: argparse.Namespace) -> dict:
         missing = [f"--{k.replace('_', '-')}" for k in ("dataset_size", "batch_size") if kwargs[k] is None]
         if missing:
             raise ValueError(f"--sampling cyclic-poisson needs {' and '.join(missing)}")
+        amp = accounting.amplification(p, dataset_size=args.dataset_size, batch_size=args.batch_size,
+                                       strategy=strategy)
     else:
         given = [f for f, v in (("--dataset-size", args.dataset_size), ("--batch-size", args.batch_size))
                  if v is not None]
@@ -94,9 +97,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     if p is not None:
         out.update(n=p.n, max_participations=p.max_participations, min_sep=p.min_sep, participation=p.kind)
-    if args.sampling == "cyclic-poisson":
-        amp = accounting.amplification(p, dataset_size=args.dataset_size, batch_size=args.batch_size,
-                                       strategy=strategy)
+    if amp is not None:
         out.update(bands=amp.bands, rounds=amp.rounds, sampling_probability=amp.q,
                    round_noise_multiplier=z * amp.scale, max_column_norm=amp.max_column_norm,
                    column_spread=amp.column_spread)

@@ -29,6 +29,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mfnoise.demo import LABELS, METHODS, Config
+    from mfnoise.training.accounting import ACCOUNTANTS
 
     d = Config()
     parser.add_argument("--epsilon", type=float, default=d.epsilon,
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="BandMF bands (default: the steps per epoch)")
     parser.add_argument("--buffers", type=int, default=d.buffers,
                         help=f"BLT buffers (parameter-sized noise state arrays) (default {d.buffers})")
-    parser.add_argument("--accountant", choices=("pld", "rdp"), default=d.accountant,
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default=d.accountant,
                         help="dp-accounting accountant for the noise multipliers: pld (tight) or rdp (looser) "
                              "(default pld)")
     parser.add_argument("--no-reference", action="store_true",
