@@ -2,11 +2,11 @@
 
 Measures, for float32 parameter vectors of 1M / 10M / 100M entries (one leaf):
   * a plain memory copy of the same bytes (``x + 1``: read P, write P): the bandwidth reference;
-  * the noise step alone (``mfnoise.noise`` generator, jitted with the state donated) for identity
-    (DP-SGD's independent Gaussian noise), banded 4/16/64 bands (BSR) and BLT 2/4/8 buffers:
-    minimum step time over the repetitions (least disturbed by other load), ratio to the identity step, exact state bytes, and the compiled peak memory
-    (arguments + outputs + temporaries - aliased, from XLA's memory analysis) in parameter-sized
-    arrays;
+  * the noise step alone (``mfnoise.training.noise`` generator, jitted with the state donated) for
+    identity (DP-SGD's independent Gaussian noise), banded 4/16/64 bands (BSR) and BLT 2/4/8
+    buffers: minimum step time over the repetitions (least disturbed by other load), ratio to the
+    identity step, exact state bytes, and the compiled peak memory (arguments + outputs +
+    temporaries - aliased, from XLA's memory analysis) in parameter-sized arrays;
   * jax-privacy 2.0.0's ``matrix_factorization_privatizer`` on the same strategies (Gaussian, BLT-4,
     banded 4/16, banded Toeplitz 16), run in the same benchmark run from a separate venv;
   * a full ``dp_aggregate`` step (per-example clipping, noise) for a 1M-parameter MLP at batch 32
@@ -35,6 +35,7 @@ import platform
 import subprocess
 import sys
 import time
+from typing import cast
 
 import numpy as np
 
@@ -71,7 +72,7 @@ def peak_arrays(compiled, param_bytes: int) -> float:
 def mfnoise_strategies(quick: bool, size: int) -> dict:
     import mfnoise
 
-    out = {"identity": mfnoise.Identity(N_STEPS)}
+    out: dict[str, mfnoise.Strategy] = {"identity": mfnoise.Identity(N_STEPS)}
     bands = [4, 16] if quick else [4, 16, 64]
     buffers = [4] if quick else [2, 4, 8]
     for b in bands:
@@ -103,8 +104,10 @@ def bench_mfnoise_noise(strategy, size: int, reps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from mfnoise.training import noise
+
     p = {"w": jax.ShapeDtypeStruct((size,), jnp.float32)}
-    gen = strategy.noise_generator(jax.random.key(0))
+    gen = noise.generator(strategy, jax.random.key(0))
     state = gen.init(p)
     step = jax.jit(gen.next, donate_argnums=0)
     compiled = step.lower(state, p).compile()
@@ -169,6 +172,8 @@ def load_clipping(path: str):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("baseline_clipping", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"--baseline-clipping {path!r} is not a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -184,6 +189,7 @@ def bench_dp_step(strategy, reps: int, batch: int = 32, model: str = "mlp", base
     """
     import jax
     import jax.numpy as jnp
+    import optax
 
     import mfnoise
     from mfnoise.training.clipping import clipped_grad
@@ -220,7 +226,9 @@ def bench_dp_step(strategy, reps: int, batch: int = 32, model: str = "mlp", base
 
         def baseline_step(p, st, batch):
             r = other(p, batch)
-            return dp.update(ClippedSum(r.grads, r.nonfinite, r.batch_size, r.l2_clip_norm), st, p)
+            # dp_aggregate takes a ClippedSum, which optax's Updates type does not name
+            clipped = cast(optax.Updates, ClippedSum(r.grads, r.nonfinite, r.batch_size, r.l2_clip_norm))
+            return dp.update(clipped, st, p)
 
         runs["dp_aggregate_baseline_clipping"] = (dp, baseline_step)
     steps, states, times = {}, {}, {}
@@ -250,9 +258,15 @@ def jax_privacy_main(sizes: list[int], reps: int, quick: bool) -> dict:
     """Runs inside the jax-privacy venv; prints one JSON object."""
     import jax
     import jax.numpy as jnp
-    import jax_privacy
-    from jax_privacy import noise_addition
-    from jax_privacy.matrix_factorization import banded, buffered_toeplitz, toeplitz
+
+    # jax-privacy is installed only in the benchmark's own venv (module docstring).
+    import jax_privacy  # pyright: ignore[reportMissingImports]
+    from jax_privacy import noise_addition  # pyright: ignore[reportMissingImports]
+    from jax_privacy.matrix_factorization import (  # pyright: ignore[reportMissingImports]
+        banded,
+        buffered_toeplitz,
+        toeplitz,
+    )
 
     import mfnoise
 
@@ -264,7 +278,7 @@ def jax_privacy_main(sizes: list[int], reps: int, quick: bool) -> dict:
             theta, omega = blt_params(4)
             blt = buffered_toeplitz.BufferedToeplitz.build(theta, omega, dtype=jnp.float64)
             blt_inv = blt.inverse_as_streaming_matrix()
-        cases["blt-4"] = lambda: noise_addition.matrix_factorization_privatizer(blt_inv, stddev=1.0, prng_key=0)
+        cases["blt-4"] = lambda m=blt_inv: noise_addition.matrix_factorization_privatizer(m, stddev=1.0, prng_key=0)
         for b in ([4, 16] if not quick else [4]):
             if size * b * 4 * 3 > 8e9:
                 continue
@@ -273,8 +287,8 @@ def jax_privacy_main(sizes: list[int], reps: int, quick: bool) -> dict:
                 banded.ColumnNormalizedBanded(params=c).inverse_as_streaming_matrix(), stddev=1.0, prng_key=0))
         if not quick and size * 16 * 4 * 3 <= 8e9:
             coef = jnp.asarray(mfnoise.bsr(N_STEPS, 16).columns[0] / mfnoise.bsr(N_STEPS, 16).columns[0, 0])
-            cases["banded-toeplitz-16"] = lambda: noise_addition.matrix_factorization_privatizer(
-                toeplitz.inverse_as_streaming_matrix(coef, column_normalize_for_n=N_STEPS), stddev=1.0, prng_key=0)
+            cases["banded-toeplitz-16"] = lambda c=coef: noise_addition.matrix_factorization_privatizer(
+                toeplitz.inverse_as_streaming_matrix(c, column_normalize_for_n=N_STEPS), stddev=1.0, prng_key=0)
         row = {}
         for name, make in cases.items():
             try:
@@ -287,7 +301,7 @@ def jax_privacy_main(sizes: list[int], reps: int, quick: bool) -> dict:
                 u, state = step(p, state)
                 jax.block_until_ready((u, state))
 
-                def run():
+                def run(step=step, p=p):
                     nonlocal state
                     u, state = step(p, state)
                     jax.block_until_ready((u, state))
@@ -314,7 +328,8 @@ def run_jax_privacy(python: str, sizes: list[int], reps: int, quick: bool) -> di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1M params only, fewer strategies and repetitions")
     ap.add_argument("--sizes", default=None, help="comma-separated parameter counts (default 1e6,1e7,1e8)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (minimum reported)")
@@ -349,7 +364,7 @@ def main() -> None:
         for name, s in mfnoise_strategies(args.quick, size).items():
             row[name] = bench_mfnoise_noise(s, size, reps)
         base = row["identity"]["seconds"]
-        for name, v in row.items():
+        for v in row.values():
             if isinstance(v, dict):
                 v["ratio_vs_dpsgd"] = v["seconds"] / base
                 v["ratio_vs_copy"] = v["seconds"] / row["copy_seconds"]
@@ -396,33 +411,38 @@ def format_table(result: dict) -> str:
     lines = [f"machine: {result['machine']}"]
     for size, row in result["sizes"].items():
         lines.append(f"\n{int(size):,} float32 params; memory copy {row['copy_seconds'] * 1e3:.1f} ms")
-        lines.append(f"  {'mfnoise noise step':22s} {'ms':>8s} {'x DP-SGD':>9s} {'x copy':>7s} {'state MB':>9s} {'peak arrays':>12s}")
+        lines.append(f"  {'mfnoise noise step':22s} {'ms':>8s} {'x DP-SGD':>9s} {'x copy':>7s} {'state MB':>9s} "
+                     f"{'peak arrays':>12s}")
         for name, v in row.items():
             if isinstance(v, dict):
-                lines.append(f"  {name:22s} {v['seconds'] * 1e3:8.1f} {v['ratio_vs_dpsgd']:9.2f} {v['ratio_vs_copy']:7.2f} "
-                             f"{v['state_bytes'] / 1e6:9.1f} {v['peak_param_arrays']:12.1f}")
+                lines.append(f"  {name:22s} {v['seconds'] * 1e3:8.1f} {v['ratio_vs_dpsgd']:9.2f} "
+                             f"{v['ratio_vs_copy']:7.2f} {v['state_bytes'] / 1e6:9.1f} {v['peak_param_arrays']:12.1f}")
         jp = result.get("jax_privacy", {}).get("sizes", {}).get(size)
         if jp:
-            lines.append(f"  {'jax-privacy 2.0.0':22s} {'ms':>8s} {'x ourDPSGD':>10s} {'ours faster':>11s} {'state MB':>9s} {'peak arrays':>12s}")
+            lines.append(f"  {'jax-privacy 2.0.0':22s} {'ms':>8s} {'x ourDPSGD':>10s} {'ours faster':>11s} "
+                         f"{'state MB':>9s} {'peak arrays':>12s}")
             for name, v in jp.items():
                 if "seconds" in v:
                     lines.append(f"  {name:22s} {v['seconds'] * 1e3:8.1f} {v['ratio_vs_our_dpsgd']:10.2f} "
-                                 f"{v.get('mfnoise_speedup', float('nan')):11.2f} {v['state_bytes'] / 1e6:9.1f} {v['peak_param_arrays']:12.1f}")
+                                 f"{v.get('mfnoise_speedup', float('nan')):11.2f} {v['state_bytes'] / 1e6:9.1f} "
+                                 f"{v['peak_param_arrays']:12.1f}")
                 else:
                     lines.append(f"  {name:22s} {v.get('error', '')[:100]}")
     for key, title in (("dp_step", "1M-param MLP"), ("dp_step_sequence", "1M-param sequence model, T = 64")):
         lines.append(f"\nfull step, {title}, batch 32 (ms): dp_aggregate (ghost clipping | materialised"
                      " per-example grads) vs vmap(grad)+sum+same noise")
-        lines.append(f"  {'strategy':12s} {'ghost':>8s} {'material':>8s} {'baseline':>8s} {'ratio':>6s} {'ratio mat':>9s}"
+        lines.append(f"  {'strategy':12s} {'ghost':>8s} {'material':>8s} {'baseline':>8s} {'ratio':>6s} "
+                     f"{'ratio mat':>9s}"
                      + (f" {'ghost, baseline clipping':>25s}" if "baseline_clipping" in result else ""))
         for name, v in result.get(key, {}).items():
             extra = ""
             if "ratio_baseline_clipping" in v:
-                extra = f" {v['dp_aggregate_baseline_clipping'] * 1e3:8.1f} ms, ratio {v['ratio_baseline_clipping']:5.2f}"
+                extra = (f" {v['dp_aggregate_baseline_clipping'] * 1e3:8.1f} ms, "
+                         f"ratio {v['ratio_baseline_clipping']:5.2f}")
             lines.append(f"  {name:12s} {v['dp_aggregate'] * 1e3:8.1f} {v['dp_aggregate_materialised'] * 1e3:8.1f} "
-                         f"{v['vmap_grad_sum_noise'] * 1e3:8.1f} {v['ratio']:6.2f} {v['ratio_materialised']:9.2f}{extra}")
+                         f"{v['vmap_grad_sum_noise'] * 1e3:8.1f} {v['ratio']:6.2f} "
+                         f"{v['ratio_materialised']:9.2f}{extra}")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     main()
