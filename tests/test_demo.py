@@ -13,11 +13,26 @@ pytest.importorskip("sklearn", reason="the demo needs the 'demo' extra (scikit-l
 pytest.importorskip("matplotlib", reason="the demo needs the 'demo' extra (matplotlib)")
 
 import dp_accounting  # noqa: E402
-from test_file_conventions import _mode, _never, _refused  # noqa: E402
 
 import mfnoise  # noqa: E402
 from mfnoise import demo  # noqa: E402
 from mfnoise.cli import main as cli_main  # noqa: E402
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def _refused(capsys, argv, folder) -> None:
+    """The command exits 2 naming the missing output folder, and creates nothing."""
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"'{folder}'" in err and "does not exist" in err, err
+    assert not os.path.exists(folder)
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the command started working before checking its output folder")
 
 SMALL = ["--epochs", "2", "--batch-size", "200", "--seeds", "2", "--learning-rates", "0.2", "--buffers", "2"]
 

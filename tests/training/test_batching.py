@@ -242,7 +242,8 @@ def test_each_rule_alone(kind):
     assert not result.ok and result.counts == {kind: 1}, result.violations
     assert batching.KINDS[kind] in result.summary
     assert batching.check(fixed, p).ok  # does not raise
-    with pytest.raises(ValueError, match=re.escape(f"breaks the participation schema {p}: {batching.KINDS[kind]}: 1\n")):
+    summary = f"breaks the participation schema {p}: {batching.KINDS[kind]}: 1\n"
+    with pytest.raises(ValueError, match=re.escape(summary)):
         batching.check(broken, p)
 
 

@@ -99,7 +99,7 @@ def test_dp_aggregate_noise_is_sensitivity_scaled_generator_noise(strategy, part
     sens = tx.info.sensitivity(np.float32).value
     assert strategy.sensitivity(part).value <= sens <= strategy.sensitivity(part).value * (1 + 1e-6)
     assert tx.info.private and tx.info.noise_stddev(np.float32) == pytest.approx(sigma * clip * sens, rel=1e-15)
-    gen = strategy.noise_generator(key)
+    gen = noise.generator(strategy, key)
     zeros = {k: jnp.zeros((batch, *v)) for k, v in P_SHAPES.items()}
     state, gstate = tx.init(params()), gen.init(params())
     step, gnext = jax.jit(tx.update), jax.jit(gen.next)
@@ -115,7 +115,7 @@ def test_correlated_noise_adds_stddev_times_generator_noise():
     s = mfnoise.bisr(N, 4)
     key = jax.random.key(3)
     tx = mfnoise.correlated_noise(s, 2.5, key)
-    gen = s.noise_generator(key)
+    gen = noise.generator(s, key)
     g = per_example(np.random.default_rng(2), batch=1)
     g = {k: v[0] for k, v in g.items()}
     state, gs = tx.init(params()), gen.init(params())
@@ -160,7 +160,7 @@ def test_in_optax_chain_under_jit_and_exhaustion():
     st = tx.init(p)
     assert isinstance(st[0], DPAggregateState)
     for t in range(N):
-        p, st = step(p, st, jax.tree.map(lambda a: a[t], data))
+        p, st = step(p, st, jax.tree.map(lambda a, t=t: a[t], data))
     noise.check(st)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(p))
     p2, st2 = step(p, st, jax.tree.map(lambda a: a[0], data))
@@ -178,7 +178,7 @@ def test_per_example_grads_microbatched_equals_loop():
     def loss(p, ex):
         return jnp.sum(jnp.tanh(ex["x"] @ p["w"] + p["b"]) * ex["y"])
 
-    want = [jax.grad(loss)(p, jax.tree.map(lambda a: a[i], batch)) for i in range(7)]
+    want = [jax.grad(loss)(p, jax.tree.map(lambda a, i=i: a[i], batch)) for i in range(7)]
     for mb in (None, 1, 3, 7):
         got = jax.jit(per_example_grads(loss, mb))(p, batch)
         for i in range(7):
