@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 
 COMMANDS = ["optimize", "evaluate", "calibrate", "library", "verify", "recommend", "demo"]
@@ -28,17 +29,32 @@ def _available() -> dict:
     return mods
 
 
+def _command_table(mods: dict) -> str:
+    """One line per command (its HELP, wrapped under itself): argparse's own list of subcommands
+    misaligns names longer than its narrowest column."""
+    width = max(len(name) for name in mods)
+    lines = ["commands:"]
+    for name, mod in mods.items():
+        lines += textwrap.wrap(mod.HELP, 79, initial_indent=f"  {name:<{width}}  ",
+                               subsequent_indent=" " * (width + 4))
+    return "\n".join(lines)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    mods = _available()
     parser = argparse.ArgumentParser(
         prog="mfnoise",
-        description="Correlated-noise (matrix factorization / DP-FTRL) mechanisms for private training: "
-        "optimize strategies, evaluate their error and sensitivity, calibrate noise, train.",
+        usage="%(prog)s [-h] [--version] COMMAND ...",
+        description="Correlated-noise (matrix factorization / DP-FTRL) mechanisms for private training:\n"
+        "optimize strategies, evaluate their error and sensitivity, calibrate noise, train.\n\n"
+        + _command_table(mods),
+        epilog="Run 'mfnoise COMMAND --help' for the options of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from mfnoise._version import __version__
 
     parser.add_argument("--version", action="version", version=f"mfnoise {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    mods = _available()
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS)
     for name, mod in mods.items():
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
