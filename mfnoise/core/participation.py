@@ -1,16 +1,18 @@
 """Participation schemas: which sets of steps one example may take part in.
 
-A participation pattern is a set of steps P in [0, n). Two kinds of schema (DESIGN.md):
+A participation pattern is a set of steps P in [0, n). Two kinds of schema (docs/design.md):
 
 * min-sep ``(n, k, b)``: any P with |P| <= k and |i - j| >= b for distinct i, j in P.
 * cyclic (k epochs of fixed batches, b = n // k): P is a subset of {c, c + b, c + 2b, ...} ∩ [0, n)
   for one c in [0, b). This is what fixed cyclic batches produce ("Multi-Epoch Matrix
-  Factorization Mechanisms for Private Machine Learning", Choquette-Choo et al. 2023).
+  Factorization Mechanisms for Private Machine Learning", Choquette-Choo et al. 2023,
+  arXiv:2211.06530).
 
 Single participation (k = 1) is both kinds.
 
 ``Participation.epochs(n, k)`` takes b = n // k; when k does not divide n that gives
 ceil(n / b) > k participations, so it warns (``EpochsWarning``) and says how to ask for exactly k.
+``check_participation`` is the one validator of a schema argument every layer uses.
 """
 
 from __future__ import annotations
@@ -174,3 +176,16 @@ class Participation:
         if self.cyclic:
             return f"{self.kind}(n={self.n}, epochs={math.ceil(self.n / self.min_sep)}, min_sep={self.min_sep})"
         return f"min-sep(n={self.n}, max_participations={self.max_participations}, min_sep={self.min_sep})"
+
+
+def check_participation(p: Any, n: int | None = None, what: str = "the strategy") -> Participation:
+    """``p`` itself when it is a ``Participation`` (of ``n`` steps, when ``n`` is given).
+
+    Raises TypeError naming the type of anything else, and ValueError naming both sizes when
+    p.n != n (``what`` says what has n steps, e.g. "the banded strategy").
+    """
+    if not isinstance(p, Participation):
+        raise TypeError(f"expected a Participation, got {type(p).__name__}")
+    if n is not None and p.n != n:
+        raise ValueError(f"participation has n={p.n} but {what} has n={n}")
+    return p

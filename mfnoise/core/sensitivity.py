@@ -1,9 +1,9 @@
-"""Sensitivity of a strategy C under a participation schema p (DESIGN.md).
+"""Sensitivity of a strategy C under a participation schema p (docs/design.md).
 
 sens(C, p) = max over patterns P of max over unit vectors u_t of || sum_{t in P} C[:, t] u_t ||.
 With X = C^T C: sens^2 <= max_P sum_{i,j in P} |X[i, j]|, with equality when X >= 0
 elementwise ("Multi-Epoch Matrix Factorization Mechanisms for Private Machine Learning",
-Choquette-Choo et al. 2023). Routines here:
+Choquette-Choo et al. 2023, arXiv:2211.06530). Routines here:
 
 * ``column_norms``: banded C with bands <= min_sep, whose columns in one pattern have disjoint
   supports, so sens^2 = max_P sum_{t in P} ||C[:, t]||^2 (a dynamic programme; exact).
@@ -131,7 +131,7 @@ def dense(c: np.ndarray, p: Participation) -> Sensitivity:
     if m == 1:
         return Sensitivity(math.sqrt(float(np.max(np.diag(x)))), True, "max-column-norm")
     ax = np.abs(x)
-    patterns = None
+    patterns, method = None, ""
     if p.cyclic:
         patterns, method = list(p.cyclic_patterns()), "cyclic-exhaustive"
     elif count_patterns(p) <= EXHAUSTIVE_PATTERN_LIMIT:

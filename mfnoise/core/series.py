@@ -8,13 +8,23 @@ g <- g (2 - t g), doubling the number of correct coefficients each step).
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import scipy.fft
 import scipy.signal
 
 
 def _fft_len(m: int) -> int:
-    return scipy.fft.next_fast_len(m, real=True)
+    return cast(int, scipy.fft.next_fast_len(m, real=True))
+
+
+def _rfft(x: np.ndarray, size: int, axis: int = -1) -> np.ndarray:
+    return np.asarray(scipy.fft.rfft(x, size, axis=axis))
+
+
+def _irfft(x: np.ndarray, size: int, axis: int = -1) -> np.ndarray:
+    return np.asarray(scipy.fft.irfft(x, size, axis=axis))
 
 
 def multiply(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
@@ -28,7 +38,7 @@ def multiply(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     else:
         m = a.size + b.size - 1
         size = _fft_len(m)
-        out = scipy.fft.irfft(scipy.fft.rfft(a, size) * scipy.fft.rfft(b, size), size)[: min(m, n)]
+        out = _irfft(_rfft(a, size) * _rfft(b, size), size)[: min(m, n)]
     return np.pad(out, (0, n - out.size))
 
 
@@ -58,7 +68,7 @@ def _reciprocal_recurrence(t: np.ndarray, n: int) -> np.ndarray:
     """g_j = (delta_j - sum_{i=1..p-1} t_i g_{j-i}) / t_0: the impulse response of 1 / t(x)."""
     impulse = np.zeros(n)
     impulse[0] = 1.0
-    return scipy.signal.lfilter([1.0], t, impulse)
+    return np.asarray(scipy.signal.lfilter([1.0], t, impulse))
 
 
 def divide(a: np.ndarray, t: np.ndarray, n: int) -> np.ndarray:
@@ -83,9 +93,7 @@ def apply(t: np.ndarray, z: np.ndarray) -> np.ndarray:
     flat = z.reshape(n, -1).astype(np.float64)
     t = np.asarray(t, dtype=np.float64)[:n]
     size = _fft_len(n + t.size - 1)
-    out = scipy.fft.irfft(
-        scipy.fft.rfft(t, size)[:, None] * scipy.fft.rfft(flat, size, axis=0), size, axis=0
-    )[:n]
+    out = _irfft(_rfft(t, size)[:, None] * _rfft(flat, size, axis=0), size, axis=0)[:n]
     return out.reshape(z.shape)
 
 

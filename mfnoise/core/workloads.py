@@ -60,6 +60,8 @@ class Workload:
         if self.coeffs is not None:
             return series.to_dense(self.coeffs, self.n)
         # A = S D_eta M: M[s, j] = beta^(s-j), D_eta scales row s, S sums rows j..i.
+        if self.beta is None or self.learning_rates is None:
+            raise ValueError(f"workload {self.name!r} has neither coefficients, a matrix nor a schedule")
         m = series.to_dense(self.beta ** np.arange(self.n), self.n)
         return np.cumsum(self.learning_rates[:, None] * m, axis=0)
 

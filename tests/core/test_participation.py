@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mfnoise import Participation
 from mfnoise.cli import main as cli_main
-from mfnoise.core.participation import EpochsWarning
+from mfnoise.core.participation import EpochsWarning, check_participation
 
 from conftest import FEW, all_patterns
 
@@ -123,7 +123,7 @@ def test_str_and_frozen():
     p = Participation(10, 3, 2)
     assert "min_sep=2" in str(p)
     assert "epochs=" in str(Participation.epochs(9, 3))
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (any refusal: the schema is frozen)
         p.n = 3  # type: ignore[misc]
 
 
@@ -176,3 +176,13 @@ def test_cli_prints_the_epochs_warning_on_stderr(capsys):
     assert cli_main(["evaluate", "--family", "identity", "--n", "9", "--epochs", "3", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["max_participations"] == 3 and "warning" not in err
+
+
+def test_check_participation():
+    """The one validator of a schema argument: the schema itself, or an error naming the value."""
+    p = Participation(10, 3, 2)
+    assert check_participation(p) is p and check_participation(p, 10) is p
+    with pytest.raises(TypeError, match="expected a Participation, got dict"):
+        check_participation(p.to_dict())
+    with pytest.raises(ValueError, match="participation has n=10 but the banded strategy has n=12"):
+        check_participation(p, 12, "the banded strategy")
