@@ -17,11 +17,11 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
-import pytest
-import scipy.linalg
-from hypothesis import HealthCheck, settings
+import pytest  # noqa: E402
+import scipy.linalg  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
-import mfnoise
+import mfnoise  # noqa: E402
 
 try:  # numpy may have been imported (and its BLAS started) before this file
     import threadpoolctl

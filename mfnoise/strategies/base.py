@@ -1,19 +1,27 @@
-"""The Strategy interface shared by every factorization family.
+"""The Strategy interface shared by every factorization family (docs/design.md).
 
 A strategy is an invertible n×n lower-triangular matrix C; the mechanism releases C G + Z and the
-optimizer sees g_t + (C^{-1} Z)_t. Each family is an immutable dataclass registered as a JAX pytree
-(its arrays are leaves, its sizes static) in its own module, and registers itself here by its
-``family`` name so that strategy files can be loaded.
+optimizer sees g_t + (C^{-1} Z)_t. Each family is a frozen dataclass registered as a JAX pytree
+(its arrays are leaves, its sizes static) in its own module, and registered by its ``family``
+name in ``mfnoise.strategies.registry``. A strategy tells its consumers how it streams and what
+it is, so that no module outside ``mfnoise/strategies/`` branches on a family name:
 
-What the noise generator runs. A strategy is stored in float64, but ``mfnoise.noise`` streams
-(C'^{-1} W)_t from coefficients rounded to the noise dtype, and C' is not C: over the library's
-BLTs at n = 1e5 run in float32, the bound on sens(C') is -1.8e-4 .. +2.6e-4 relative from sens(C)
-(e.g. 27.746764 vs 27.745628 for momentum0.9-n100000-e16-blt4-rmse, where it is exact; the largest
-values where a decay rounded to or past 1 leaves a growing tail and the bound is not exact).
-Each family defines, in one place, the rounded coefficients it streams (``stream_table(dtype)``,
-consumed by the generator) and the strategy they realise (``realised(dtype)``, built from the
-same table), and ``noise_sensitivity(p, dtype)`` bounds sens(C', p): the one number the noise
-must be scaled by.
+* what it is: ``dense()``, ``columns_at(steps)`` (C[:, steps]), ``squared_column_norms()``,
+  ``bands`` (or None), ``band_columns()``, ``toeplitz_coeffs()``, ``inverse_apply(z)``;
+* its privacy: ``sensitivity(p)``;
+* how it streams: ``stream_table(dtype)`` (a ``StreamTable``), ``state_arrays()``,
+  ``realised(dtype)``, ``noise_sensitivity(p, dtype)``, ``runs_exactly(dtype)``;
+* its file: ``arrays()``, ``params()``, ``from_arrays(...)``, ``save(path)``.
+
+What the noise generator runs. A strategy is stored in float64, but ``mfnoise.training.noise``
+streams (C'^{-1} W)_t from coefficients rounded to the noise dtype, and C' is not C: over the
+library's BLTs at n = 1e5 run in float32, the bound on sens(C') is -1.8e-4 .. +2.6e-4 relative
+from sens(C) (e.g. 27.746764 vs 27.745628 for momentum0.9-n100000-e16-blt4-rmse, where it is
+exact; the largest values where a decay rounded to or past 1 leaves a growing tail and the bound
+is not exact). Each family defines, in one place, the rounded coefficients it streams
+(``stream_table(dtype)``, consumed by the generator) and the strategy they realise
+(``realised(dtype)``, built from the same table), and ``noise_sensitivity(p, dtype)`` bounds
+sens(C', p): the one number the noise must be scaled by.
 """
 
 from __future__ import annotations
@@ -21,34 +29,42 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import os
 from typing import Any, ClassVar
 
 import jax
 import numpy as np
+from jax.core import Tracer
 
 from mfnoise.core import sensitivity as sens_lib
-from mfnoise.core.participation import Participation
-from mfnoise.core.workloads import check_dense_size, check_n  # noqa: F401  (re-exported)
+from mfnoise.core.participation import Participation, check_participation
+from mfnoise.core.workloads import check_dense_size
+from mfnoise.strategies import files
 
-FAMILIES: dict[str, type["Strategy"]] = {}
-
-STREAM_KINDS = ("identity", "output", "input", "blt")
+STREAM_KINDS = ("independent", "output", "input", "buffers-input", "buffers-output")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StreamTable:
-    """The coefficients the noise generator runs for a strategy in one dtype (``mfnoise.noise``).
+    """The coefficients the noise generator runs for a strategy in one dtype (``mfnoise.training.noise``).
 
     Every entry of ``table`` (float64) is exactly representable in ``dtype``, so converting it to
-    ``dtype`` inside the generator is exact: the realised strategy built from this table is what runs.
+    ``dtype`` inside the generator is exact: the realised strategy built from this table is what
+    runs. ``m`` is the number of parameter-sized state arrays the recurrence keeps.
 
-    kind "identity": z_t = w_t (table unused).
-    kind "output":  z_t = s_t (w_t - sum_{j=1..m} a_{t,j} z_{t-j}), table (rows, m + 1) with
+    The kinds name recurrences, not families (each family picks its kind):
+
+    "independent": z_t = w_t (C' = I; table unused, m = 0).
+    "output": z_t = s_t (w_t - sum_{j=1..m} a_{t,j} z_{t-j}), table (rows, m + 1) with
         table[r, 0] = s_t (the reciprocal of C'[t, t], rounded) and table[r, j] = a_{t,j} = C'[t, t - j];
         row r = min(t, rows - 1). So C'[t, t] = 1 / s_t, the only entry of C' not in the table.
-    kind "input":   z_t = sum_{j=0..m} table[r, j] w_{t-j}, i.e. C'^{-1}[t, t - j] = table[r, j].
-    kind "blt":     table (2, d) = (theta', omega'): C'^{-1} is the BLT with these decays and scales,
-        z_t = w_t + sum_i omega'_i s_i, s_i <- theta'_i s_i + w_t (m = d buffers).
+        State: the last m outputs z.
+    "input": z_t = sum_{j=0..m} table[r, j] w_{t-j}, i.e. C'^{-1}[t, t - j] = table[r, j].
+        State: the last m inputs w.
+    "buffers-input": table (2, m) = (theta', omega'); C'^{-1} is the BLT with these decays and
+        scales: z_t = w_t + sum_i omega'_i s_i, then s_i <- theta'_i s_i + w_t (m buffers s).
+    "buffers-output": table (2, m) = (theta, omega); C' is the BLT with these decays and scales,
+        and z solves C' z = w: z_t = w_t - sum_i omega_i s_i, then s_i <- theta_i s_i + z_t.
     """
 
     kind: str
@@ -87,17 +103,15 @@ def rounded_reciprocal(d: Any, dtype: Any) -> np.ndarray:
 
 
 class Strategy(abc.ABC):
-    """Base class of the strategy families (identity, dense, banded, toeplitz, blt, ...)."""
+    """Base class of the strategy families (the registry ``mfnoise.strategies.registry.FAMILIES``)."""
 
     family: ClassVar[str]
+    """The family's name in files, the CLI, the library and JSON."""
     is_toeplitz: ClassVar[bool] = False
     """True when C[i, j] = c_{i-j}; then ``toeplitz_coeffs()`` returns c."""
+    is_identity: ClassVar[bool] = False
+    """True when C = I by construction: no coefficient or state is rounded, so its noise runs in any dtype."""
     n: int
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "family" in cls.__dict__:
-            FAMILIES[cls.family] = cls
 
     # -- the matrix -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -113,6 +127,54 @@ class Strategy(abc.ABC):
         """First column of C when C is Toeplitz (implicitly zero-padded to n), else None."""
         return None
 
+    @property
+    def bands(self) -> int | None:
+        """The number of bands of C, the smallest b with C[i, j] = 0 for i - j >= b (trailing zero
+        bands of the stored form do not count, so it can be below ``params()["bands"]``), or None
+        when the family does not hold C in banded form (its C is in general full)."""
+        return None
+
+    def band_columns(self) -> np.ndarray | None:
+        """C in banded storage by columns (``band_storage``): shape (n, bands), [t, j] = C[t + j, t],
+        or None when ``bands`` is None. O(n * bands) memory."""
+        return None
+
+    def columns_at(self, steps: Any) -> np.ndarray:
+        """C[:, steps] as an (n, len(steps)) float64 array, from the family's own arrays.
+
+        Toeplitz C: column t holds c_0, c_1, ... from row t down. Others: from the dense matrix
+        unless the family overrides it (banded families do, from their columns).
+        """
+        steps = self._steps(steps)
+        c = self.toeplitz_coeffs()
+        if c is None:
+            return self.dense()[:, steps]
+        n = self.n
+        first = np.zeros(n)
+        c = np.asarray(c, np.float64)[:n]
+        first[: c.size] = c
+        out = np.zeros((n, steps.size))
+        for i, t in enumerate(steps):
+            out[t:, i] = first[: n - t]
+        return out
+
+    def squared_column_norms(self) -> np.ndarray:
+        """||C[:, t]||^2 for t = 0..n-1 (Toeplitz: sum_{j < n - t} c_j^2, O(n))."""
+        c = self.toeplitz_coeffs()
+        if c is None:
+            return np.sum(self.dense() ** 2, axis=0)
+        n = self.n
+        sq = np.zeros(n)
+        c = np.asarray(c, np.float64)[:n]
+        sq[: c.size] = c**2
+        return np.cumsum(sq)[n - 1 - np.arange(n)]
+
+    def _steps(self, steps: Any) -> np.ndarray:
+        steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+        if steps.size and (steps.min() < 0 or steps.max() >= self.n):
+            raise ValueError(f"steps must be in [0, n={self.n}), got {steps.min()}..{steps.max()}")
+        return steps
+
     @abc.abstractmethod
     def inverse_apply(self, z: np.ndarray) -> np.ndarray:
         """C^{-1} z in float64 for a block of rows z of shape (n, ...)."""
@@ -120,13 +182,10 @@ class Strategy(abc.ABC):
     # -- privacy --------------------------------------------------------------------------------
     @abc.abstractmethod
     def sensitivity(self, p: Participation) -> sens_lib.Sensitivity:
-        """sens(C, p) (DESIGN.md); exact, or a proven upper bound flagged ``exact=False``."""
+        """sens(C, p) (docs/design.md); exact, or a proven upper bound flagged ``exact=False``."""
 
     def _check_participation(self, p: Participation) -> None:
-        if not isinstance(p, Participation):
-            raise TypeError(f"expected a Participation, got {type(p).__name__}")
-        if p.n != self.n:
-            raise ValueError(f"participation has n={p.n} but the {self.family} strategy has n={self.n}")
+        check_participation(p, self.n, f"the {self.family} strategy")
 
     def _dense_sensitivity(self, p: Participation, why: str) -> sens_lib.Sensitivity:
         """Fallback to the dense routine, refused with ``why`` when n is too large for it."""
@@ -138,20 +197,49 @@ class Strategy(abc.ABC):
         return sens_lib.dense(c, p)
 
     # -- what the noise generator runs ---------------------------------------------------------
+    @abc.abstractmethod
     def stream_table(self, dtype: Any) -> StreamTable:
-        """The coefficients, rounded to ``dtype``, from which ``mfnoise.noise`` streams (C'^{-1} W)_t."""
-        raise ValueError(f"no noise generator for strategy family {self.family!r}")
+        """The coefficients, rounded to ``dtype``, from which the generator streams (C'^{-1} W)_t."""
 
-    def realised(self, dtype: Any) -> "Strategy":
+    def state_arrays(self) -> int:
+        """m: parameter-sized arrays of noise state the generator keeps (bytes = m x params x itemsize).
+
+        It does not depend on the dtype (``stream_table(float64).m``): 0 for C = I, bands - 1 for
+        banded and Toeplitz C and for a banded C^{-1}, the buffers of a BLT, n - 1 for a dense C.
+        """
+        return self.stream_table(np.float64).m
+
+    @abc.abstractmethod
+    def realised(self, dtype: Any) -> Strategy:
         """The strategy C' whose C'^{-1} the noise generator computes in ``dtype``.
 
         Built from ``stream_table(dtype)`` (the same rounded coefficients the generator converts to
         ``dtype``), so the two cannot disagree. Exact except for the diagonal 1 / s_t of the
-        "output" families, which is the float64 nearest to it (``noise_sensitivity`` covers that).
+        "output" tables, which is the float64 nearest to it (``noise_sensitivity`` covers that).
         Arithmetic rounding inside the recurrence (one rounding per operation, as in any sampler)
         is not part of C'.
         """
-        raise ValueError(f"no noise generator for strategy family {self.family!r}")
+
+    def runs_exactly(self, dtype: Any) -> bool:
+        """True when the generator in ``dtype`` runs C itself: C' = C entry for entry, every
+        reciprocal s_t an exact power of two (so 1 / s_t is exact too) within 4x of ``dtype``'s
+        normal range."""
+        table = self.stream_table(dtype)
+        if table.kind == "independent":
+            return True
+        if table.kind == "output":
+            s = np.abs(table.table[:, 0])
+            mantissa, _ = np.frexp(s)
+            tiny = float(np.finfo(np.dtype(dtype)).tiny)
+            if not (np.all(mantissa == 0.5) and np.all((s >= 4 * tiny) & (s <= 1.0 / (4 * tiny)))):
+                return False
+        real = self.realised(dtype)
+        if real is self:
+            return True
+        if type(real) is not type(self):
+            return False
+        mine, theirs = self.arrays(), real.arrays()
+        return mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
 
     def noise_sensitivity(self, p: Participation, dtype: Any) -> sens_lib.Sensitivity:
         """A proven upper bound on sens(C', p) for C' = ``realised(dtype)``: what the noise is scaled by.
@@ -189,39 +277,25 @@ class Strategy(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "Strategy":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> Strategy:
         """Inverse of (arrays(), params())."""
 
-    def save(self, path: str, **metadata: Any) -> str:
-        """Writes a strategy file (see ``mfnoise.strategies.io``); returns the path written."""
-        from mfnoise.strategies import io
-
-        return io.save(self, path, **metadata)
-
-    def noise_generator(self, *args: Any, **kwargs: Any):
-        """The streaming generator of (C^{-1} W)_t (see ``mfnoise.noise``)."""
-        from mfnoise.training import noise
-
-        return noise.generator(self, *args, **kwargs)
+    def save(self, path: str | os.PathLike, **metadata: Any) -> str:
+        """Writes a strategy file (``mfnoise.strategies.files.write``); returns the path written."""
+        return files.write(path, self.family, self.params(), self.arrays(), **metadata)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.params().items())
         return f"{type(self).__name__}({params})"
 
 
-def register(cls: type, data_fields: list[str], meta_fields: list[str]) -> type:
-    """Registers a frozen strategy dataclass as a JAX pytree (arrays as leaves)."""
-    jax.tree_util.register_dataclass(cls, data_fields=data_fields, meta_fields=meta_fields)
-    return cls
-
-
-def as_float64(name: str, x: Any, ndim: int) -> np.ndarray:
-    """A finite float64 copy of x with ``ndim`` dimensions, or a ValueError naming ``name``.
+def as_float64(name: str, x: Any, ndim: int) -> Any:
+    """A finite, read-only float64 copy of x with ``ndim`` dimensions, or a ValueError naming ``name``.
 
     Tracers and other non-array leaves (inside jit, tree_map) pass through unchecked: validation
     happens when a strategy is built from concrete values.
     """
-    if isinstance(x, jax.core.Tracer) or not _is_arraylike(x):
+    if isinstance(x, Tracer) or not _is_arraylike(x):
         return x
     a = np.array(x, dtype=np.float64)
     if a.ndim != ndim:
@@ -233,8 +307,11 @@ def as_float64(name: str, x: Any, ndim: int) -> np.ndarray:
     return a
 
 
-def frozen_dataclass(cls: type) -> type:
-    return dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
+def leading_size(x: Any) -> int:
+    """x.shape[0]: the n of a strategy held as an (n, ...) array (0 for a pytree rebuilt from
+    placeholder leaves without a shape, which has no size)."""
+    shape = getattr(x, "shape", None)
+    return int(shape[0]) if shape else 0
 
 
 def _is_arraylike(x: Any) -> bool:

@@ -2,13 +2,19 @@
 
 A BLT with d buffers is the Toeplitz C with c_0 = 1 and c_j = sum_{i=1..d} omega_i theta_i^(j-1)
 for j >= 1 ("Efficient and Near-Optimal Noise Generation for Streaming Differential Privacy",
-Dvijotham et al. 2024). Its generating function is rational,
+Dvijotham et al. 2024, arXiv:2404.16706). Its generating function is rational,
 
     c(x) = 1 + sum_i omega_i x / (1 - theta_i x) = N(x) / D(x),   D(x) = prod_i (1 - theta_i x),
 
 so C^{-1} has generating function D(x) / N(x): again a BLT with d buffers whose decays are the
 reciprocal roots of N (real and interlacing the theta_i when omega > 0). C z and C^{-1} z are
 order-d linear recurrences: O(n d) time and d state values per coordinate, for any n.
+
+Streaming. When C^{-1} is a real BLT (always for omega > 0) the generator runs C^{-1}'s own
+buffers (stream kind "buffers-input"). Otherwise (omega of mixed signs, where the decays of
+C^{-1} can be complex) it solves C z = w with C's buffers fed back the outputs (kind
+"buffers-output"): z_t = w_t - sum_i omega_i s_i, s_i <- theta_i s_i + z_t; d real buffers
+either way.
 
 ``InverseBLT`` is the strategy given by the parameters of its inverse (C^{-1} = BLT(theta', omega')).
 It is what the noise generator realises for a BLT in a given dtype: the generator streams C^{-1}
@@ -20,14 +26,19 @@ reciprocal of C^{-1}'s.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 import scipy.signal
 
 from mfnoise.core import sensitivity as sens_lib
+from mfnoise.core import series
 from mfnoise.core.participation import Participation
-from mfnoise.strategies.base import Strategy, StreamTable, as_float64, check_n, frozen_dataclass, register, round_to
+from mfnoise.core.workloads import check_n
+from mfnoise.strategies import registry
+from mfnoise.strategies.base import Strategy, StreamTable, as_float64, round_to
 from mfnoise.strategies.toeplitz import toeplitz_sensitivity
 
 
@@ -60,8 +71,8 @@ def rational(theta: np.ndarray, omega: np.ndarray) -> tuple[np.ndarray, np.ndarr
     num = np.concatenate([den, [0.0]])
     for i, om in enumerate(omega):
         others = np.array([1.0])
-        for l, th in enumerate(theta):
-            if l != i:
+        for k, th in enumerate(theta):
+            if k != i:
                 others = np.convolve(others, [1.0, -th])
         num[1 : 1 + others.size] += om * others
     return num[: den.size], den
@@ -120,7 +131,8 @@ def _secular_roots(theta: np.ndarray, omega: np.ndarray) -> np.ndarray | None:
     return 0.5 * (lo + hi)
 
 
-@frozen_dataclass
+@registry.family
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class BLT(Strategy):
     """BLT strategy of size n with buffer decays ``theta`` in (0, 1) and output scales ``omega``."""
 
@@ -158,8 +170,6 @@ class BLT(Strategy):
         return blt_inverse(self.theta, self.omega)
 
     def _dense(self) -> np.ndarray:
-        from mfnoise.core import series
-
         return series.to_dense(self.toeplitz_coeffs(), self.n)
 
     def apply(self, z: np.ndarray) -> np.ndarray:
@@ -173,8 +183,6 @@ class BLT(Strategy):
             # omega of mixed signs or zero: the inverse's decays may be complex. The series
             # reciprocal of c (O(n log n), ~1e-15), not the order-d recurrence D / N, whose
             # expanded coefficients cost ~1e-9 relative error in B = A C^{-1} when decays cluster.
-            from mfnoise.core import series
-
             return series.solve(self.toeplitz_coeffs(), np.asarray(z, np.float64))
         theta_inv, omega_inv = blt_inverse(self.theta, self.omega)
         return _parallel_filter(theta_inv, omega_inv, z)
@@ -184,19 +192,28 @@ class BLT(Strategy):
         return toeplitz_sensitivity(self, self.toeplitz_coeffs(), p)
 
     def stream_table(self, dtype: Any) -> StreamTable:
-        """"blt": the inverse's (theta', omega') rounded to dtype (raises if the inverse is not a real BLT)."""
+        """"buffers-input": the inverse's (theta', omega') rounded to dtype, when C^{-1} is a real BLT;
+        otherwise "buffers-output": C's own (theta, omega) rounded to dtype (module docstring)."""
         try:
             theta, omega = self.inverse()
-        except ValueError as e:
-            raise ValueError(
-                f"cannot stream this BLT: its inverse is not a real BLT ({e}); use Toeplitz(coeffs) "
-                "with the needed number of coefficients instead"
-            ) from None
-        return _blt_table(theta, omega, dtype)
+        except ValueError:
+            table = _blt_table("buffers-output", self.theta, self.omega, dtype)
+            decays = table.table[0]
+            if np.any((decays <= 0) | (decays >= 1)):
+                raise ValueError(
+                    f"cannot stream this BLT in {np.dtype(dtype).name}: its decays {np.asarray(self.theta)} round to "
+                    f"{decays}, outside (0, 1); stream it in a wider dtype"
+                ) from None
+            return table
+        return _blt_table("buffers-input", theta, omega, dtype)
 
-    def realised(self, dtype: Any) -> "InverseBLT":
-        table = self.stream_table(dtype).table
-        return InverseBLT(table[0], table[1], self.n)
+    def realised(self, dtype: Any) -> BLT | InverseBLT:
+        """InverseBLT(theta', omega') from a "buffers-input" table, BLT(theta, omega) from a
+        "buffers-output" one (the rounded values in either case)."""
+        table = self.stream_table(dtype)
+        if table.kind == "buffers-output":
+            return BLT(table.table[0], table.table[1], self.n)
+        return InverseBLT(table.table[0], table.table[1], self.n)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"theta": np.asarray(self.theta), "omega": np.asarray(self.omega)}
@@ -205,15 +222,16 @@ class BLT(Strategy):
         return {"n": self.n, "buffers": self.buffers}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "BLT":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> BLT:
         return cls(arrays["theta"], arrays["omega"], int(params["n"]))
 
 
-def _blt_table(theta: np.ndarray, omega: np.ndarray, dtype: Any) -> StreamTable:
-    return StreamTable("blt", int(np.size(theta)), np.stack([round_to(theta, dtype), round_to(omega, dtype)]), dtype)
+def _blt_table(kind: str, theta: np.ndarray, omega: np.ndarray, dtype: Any) -> StreamTable:
+    return StreamTable(kind, int(np.size(theta)), np.stack([round_to(theta, dtype), round_to(omega, dtype)]), dtype)
 
 
-@frozen_dataclass
+@registry.family
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class InverseBLT(Strategy):
     """The Toeplitz C of size n whose inverse is the BLT with decays ``theta`` and scales ``omega``.
 
@@ -251,13 +269,9 @@ class InverseBLT(Strategy):
         return blt_coeffs(self.theta, self.omega, self.n)
 
     def toeplitz_coeffs(self) -> np.ndarray:
-        from mfnoise.core import series
-
         return series.reciprocal(self.inverse_coeffs(), self.n)
 
     def _dense(self) -> np.ndarray:
-        from mfnoise.core import series
-
         return series.to_dense(self.toeplitz_coeffs(), self.n)
 
     def inverse_apply(self, z: np.ndarray) -> np.ndarray:
@@ -268,9 +282,9 @@ class InverseBLT(Strategy):
         return toeplitz_sensitivity(self, self.toeplitz_coeffs(), p)
 
     def stream_table(self, dtype: Any) -> StreamTable:
-        return _blt_table(self.theta, self.omega, dtype)
+        return _blt_table("buffers-input", self.theta, self.omega, dtype)
 
-    def realised(self, dtype: Any) -> "InverseBLT":
+    def realised(self, dtype: Any) -> InverseBLT:
         table = self.stream_table(dtype).table
         return InverseBLT(table[0], table[1], self.n)
 
@@ -281,7 +295,7 @@ class InverseBLT(Strategy):
         return {"n": self.n, "buffers": self.buffers}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "InverseBLT":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> InverseBLT:
         return cls(arrays["theta"], arrays["omega"], int(params["n"]))
 
 
@@ -294,5 +308,5 @@ def _parallel_filter(theta: np.ndarray, omega: np.ndarray, z: np.ndarray) -> np.
     return out
 
 
-register(BLT, data_fields=["theta", "omega"], meta_fields=["n"])
-register(InverseBLT, data_fields=["theta", "omega"], meta_fields=["n"])
+jax.tree_util.register_dataclass(BLT, data_fields=["theta", "omega"], meta_fields=["n"])
+jax.tree_util.register_dataclass(InverseBLT, data_fields=["theta", "omega"], meta_fields=["n"])

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 import scipy.linalg
 
 from mfnoise.core import sensitivity as sens_lib
 from mfnoise.core.participation import Participation
-from mfnoise.strategies.base import Strategy, StreamTable, as_float64, frozen_dataclass, register, round_to, rounded_reciprocal
+from mfnoise.strategies import band_storage, registry
+from mfnoise.strategies.base import Strategy, StreamTable, as_float64, leading_size, round_to, rounded_reciprocal
 
 
-@frozen_dataclass
+@registry.family
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Dense(Strategy):
     """C given entry by entry. Memory O(n^2); streaming its noise needs the whole history."""
 
     matrix: np.ndarray
+    n: int = dataclasses.field(init=False)
     family = "dense"
 
     def __post_init__(self) -> None:
         c = as_float64("dense strategy matrix", self.matrix, 2)
         object.__setattr__(self, "matrix", c)
+        object.__setattr__(self, "n", leading_size(c))
         if not isinstance(c, np.ndarray):
             return
         if c.shape[0] != c.shape[1]:
@@ -32,15 +38,22 @@ class Dense(Strategy):
         if np.any(diag == 0):
             raise ValueError(f"dense strategy is singular: C[{int(np.argmin(np.abs(diag)))}, same] = 0")
 
-    @property
-    def n(self) -> int:  # type: ignore[override]
-        return int(self.matrix.shape[0])
-
     def _dense(self) -> np.ndarray:
         return np.array(self.matrix)
 
     def dense(self, max_n: int | None = None) -> np.ndarray:
         return np.array(self.matrix)  # already materialised: no size check needed
+
+    @property
+    def bands(self) -> int:
+        i, j = np.nonzero(np.asarray(self.matrix))
+        return int(np.max(i - j)) + 1
+
+    def band_columns(self) -> np.ndarray:
+        return band_storage.columns_from_dense(self.matrix, self.bands)
+
+    def columns_at(self, steps: Any) -> np.ndarray:
+        return np.array(np.asarray(self.matrix)[:, self._steps(steps)])
 
     def inverse_apply(self, z: np.ndarray) -> np.ndarray:
         z = np.asarray(z, dtype=np.float64)
@@ -53,31 +66,23 @@ class Dense(Strategy):
 
     def stream_table(self, dtype: Any) -> StreamTable:
         """"output" rows over the whole history: table[t, 0] = 1 / C[t, t], table[t, j] = C[t, t - j]."""
-        c = np.asarray(self.matrix)
-        n = c.shape[0]
-        rows = np.zeros((n, n))
-        rows[:, 0] = rounded_reciprocal(np.diagonal(c), dtype)
-        for j in range(1, n):
-            rows[j:, j] = round_to(np.diagonal(c, -j), dtype)
+        n = self.n
+        rows = round_to(band_storage.rows_from_columns(band_storage.columns_from_dense(self.matrix, n)), dtype)
+        rows[:, 0] = rounded_reciprocal(np.diagonal(np.asarray(self.matrix)), dtype)
         return StreamTable("output", n - 1, rows, dtype)
 
-    def realised(self, dtype: Any) -> "Dense":
-        rows = self.stream_table(dtype).table
-        n = rows.shape[0]
-        c = np.zeros((n, n))
-        idx = np.arange(n)
+    def realised(self, dtype: Any) -> Dense:
+        rows = np.array(self.stream_table(dtype).table)
         with np.errstate(divide="ignore"):
-            c[idx, idx] = 1.0 / rows[:, 0]
-        for j in range(1, n):
-            c[idx[j:], idx[: n - j]] = rows[j:, j]
-        return Dense(c)
+            rows[:, 0] = 1.0 / rows[:, 0]
+        return Dense(band_storage.dense_from_columns(band_storage.columns_from_rows(rows)))
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"matrix": np.asarray(self.matrix)}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "Dense":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> Dense:
         return cls(arrays["matrix"])
 
 
-register(Dense, data_fields=["matrix"], meta_fields=[])
+jax.tree_util.register_dataclass(Dense, data_fields=["matrix"], meta_fields=[])

@@ -1,4 +1,4 @@
-"""Error of a factorization A = B C, B = A C^{-1}, for noise multiplier 1 (DESIGN.md).
+"""Error of a factorization A = B C, B = A C^{-1}, for noise multiplier 1 (docs/design.md).
 
     rmse(C)      = sens(C, p) * ||A C^{-1}||_F / sqrt(n)
     max_error(C) = sens(C, p) * max_i ||(A C^{-1})[i, :]||_2
@@ -16,9 +16,9 @@ import math
 import numpy as np
 import scipy.linalg
 
-from mfnoise.core.participation import Participation
-from mfnoise.strategies.base import Strategy
+from mfnoise.core.participation import Participation, check_participation
 from mfnoise.core.workloads import Workload
+from mfnoise.strategies.base import Strategy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +45,6 @@ def decoder_norms(strategy: Strategy, workload: Workload) -> DecoderNorms:
     return DecoderNorms(float(rows.sum()), float(rows.max()))
 
 
-def _check(strategy: Strategy, workload: Workload, p: Participation) -> None:
-    if p.n != strategy.n:
-        raise ValueError(f"participation has n={p.n} but the strategy has n={strategy.n}")
-
-
 def rmse(strategy: Strategy, workload: Workload, p: Participation) -> float:
     """sens(C, p) * ||A C^{-1}||_F / sqrt(n)."""
     return evaluate(strategy, workload, p)["rmse"]
@@ -62,7 +57,7 @@ def max_error(strategy: Strategy, workload: Workload, p: Participation) -> float
 
 def evaluate(strategy: Strategy, workload: Workload, p: Participation) -> dict:
     """sensitivity, exactness, rmse and max_error in one pass (one sensitivity computation)."""
-    _check(strategy, workload, p)
+    check_participation(p, strategy.n)
     sens = strategy.sensitivity(p)
     norms = decoder_norms(strategy, workload)
     return {

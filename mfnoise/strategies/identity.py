@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
+import jax
 import numpy as np
 
 from mfnoise.core import sensitivity as sens_lib
 from mfnoise.core.participation import Participation
-from mfnoise.strategies.base import Strategy, StreamTable, check_n, frozen_dataclass, register
+from mfnoise.core.workloads import check_n
+from mfnoise.strategies import registry
+from mfnoise.strategies.base import Strategy, StreamTable
 
 
-@frozen_dataclass
+@registry.family
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Identity(Strategy):
     """C = I (n×n). Its columns are orthonormal, so sens = sqrt(min(k, ceil(n / b)))."""
 
     n: int
     family = "identity"
     is_toeplitz = True
+    is_identity = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n", check_n(self.n))
@@ -29,6 +35,13 @@ class Identity(Strategy):
     def toeplitz_coeffs(self) -> np.ndarray:
         return np.ones(1)
 
+    @property
+    def bands(self) -> int:
+        return 1
+
+    def band_columns(self) -> np.ndarray:
+        return np.ones((self.n, 1))
+
     def inverse_apply(self, z: np.ndarray) -> np.ndarray:
         return np.asarray(z, dtype=np.float64)
 
@@ -37,9 +50,9 @@ class Identity(Strategy):
         return sens_lib.Sensitivity(math.sqrt(p.reachable_participations), True, "orthonormal")
 
     def stream_table(self, dtype: Any) -> StreamTable:
-        return StreamTable("identity", 0, np.zeros((1, 1)), dtype)
+        return StreamTable("independent", 0, np.zeros((1, 1)), dtype)
 
-    def realised(self, dtype: Any) -> "Identity":
+    def realised(self, dtype: Any) -> Identity:
         """C = I in every dtype: the noise is the sample w_t itself."""
         return self
 
@@ -47,8 +60,8 @@ class Identity(Strategy):
         return {}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "Identity":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> Identity:
         return cls(int(params["n"]))
 
 
-register(Identity, data_fields=[], meta_fields=["n"])
+jax.tree_util.register_dataclass(Identity, data_fields=[], meta_fields=["n"])

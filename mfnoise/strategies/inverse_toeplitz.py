@@ -1,24 +1,30 @@
 """Toeplitz strategies defined by a banded inverse: C^{-1}[i, j] = r_{i-j} for i - j < bands.
 
 BISR (banded inverse square root, "Banded Square Root Matrix Factorization for Differentially
-Private Model Training", Kalinin & Lampert 2024) is of this kind. C itself is a full Toeplitz
-matrix (the series reciprocal of r); the noise C^{-1} W streams from the last bands - 1 inputs w.
+Private Model Training", Kalinin & Lampert 2024, arXiv:2405.13763) is of this kind. C itself is a
+full Toeplitz matrix (the series reciprocal of r), so ``bands`` is None; ``inverse_bands`` is the
+length of r, and the noise C^{-1} W streams from the last inverse_bands - 1 inputs w.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 from mfnoise.core import sensitivity as sens_lib
 from mfnoise.core import series
 from mfnoise.core.participation import Participation
-from mfnoise.strategies.base import Strategy, StreamTable, as_float64, check_n, frozen_dataclass, register, round_to
+from mfnoise.core.workloads import check_n
+from mfnoise.strategies import registry
+from mfnoise.strategies.base import Strategy, StreamTable, as_float64, round_to
 from mfnoise.strategies.toeplitz import toeplitz_sensitivity
 
 
-@frozen_dataclass
+@registry.family
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class InverseToeplitz(Strategy):
     """Toeplitz C of size n whose inverse has first column ``inverse_coeffs`` (length bands)."""
 
@@ -39,7 +45,8 @@ class InverseToeplitz(Strategy):
             raise ValueError("inverse toeplitz coefficient r_0 = 0 is not invertible")
 
     @property
-    def bands(self) -> int:
+    def inverse_bands(self) -> int:
+        """The number of bands of C^{-1} (the length of r)."""
         return int(self.inverse_coeffs.shape[0])
 
     def toeplitz_coeffs(self) -> np.ndarray:
@@ -60,7 +67,7 @@ class InverseToeplitz(Strategy):
         r = round_to(self.inverse_coeffs, dtype)
         return StreamTable("input", r.size - 1, r[None, :], dtype)
 
-    def realised(self, dtype: Any) -> "InverseToeplitz":
+    def realised(self, dtype: Any) -> InverseToeplitz:
         """The rounded r define C'^{-1} exactly (no reciprocal: r_0 is a multiplier)."""
         return InverseToeplitz(self.stream_table(dtype).table[0], self.n)
 
@@ -68,11 +75,11 @@ class InverseToeplitz(Strategy):
         return {"inverse_coeffs": np.asarray(self.inverse_coeffs)}
 
     def params(self) -> dict[str, Any]:
-        return {"n": self.n, "bands": self.bands}
+        return {"n": self.n, "bands": self.inverse_bands}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "InverseToeplitz":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> InverseToeplitz:
         return cls(arrays["inverse_coeffs"], int(params["n"]))
 
 
-register(InverseToeplitz, data_fields=["inverse_coeffs"], meta_fields=["n"])
+jax.tree_util.register_dataclass(InverseToeplitz, data_fields=["inverse_coeffs"], meta_fields=["n"])

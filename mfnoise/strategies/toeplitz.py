@@ -2,20 +2,25 @@
 
 With ``coeffs`` of length bands < n the strategy is banded Toeplitz. Products, inverses and the
 decoder B = A C^{-1} of Toeplitz matrices are Toeplitz (power series, ``mfnoise.core.series``), so
-error and sensitivity cost O(n log n) or O(n * bands), never O(n^2).
+error and sensitivity cost O(n log n) or O(n * bands), never O(n^2). ``toeplitz_sensitivity`` is
+the sensitivity of every Toeplitz family (identity, Toeplitz, BLT, inverse BLT, inverse Toeplitz).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
+import jax
 import numpy as np
 
 from mfnoise.core import sensitivity as sens_lib
 from mfnoise.core import series
 from mfnoise.core.participation import Participation
-from mfnoise.strategies.base import Strategy, StreamTable, as_float64, check_n, frozen_dataclass, register, round_to, rounded_reciprocal
+from mfnoise.core.workloads import check_n
+from mfnoise.strategies import registry
+from mfnoise.strategies.base import Strategy, StreamTable, as_float64, round_to, rounded_reciprocal
 
 MAJORANT_SLACK = 1e-3
 """Largest relative gap between the majorant bound and a lower bound accepted without the dense routine."""
@@ -82,7 +87,8 @@ def majorant_bound(coeffs: np.ndarray, p: Participation) -> tuple[sens_lib.Sensi
     return sens_lib.Sensitivity(upper, False, "toeplitz-abs-majorant"), float(np.linalg.norm(v))
 
 
-@frozen_dataclass
+@registry.family
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Toeplitz(Strategy):
     """Lower-triangular Toeplitz C of size n with first column ``coeffs`` (length bands <= n)."""
 
@@ -104,7 +110,15 @@ class Toeplitz(Strategy):
 
     @property
     def bands(self) -> int:
-        return int(self.coeffs.shape[0])
+        nonzero = np.flatnonzero(np.asarray(self.coeffs))
+        return int(nonzero[-1]) + 1 if nonzero.size else 1
+
+    def band_columns(self) -> np.ndarray:
+        c = np.asarray(self.coeffs)[: self.bands]
+        cols = np.tile(c, (self.n, 1))
+        t, j = np.indices(cols.shape)
+        cols[t + j >= self.n] = 0.0
+        return cols
 
     def toeplitz_coeffs(self) -> np.ndarray:
         return np.asarray(self.coeffs)
@@ -125,7 +139,7 @@ class Toeplitz(Strategy):
         row = np.concatenate([rounded_reciprocal(c[:1], dtype), round_to(c[1:], dtype)])
         return StreamTable("output", c.size - 1, row[None, :], dtype)
 
-    def realised(self, dtype: Any) -> "Toeplitz":
+    def realised(self, dtype: Any) -> Toeplitz:
         row = self.stream_table(dtype).table[0]
         with np.errstate(divide="ignore"):
             return Toeplitz(np.concatenate([1.0 / row[:1], row[1:]]), self.n)
@@ -134,11 +148,11 @@ class Toeplitz(Strategy):
         return {"coeffs": np.asarray(self.coeffs)}
 
     def params(self) -> dict[str, Any]:
-        return {"n": self.n, "bands": self.bands}
+        return {"n": self.n, "bands": int(self.coeffs.shape[0])}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "Toeplitz":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> Toeplitz:
         return cls(arrays["coeffs"], int(params["n"]))
 
 
-register(Toeplitz, data_fields=["coeffs"], meta_fields=["n"])
+jax.tree_util.register_dataclass(Toeplitz, data_fields=["coeffs"], meta_fields=["n"])

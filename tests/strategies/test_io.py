@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import mfnoise
-from mfnoise.strategies import io
 from mfnoise.core import workloads
+from mfnoise.strategies import io
 
 from conftest import FAMILIES, make_strategy
 

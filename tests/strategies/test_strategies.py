@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 
 import mfnoise
 from mfnoise.core import series
-from mfnoise.strategies.blt import blt_coeffs, blt_inverse, rational
 from mfnoise.core.workloads import DENSE_LIMIT
+from mfnoise.strategies.blt import blt_coeffs, blt_inverse, rational
 
 from conftest import (
-    FEW,
     FAMILIES,
+    FEW,
     binom_sqrt_coeffs,
     make_strategy,
     momentum_matrix,
@@ -212,9 +212,9 @@ def test_realised_strategy_is_the_rounded_one(family, dtype):
 @given(n=st.integers(2, 8), seed=st.integers(0, 2**32 - 1), data=st.data())
 def test_majorant_bound_brackets_the_sensitivity(n, seed, data):
     """For any Toeplitz coefficients: lower <= sens(C, p) <= upper, against brute force over patterns."""
-    from conftest import sensitivity_bounds
-
     from mfnoise.strategies.toeplitz import majorant_bound
+
+    from conftest import sensitivity_bounds
 
     if data.draw(st.booleans(), label="cyclic"):
         p = mfnoise.Participation.epochs(n, data.draw(st.sampled_from([k for k in range(1, n + 1) if n % k == 0])))
@@ -281,7 +281,7 @@ def test_bsr_and_bisr(n, bands):
         np.testing.assert_allclose(c[t : t + m, t], root[:m] / np.linalg.norm(root[:m]), rtol=1e-13)
         assert np.all(c[t + m :, t] == 0)
     s = mfnoise.bisr(n, bands)
-    assert isinstance(s, mfnoise.InverseToeplitz) and s.bands == bands
+    assert isinstance(s, mfnoise.InverseToeplitz) and s.inverse_bands == bands
     # C^{-1} = the first `bands` coefficients of A^{-1/2} = (1 - x)^{1/2}.
     want = reciprocal_series(binom_sqrt_coeffs(bands), bands)
     np.testing.assert_allclose(s.inverse_coeffs, want, rtol=1e-12, atol=1e-15)
@@ -418,7 +418,7 @@ def test_pytree_through_jit(s):
 
 def test_strategies_are_immutable():
     s = mfnoise.Toeplitz(np.array([1.0, 0.5]), 4)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (any refusal: the strategy is frozen)
         s.n = 5  # type: ignore[misc]
     with pytest.raises(ValueError):
         s.coeffs[0] = 2.0  # read-only array
@@ -436,10 +436,138 @@ def test_import_does_not_flip_x64():
 
 
 def test_families_registry_and_repr():
-    from mfnoise.strategies.base import FAMILIES as REGISTRY
+    from mfnoise.strategies.registry import FAMILIES as REGISTRY
 
     for cls in (mfnoise.Identity, mfnoise.Dense, mfnoise.Banded, mfnoise.Toeplitz, mfnoise.BLT,
                 mfnoise.InverseToeplitz):
         assert REGISTRY[cls.family] is cls
     assert repr(mfnoise.BLT([0.5], [0.2], 7)) == "BLT(n=7, buffers=1)"
     assert math.isclose(mfnoise.Identity(9).sensitivity(mfnoise.Participation(9, 5, 2)).value, math.sqrt(5))
+
+
+# ------------------------------------------------ what every strategy tells its consumers
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("n", [1, 7, 20])
+def test_strategy_interface_matches_the_dense_matrix(family, n):
+    """columns_at, squared_column_norms, bands, band_columns and state_arrays against the dense C
+    built in conftest from the defining parameters."""
+    s, c = make_strategy(family, n, np.random.default_rng(n), bands=4, conditioned=True)
+    tol = dict(rtol=1e-10, atol=1e-12 * max(1.0, np.abs(c).max()))
+    steps = np.array([0, n // 2, n - 1])
+    np.testing.assert_allclose(s.columns_at(steps), c[:, steps], **tol)
+    np.testing.assert_allclose(s.columns_at(np.arange(n)), c, **tol)
+    np.testing.assert_allclose(s.squared_column_norms(), np.sum(c**2, axis=0), rtol=1e-9,
+                               atol=1e-12 * max(1.0, np.abs(c).max()) ** 2)
+    bands = s.bands
+    lags = np.subtract.outer(np.arange(n), np.arange(n))
+    if bands is None:
+        assert s.band_columns() is None
+    else:
+        assert np.all(c[lags >= bands] == 0)  # C[i, j] = 0 for i - j >= bands ...
+        assert bands == 1 or np.any(c[lags == bands - 1] != 0)  # ... and no smaller number does
+        cols = s.band_columns()
+        assert cols is not None and cols.shape[0] == n and cols.shape[1] >= bands
+        for j in range(cols.shape[1]):
+            np.testing.assert_allclose(cols[: n - j, j], np.diagonal(c, -j), **tol)
+            assert np.all(cols[n - j :, j] == 0)
+    assert s.state_arrays() == s.stream_table(np.float32).m == s.stream_table(np.float64).m
+    with pytest.raises(ValueError, match="steps"):
+        s.columns_at([n])
+
+
+def test_bands_of_stored_forms():
+    """Trailing zero bands do not count; the families that hold C in full say None."""
+    cols = np.zeros((6, 4))
+    cols[:, 0] = 1.0
+    cols[:5, 1] = 0.5
+    assert mfnoise.Banded(cols).bands == 2 and mfnoise.Banded(cols).params()["bands"] == 4
+    assert mfnoise.Toeplitz(np.array([1.0, 0.5, 0.0]), 6).bands == 2
+    assert mfnoise.Identity(6).bands == 1 and mfnoise.Dense(np.eye(6)).bands == 1
+    assert mfnoise.Dense(np.tril(np.ones((6, 6)))).bands == 6
+    assert mfnoise.BLT([0.5], [0.2], 6).bands is None
+    s = mfnoise.bisr(6, 3)
+    assert s.bands is None and s.inverse_bands == 3 and s.params()["bands"] == 3
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_runs_exactly(dtype):
+    """True exactly when the strategy the generator realises in dtype is C itself, entry for entry."""
+    assert mfnoise.Identity(5).runs_exactly(dtype)
+    assert mfnoise.Toeplitz(np.array([1.0, 0.5, 0.25]), 5).runs_exactly(dtype)
+    assert mfnoise.Toeplitz(np.array([2.0, -0.75]), 5).runs_exactly(dtype)
+    assert not mfnoise.Toeplitz(np.array([3.0, 0.5]), 5).runs_exactly(dtype)  # 1 / 3 is inexact
+    assert mfnoise.Toeplitz(np.array([1.0, 0.1]), 5).runs_exactly(dtype) == (dtype == np.float64)
+    assert not mfnoise.BLT([0.5], [0.25], 5).runs_exactly(dtype)  # it streams its computed inverse
+    rng = np.random.default_rng(0)
+    for family in FAMILIES:
+        s, _ = make_strategy(family, 8, rng, bands=3, conditioned=True)
+        if s.runs_exactly(dtype):
+            np.testing.assert_array_equal(s.realised(dtype).dense(), s.dense(), err_msg=family)
+
+
+def test_family_signatures_are_visible():
+    """Families are plain dataclasses: their constructors' signatures are the fields."""
+    import inspect
+
+    assert list(inspect.signature(mfnoise.Toeplitz).parameters) == ["coeffs", "n"]
+    assert list(inspect.signature(mfnoise.BLT).parameters) == ["theta", "omega", "n"]
+    assert list(inspect.signature(mfnoise.Banded).parameters) == ["columns"]
+    assert list(inspect.signature(mfnoise.Dense).parameters) == ["matrix"]
+    assert list(inspect.signature(mfnoise.Identity).parameters) == ["n"]
+    assert mfnoise.Dense(np.eye(3)).n == 3 and mfnoise.Banded(np.ones((4, 1))).n == 4
+
+
+def test_registry_lookup_and_duplicates():
+    from mfnoise.strategies import registry
+
+    assert registry.lookup("toeplitz") is mfnoise.Toeplitz
+    assert set(registry.FAMILIES) == {"identity", "dense", "banded", "toeplitz", "blt", "inverse-blt",
+                                      "inverse-toeplitz"}
+    with pytest.raises(ValueError, match="unknown strategy family 'nope'"):
+        registry.lookup("nope")
+
+    class Impostor(mfnoise.Toeplitz):
+        family = "toeplitz"
+
+    with pytest.raises(ValueError, match="already registered"):
+        registry.family(Impostor)
+    assert registry.family(mfnoise.Toeplitz) is mfnoise.Toeplitz  # registering the same class again is a no-op
+
+
+def test_closed_forms_registry():
+    from mfnoise.strategies.closed_forms import CLOSED_FORMS, closed_form
+
+    assert list(CLOSED_FORMS) == ["identity", "sqrt-toeplitz", "bsr", "bisr"]
+    np.testing.assert_array_equal(closed_form("bsr", 12, 3).dense(), mfnoise.bsr(12, 3).dense())
+    np.testing.assert_array_equal(closed_form("bisr", 12, 3).dense(), mfnoise.bisr(12, 3).dense())
+    np.testing.assert_array_equal(closed_form("sqrt-toeplitz", 12).dense(), mfnoise.sqrt_toeplitz(12).dense())
+    assert isinstance(closed_form("identity", 12), mfnoise.Identity)
+    with pytest.raises(ValueError, match="needs bands"):
+        closed_form("bsr", 12)
+    with pytest.raises(ValueError, match="unknown closed form"):
+        closed_form("nope", 12)
+
+
+# ------------------------------------------- a BLT whose inverse is no real BLT still streams
+def test_mixed_sign_blt_streams_its_own_buffers():
+    """omega of mixed signs: C^{-1}'s decays are complex (0.5 +- 0.2i), so the generator solves
+    C z = w with C's own buffers ("buffers-output"); the realised strategy is C's rounded BLT."""
+    s = mfnoise.BLT(np.array([0.9, 0.5]), np.array([0.5, -0.1]), 16)
+    with pytest.raises(ValueError, match="non-real"):
+        s.inverse()
+    for dtype in (np.float32, np.float64):
+        table = s.stream_table(dtype)
+        assert table.kind == "buffers-output" and table.m == 2 == s.state_arrays()
+        np.testing.assert_array_equal(table.table, np.stack([s.theta, s.omega]).astype(dtype).astype(np.float64))
+        r = s.realised(dtype)
+        assert type(r) is mfnoise.BLT
+        np.testing.assert_array_equal(r.theta, table.table[0])
+        p = mfnoise.Participation.epochs(16, 4)
+        bound = s.noise_sensitivity(p, dtype).value
+        assert bound >= max(s.sensitivity(p).value, r.sensitivity(p).value)
+    assert type(s.realised(np.float64)) is mfnoise.BLT and s.runs_exactly(np.float64)
+    # a decay that rounds to 1 in float32 cannot be represented as a BLT: refused, naming the dtype
+    near_one = mfnoise.BLT(np.array([1 - 2.0**-30, 0.5]), np.array([0.5, -0.1]), 16)
+    with pytest.raises(ValueError, match="float32"):
+        near_one.stream_table(np.float32)
+    assert near_one.stream_table(np.float64).kind == "buffers-output"
