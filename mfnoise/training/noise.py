@@ -1,38 +1,43 @@
 """Streaming correlated noise: row t of C^{-1} W, one step at a time, with O(bands) state.
 
-The mechanism releases C G + Z; the optimizer sees g_t + (C^{-1} Z)_t (DESIGN.md). This module
-yields z_t = (C'^{-1} W)_t for W with iid N(0, 1) rows shaped like the parameters, where
+The mechanism releases C G + Z; the optimizer sees g_t + (C^{-1} Z)_t (docs/design.md). This
+module yields z_t = (C'^{-1} W)_t for W with iid N(0, 1) rows shaped like the parameters, where
 C' = ``strategy.realised(dtype)`` is the strategy as its coefficients rounded to the noise dtype
 define it (``strategy.stream_table(dtype)``, the only coefficients the generator uses; C' = C up to
 that rounding). No normalisation here: ``mfnoise.training.transforms.dp_aggregate`` scales by
-``strategy.noise_sensitivity(p, dtype)``, a proven bound on sens(C', p). Per family
-("Multi-Epoch Matrix Factorization Mechanisms for Private Machine Learning", Choquette-Choo et
-al. 2023; "Efficient and Near-Optimal Noise Generation for Streaming Differential Privacy",
-Dvijotham et al. 2024; "Banded Square Root Matrix Factorization for
-Differentially Private Model Training", Kalinin & Lampert 2024):
+``strategy.noise_sensitivity(p, dtype)``, a proven bound on sens(C', p). The generator knows no
+strategy family: it runs the recurrence the table's kind names (``StreamTable``; each family
+chooses its kind and coefficients, docs/design.md), keeping m = ``strategy.state_arrays()``
+parameter-sized state arrays:
 
-==================  ================================================================  ================
-family              recurrence (state after step t)                                   state arrays m
-==================  ================================================================  ================
-identity            z_t = w_t                                                         0
-banded (b bands)    z_t = (w_t - sum_{j=1..b-1} C[t, t-j] z_{t-j}) / C[t, t]          b - 1 outputs z
-toeplitz (b coeffs) same with C[t, t-j] = c_j (b = n: a full Toeplitz C)              b - 1 outputs z
-blt (d buffers)     z_t = w_t + sum_i omega'_i s_i;  s_i <- theta'_i s_i + w_t         d buffers s
-                    (theta', omega') = BLT.inverse(): C^{-1} is again a BLT
-inverse-blt         the blt recurrence with C^{-1}'s own (theta', omega')               d buffers s
-inverse-toeplitz    z_t = sum_{j=0..b-1} r_j w_{t-j}  (BISR: C^{-1} banded Toeplitz)   b - 1 inputs w
-dense               the banded recurrence with b = n                                  n - 1 outputs z
-==================  ================================================================  ================
+==============  ========================================================  ==============
+kind            recurrence (state after step t)                           state arrays m
+==============  ========================================================  ==============
+independent     z_t = w_t                                                 0
+output          z_t = s_t (w_t - sum_{j=1..m} a_{t,j} z_{t-j})            m outputs z
+input           z_t = sum_{j=0..m} r_{t,j} w_{t-j}                        m inputs w
+buffers-input   z_t = w_t + sum_i omega'_i s_i;  s_i <- theta'_i s_i + w_t  m buffers s
+buffers-output  z_t = w_t - sum_i omega_i s_i;  s_i <- theta_i s_i + z_t    m buffers s
+==============  ========================================================  ==============
+
+"output" is BandMF's recurrence ("Multi-Epoch Matrix Factorization Mechanisms for Private Machine
+Learning", Choquette-Choo et al. 2023, arXiv:2211.06530), a_{t,j} = C'[t, t - j]; "input" runs a
+banded C^{-1} (BISR, "Banded Square Root Matrix Factorization for Differentially Private Model
+Training", Kalinin & Lampert 2024, arXiv:2405.13763); "buffers-input" runs C^{-1} = BLT(theta',
+omega') and "buffers-output" solves C z = w for C = BLT(theta, omega) ("Efficient and
+Near-Optimal Noise Generation for Streaming Differential Privacy", Dvijotham et al. 2024,
+arXiv:2404.16706).
 
 The division by C[t, t] is a multiplication by s_t = 1 / C[t, t] rounded on the host (so C'[t, t]
 = 1 / s_t).
 
 Noise dtype: by default each parameter's dtype (float32 params keep float32 state); ``dtype=``
 sets it for all (e.g. jnp.float32 state for bfloat16 params; the caller casts the noise when it
-adds it). Dtypes coarser than float32 are refused for every family but identity: their rounding
-at every step of a recurrence is not a small perturbation of C. State memory is exactly
-m x (number of parameters) x itemsize of the noise dtype. A dense or full-Toeplitz C needs the
-whole history (m = n - 1 parameter-sized arrays): allowed, but only sensible for small models.
+adds it). Dtypes coarser than float32 are refused for every strategy but C = I
+(``Strategy.is_identity``): their rounding at every step of a recurrence is not a small
+perturbation of C. State memory is exactly m x (number of parameters) x itemsize of the noise
+dtype. A dense or full-Toeplitz C needs the whole history (m = n - 1 parameter-sized arrays):
+allowed, but only sensible for small models.
 
 Determinism: w_t for leaf i (in ``jax.tree_util`` flatten order) is
 ``jax.random.normal(fold_in(fold_in(key, i), t), leaf.shape, noise dtype)``, so z_t is a pure
@@ -42,10 +47,10 @@ JAX's partitionable threefry (the default) the values do not depend on how array
 Ring buffers: the m state arrays of a leaf are stacked into one array of shape (m, *leaf.shape);
 the array written at step t is slot t mod m (``dynamic_update_slice``, in place when the state is
 donated), and the m coefficients are permuted to match the slots, so no roll or gather of
-parameter-sized data ever happens. Compiled temporaries of one jitted, donated step (XLA:CPU,
-measured): JAX's threefry sampler alone needs 3 parameter-sized temporaries (DP-SGD's
-independent noise has them too); banded / inverse-Toeplitz add 2 (the contraction's result and
-z), BLT adds 1. The state is never copied. Donate the state (``donate_argnums``) to get this.
+parameter-sized data ever happens. Compiled temporaries of one jitted, donated step (XLA:CPU):
+JAX's threefry sampler alone needs 3 parameter-sized temporaries (DP-SGD's independent noise has
+them too); the "output" and "input" kinds add 2 (the contraction's result and z), the BLT kinds
+add 1. The state is never copied. Donate the state (``donate_argnums``) to get this.
 
 Past the end: the strategy is defined (and its sensitivity computed) for steps 0..n-1. Asking for
 step t >= n sets ``NoiseState.exhausted`` and makes the noise NaN (so it cannot silently reach the
@@ -66,6 +71,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mfnoise.strategies.base import Strategy, StreamTable
@@ -90,10 +96,7 @@ class ExhaustedError(RuntimeError):
     """A noise step past the strategy's n was requested."""
 
 
-# -- per-family coefficient tables --------------------------------------------------------------
-# Each family's ``stream_table(dtype)`` (mfnoise.strategies.base.StreamTable) holds the coefficients rounded
-# to the noise dtype; ``strategy.realised(dtype)`` is built from the same table, and
-# ``strategy.noise_sensitivity(p, dtype)`` bounds its sensitivity.
+# -- the noise dtype -------------------------------------------------------------------------------
 
 LOW_PRECISION_MANTISSA = 23  # noise dtypes with fewer mantissa bits (bfloat16, float16) run only C = I
 
@@ -103,7 +106,7 @@ def check_noise_dtype(strategy: Strategy, dtype: Any) -> np.dtype:
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"noise needs a floating-point dtype, got dtype {dtype}")
-    if jnp.finfo(dtype).nmant < LOW_PRECISION_MANTISSA and strategy.family != "identity":
+    if jnp.finfo(dtype).nmant < LOW_PRECISION_MANTISSA and not strategy.is_identity:
         raise TypeError(
             f"noise dtype {dtype} is too coarse for the {strategy.family} recurrence (its coefficients and "
             f"state would be rounded to {jnp.finfo(dtype).nmant + 1} bits each step); pass "
@@ -129,7 +132,7 @@ def _explicit_sharding(x: Any) -> NamedSharding | None:
 
 
 def _concrete_sharding(x: Any) -> NamedSharding | None:
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, Tracer):
         return _explicit_sharding(x)
     s = getattr(x, "sharding", None)
     return s if isinstance(s, NamedSharding) else None
@@ -218,7 +221,7 @@ class NoiseGenerator:
                 return None
             shape = (m, *x.shape)
             sharding = self._state_sharding_for(x)
-            if sharding is not None and not isinstance(x, jax.core.Tracer):
+            if sharding is not None and not isinstance(x, Tracer):
                 return jnp.zeros(shape, dtype, device=sharding)
             z = jnp.zeros(shape, dtype, out_sharding=sharding) if _explicit_sharding(x) else jnp.zeros(shape, dtype)
             return z if sharding is None else jax.lax.with_sharding_constraint(z, sharding)
@@ -232,7 +235,7 @@ class NoiseGenerator:
             if mesh is None:
                 s = _concrete_sharding(x)
                 mesh = s.mesh if s is not None else None
-            if mesh is None:
+            if not isinstance(mesh, jax.sharding.Mesh):
                 raise ValueError('state_sharding="all_devices" needs a mesh (pass mesh= or sharded params)')
             return _all_devices_sharding(mesh, tuple(x.shape))
         return _stacked_sharding(_concrete_sharding(x), len(x.shape))
@@ -245,7 +248,7 @@ class NoiseGenerator:
         concrete, i.e. outside jit).
         """
         t = state.step
-        if not isinstance(t, jax.core.Tracer) and int(t) >= self.n:
+        if not isinstance(t, Tracer) and int(t) >= self.n:
             raise ExhaustedError(f"noise step {int(t)} requested but the strategy has only n={self.n} steps")
         past_end = t >= self.n
         leaves, treedef = jax.tree.flatten(params_like)
@@ -282,22 +285,25 @@ class NoiseGenerator:
         # NaN past the end: multiplying w by a scalar is exact for 1.0 and fuses with the sampling.
         poison = jnp.where(past_end, jnp.array(jnp.nan, dtype), jnp.array(1.0, dtype))
         w = self._w(i, t, x, dtype) * poison
-        if plan.kind == "identity":
+        if plan.kind == "independent":
             return w, None
         table = jnp.asarray(plan.table, dtype)  # exact: the entries are representable in dtype
-        if plan.kind == "blt":
-            theta, omega = table[0], table[1]
-            z = w + _weighted_sum(omega, buf)
+        if plan.kind in ("buffers-input", "buffers-output"):
+            assert buf is not None  # m >= 1 buffers, made by init
+            decay = table[0].reshape((m,) + (1,) * w.ndim)
+            if plan.kind == "buffers-output":  # C' z = w: the buffers are fed the outputs
+                z = w - _weighted_sum(table[1], buf)
+                return z, decay * buf + z[None]
+            z = w + _weighted_sum(table[1], buf)
             # Adding 0 * z[0] (exact: +-0, NaN only if z is already NaN) makes the in-place buffer
             # update depend on z, so XLA orders it after the reads of z and does not copy the
-            # whole state to protect them (measured: 3 parameter-sized temporaries fewer).
+            # whole state to protect them (3 parameter-sized temporaries fewer on XLA:CPU).
             # (Not with Explicit mesh axes, where slicing a sharded dimension is not allowed.)
             if z.size and _explicit_sharding(x) is None:
                 w_dep = w + z[(0,) * z.ndim] * jnp.zeros((), dtype)
             else:
                 w_dep = w
-            new = theta.reshape((m,) + (1,) * w.ndim) * buf + w_dep[None]
-            return z, new
+            return z, decay * buf + w_dep[None]
         row = table[jnp.minimum(t, table.shape[0] - 1)]  # (m + 1,) coefficients of lags 0..m
         # Output kind: row[0] is the reciprocal 1 / C[t, t] rounded on the host, a multiplier (not a
         # division, which XLA may rewrite): the same rounding on every device layout, and the value
@@ -305,6 +311,7 @@ class NoiseGenerator:
         scale = row[0]
         if m == 0:
             return w * scale, buf
+        assert buf is not None  # m >= 1 state arrays, made by init
         slot = jnp.arange(m)
         lag = jnp.mod(t - 1 - slot, m) + 1  # slot s holds the value of step t - lag[s]
         coef = jnp.where(t - lag >= 0, row[lag], jnp.zeros((), dtype))
@@ -320,7 +327,7 @@ class NoiseGenerator:
 
 
 def _weighted_sum(coef: jax.Array, buf: jax.Array) -> jax.Array:
-    """sum_s coef[s] * buf[s] over the stacked axis, as one elementwise fused pass (BLT)."""
+    """sum_s coef[s] * buf[s] over the stacked axis, as one elementwise fused pass (the buffer kinds)."""
     acc = coef[0] * buf[0]
     for s in range(1, buf.shape[0]):
         acc = acc + coef[s] * buf[s]
@@ -351,18 +358,16 @@ def generator(
     """A streaming generator of (C'^{-1} W)_t, C' = ``strategy.realised(dtype)`` (C rounded to the noise dtype).
 
     Args:
-      strategy: any streamable family (identity, banded, toeplitz, blt, inverse-toeplitz,
-        inverse-blt, dense).
+      strategy: any ``Strategy`` (every family streams; it says how in ``stream_table``).
       key: a JAX PRNG key (typed or raw uint32) or an int seed.
       state_sharding: "params" (each state array sharded like its parameter) or "all_devices"
         (ZeRO style: split across every device of ``mesh``, for replicated params).
       mesh: the mesh for "all_devices" (default: the params' mesh).
       dtype: the noise dtype (state, coefficients, samples and the returned noise); None: each
-        parameter's dtype. Dtypes coarser than float32 (bfloat16, float16) are refused for every
-        family but identity: pass jnp.float32 for bfloat16 parameters and cast the noise.
+        parameter's dtype. Dtypes coarser than float32 (bfloat16, float16) are refused unless
+        C = I: pass jnp.float32 for bfloat16 parameters and cast the noise.
 
-    State memory: ``state_arrays`` x params x itemsize (0 for identity, bands - 1 for banded,
-    Toeplitz and inverse-Toeplitz, buffers for BLT, n - 1 for dense or full Toeplitz C).
+    State memory: ``strategy.state_arrays()`` x params x itemsize.
     """
     if not isinstance(strategy, Strategy):
         raise TypeError(f"expected a Strategy, got {type(strategy).__name__}")
@@ -372,9 +377,7 @@ def generator(
         key = jax.random.key(int(key))
     if dtype is not None:
         dtype = check_noise_dtype(strategy, dtype)
-    # The number of state arrays does not depend on the dtype: a float64 table gives it.
-    m = strategy.stream_table(np.float64).m
-    return NoiseGenerator(strategy, key, m, state_sharding, mesh, dtype)
+    return NoiseGenerator(strategy, key, strategy.state_arrays(), state_sharding, mesh, dtype)
 
 
 def check(state: Any) -> None:

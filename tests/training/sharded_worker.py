@@ -14,7 +14,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import mfnoise  # noqa: E402
 from mfnoise.training import noise  # noqa: E402
@@ -69,10 +69,10 @@ def main() -> None:
         "2d-sharded": (mesh2d, {"w": P("data", "model"), "b": P("model")}),
     }
     for name, s in STRATEGIES.items():
-        ref, _ = run_noise(s.noise_generator(key), plain)
+        ref, _ = run_noise(noise.generator(s, key), plain)
         for lname, (mesh, specs) in list(layouts.items())[1:]:
             p = {k: jax.device_put(plain[k], NamedSharding(mesh, specs[k])) for k in SHAPES}
-            gen = s.noise_generator(key)
+            gen = noise.generator(s, key)
             got, state = run_noise(gen, p)
             assert_same(ref, got, f"{name} {lname}")
             if gen.state_arrays:
@@ -82,13 +82,13 @@ def main() -> None:
         # 1d fully sharded: per-device state bytes = total / 8 exactly.
         mesh, specs = layouts["1d-sharded"]
         p = {k: jax.device_put(plain[k], NamedSharding(mesh, specs[k])) for k in SHAPES}
-        gen = s.noise_generator(key)
+        gen = noise.generator(s, key)
         state = gen.init(p)
         total = gen.state_bytes(p)
         assert set(per_device_bytes(state.buffers).values()) <= {total // 8}, (name, per_device_bytes(state.buffers))
         # ZeRO: replicated params, state split across all 8 devices.
         p = {k: jax.device_put(plain[k], NamedSharding(mesh1d, P())) for k in SHAPES}
-        gen = s.noise_generator(key, state_sharding="all_devices")
+        gen = noise.generator(s, key, state_sharding="all_devices")
         got, state = run_noise(gen, p)
         assert_same(ref, got, f"{name} all_devices")
         if gen.state_arrays:
@@ -96,7 +96,7 @@ def main() -> None:
         # Explicit mesh axes (sharding in types).
         p = {k: jax.device_put(plain[k], NamedSharding(meshx, layouts["2d-sharded"][1][k])) for k in SHAPES}
         with jax.set_mesh(meshx):
-            got, state = run_noise(s.noise_generator(key), p)
+            got, state = run_noise(noise.generator(s, key), p)
         assert_same(ref, got, f"{name} explicit")
         print("ok", name, flush=True)
 
@@ -104,13 +104,15 @@ def main() -> None:
     # temporaries (temp bytes per device well below the 32 MB of one parameter-sized array).
     big = {"w": jax.ShapeDtypeStruct((2048, 4096), jnp.float32, sharding=NamedSharding(mesh1d, P("d", None)))}
     for name in ("banded4", "blt3"):
-        gen = STRATEGIES[name].noise_generator(key)
+        gen = noise.generator(STRATEGIES[name], key)
         st = jax.eval_shape(gen.init, big)
-        st = st._replace(buffers={"w": jax.ShapeDtypeStruct(st.buffers["w"].shape, jnp.float32, sharding=NamedSharding(mesh1d, P(None, "d", None)))})
+        spec = NamedSharding(mesh1d, P(None, "d", None))
+        st = st._replace(buffers={"w": jax.ShapeDtypeStruct(st.buffers["w"].shape, jnp.float32, sharding=spec)})
         compiled = jax.jit(gen.next, donate_argnums=0).lower(st, big).compile()
         mem = compiled.memory_analysis()
         param_bytes = 2048 * 4096 * 4
-        print("memory", name, "temp", mem.temp_size_in_bytes, "args", mem.argument_size_in_bytes, "out", mem.output_size_in_bytes, flush=True)
+        print("memory", name, "temp", mem.temp_size_in_bytes, "args", mem.argument_size_in_bytes,
+              "out", mem.output_size_in_bytes, flush=True)
         # JAX's threefry sampler alone needs 3 shard-sized temporaries on CPU (identity has them
         # too); the recurrence may add at most 2 more (no copy of the state, nothing replicated).
         assert mem.temp_size_in_bytes <= 5 * param_bytes // 8 + (1 << 16), (name, mem.temp_size_in_bytes)
@@ -123,7 +125,8 @@ def main() -> None:
     from mfnoise.training.per_example import per_example_grads
 
     rng = np.random.default_rng(0)
-    data = {"x": jnp.asarray(rng.normal(size=(N, 16, 64)), jnp.float32), "y": jnp.asarray(rng.normal(size=(N, 16, 40)), jnp.float32)}
+    data = {"x": jnp.asarray(rng.normal(size=(N, 16, 64)), jnp.float32),
+            "y": jnp.asarray(rng.normal(size=(N, 16, 40)), jnp.float32)}
     init = {"w": jnp.asarray(rng.normal(size=(64, 40)) * 0.1, jnp.float32), "b": jnp.zeros((40,), jnp.float32)}
     tx = mfnoise.mf_sgd(mfnoise.bsr(N, 4), 0.05, 1.0, 0.7, key, participation=mfnoise.Participation.epochs(N, 2),
                         expected_batch_size=16)
@@ -139,7 +142,7 @@ def main() -> None:
             return optax.apply_updates(params, u), state
 
         for t in range(N):
-            params, state = step(params, state, jax.tree.map(lambda a: a[t], data))
+            params, state = step(params, state, jax.tree.map(lambda a, t=t: a[t], data))
         noise.check(state)
         return host(params)
 

@@ -69,6 +69,8 @@ def families(n: int) -> dict[str, mfnoise.Strategy]:
         "blt4-near-one": lambda: mfnoise.BLT(np.array([0.999, 0.9, 0.5, 0.1]), np.array([0.02, 0.3, 0.2, 0.1]), n),
         "blt5-clustered": lambda: mfnoise.BLT(np.array([0.9999, 0.999, 0.99, 0.9, 0.5]),
                                               np.array([0.01, 0.02, 0.05, 0.1, 0.2]), n),
+        # omega of mixed signs, C^{-1}'s decays complex (0.5 +- 0.2i): C's own buffers, fed the outputs
+        "blt2-mixed": lambda: mfnoise.BLT(np.array([0.9, 0.5]), np.array([0.5, -0.1]), n),
         "dense": lambda: mfnoise.Dense(dense),
     }
 
@@ -96,7 +98,7 @@ def identity_w(key_seed: int, n: int, dtype) -> np.ndarray:
     """W (n × 20) streamed by the identity strategy (C = I, so its noise is W itself); cached."""
     k = (key_seed, n, jnp.dtype(dtype).name)
     if k not in _W:
-        zs, _ = stream(mfnoise.Identity(n).noise_generator(jax.random.key(key_seed)), one_leaf(dtype), n)
+        zs, _ = stream(noise.generator(mfnoise.Identity(n), jax.random.key(key_seed)), one_leaf(dtype), n)
         _W[k] = np.asarray(zs["w"], np.float64).reshape(n, -1)
     return _W[k]
 
@@ -105,7 +107,7 @@ def test_identity_stream_is_the_documented_w():
     """w_t for leaf i is normal(fold_in(fold_in(key, i), t), shape, dtype), for every leaf."""
     key = jax.random.key(42)
     p = params(jnp.float32)
-    zs, _ = stream(mfnoise.Identity(9).noise_generator(key), p, 9)
+    zs, _ = stream(noise.generator(mfnoise.Identity(9), key), p, 9)
     np.testing.assert_array_equal(flat(zs), reference_w(key, p, 9))
     np.testing.assert_array_equal(identity_w(42, 9, jnp.float32), reference_w(key, one_leaf(jnp.float32), 9))
 
@@ -115,7 +117,7 @@ def test_streamed_equals_dense_inverse_float64(n, name):
     s = family(n, name)
     with jax.enable_x64(True):
         w = identity_w(42, n, jnp.float64)
-        zs, state = stream(s.noise_generator(jax.random.key(42)), one_leaf(jnp.float64), n)
+        zs, state = stream(noise.generator(s, jax.random.key(42)), one_leaf(jnp.float64), n)
         assert zs["w"].dtype == jnp.float64
     got = np.asarray(zs["w"]).reshape(n, -1)
     want = scipy.linalg.solve_triangular(s.dense(), w, lower=True)
@@ -127,7 +129,7 @@ def test_streamed_equals_dense_inverse_float64(n, name):
 def test_streamed_equals_dense_inverse_float32(n, name):
     s = family(n, name)
     w = identity_w(7, n, jnp.float32)  # the float32 samples, widened
-    zs, state = stream(s.noise_generator(jax.random.key(7)), one_leaf(jnp.float32), n)
+    zs, state = stream(noise.generator(s, jax.random.key(7)), one_leaf(jnp.float32), n)
     assert zs["w"].dtype == jnp.float32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.buffers))
     want = scipy.linalg.solve_triangular(s.dense(), w, lower=True)
@@ -146,7 +148,7 @@ def test_random_banded_matches_dense(n, bands, seed):
     s = mfnoise.Banded(cols)
     key = jax.random.key(seed)
     with jax.enable_x64(True):
-        zs, _ = stream(s.noise_generator(key), one_leaf(jnp.float64), n)
+        zs, _ = stream(noise.generator(s, key), one_leaf(jnp.float64), n)
         w = identity_w(seed, n, jnp.float64)
     want = scipy.linalg.solve_triangular(s.dense(), w, lower=True)
     np.testing.assert_allclose(np.asarray(zs["w"]).reshape(n, -1), want, rtol=0,
@@ -183,13 +185,13 @@ def test_resume_is_bit_identical(name):
     s = family(n, name)
     p = one_leaf(jnp.float32)
     key = jax.random.key(5)
-    full, _ = stream(s.noise_generator(key), p, n)
-    first, state = stream(s.noise_generator(key), p, 17)
+    full, _ = stream(noise.generator(s, key), p, n)
+    first, state = stream(noise.generator(s, key), p, 17)
     # checkpoint: to host numpy and back, as a restarted process would do
     saved = jax.tree.map(np.asarray, jax.device_get(state))
     restored = jax.tree.map(jnp.asarray, saved)
     assert isinstance(restored, noise.NoiseState)
-    second, _ = stream(s.noise_generator(key), p, n - 17, restored)
+    second, _ = stream(noise.generator(s, key), p, n - 17, restored)
     for a, b, c in zip(jax.tree.leaves(full), jax.tree.leaves(first), jax.tree.leaves(second)):
         np.testing.assert_array_equal(np.asarray(a), np.concatenate([np.asarray(b), np.asarray(c)]))
 
@@ -198,7 +200,7 @@ def test_step_by_step_equals_scan_and_past_end_is_an_error():
     n = 6
     s = mfnoise.bsr(n, 3)
     p = one_leaf(jnp.float32)
-    gen = s.noise_generator(jax.random.key(1))
+    gen = noise.generator(s, jax.random.key(1))
     zs, _ = stream(gen, p, n)
     state = gen.init(p)
     step = jax.jit(gen.next)
@@ -237,7 +239,7 @@ STATE_CASES = [
 def test_state_bytes_exact(strategy, m, param_dtype, noise_dtype):
     """State bytes = m x params x itemsize of the noise dtype (float32 state for bfloat16 params)."""
     p = params(param_dtype)
-    gen = strategy.noise_generator(0, dtype=noise_dtype)
+    gen = noise.generator(strategy, 0, dtype=noise_dtype)
     state = gen.init(p)
     nparams = sum(int(np.prod(v)) for v in SHAPES.values())
     want_dtype = jnp.float32
@@ -252,9 +254,9 @@ def test_state_bytes_exact(strategy, m, param_dtype, noise_dtype):
 def test_coarse_noise_dtype_is_refused_with_the_fix(strategy, m, dtype):
     """A recurrence in bfloat16 / float16 (8 / 11 bit coefficients and state) is refused, naming noise_dtype."""
     with pytest.raises(TypeError, match=r"noise_dtype=jnp.float32"):
-        strategy.noise_generator(0).init(params(dtype))
+        noise.generator(strategy, 0).init(params(dtype))
     with pytest.raises(TypeError, match=jnp.dtype(dtype).name):
-        strategy.noise_generator(0, dtype=dtype)
+        noise.generator(strategy, 0, dtype=dtype)
 
 
 def test_bfloat16_params_with_float32_noise_equal_the_float32_stream():
@@ -262,8 +264,8 @@ def test_bfloat16_params_with_float32_noise_equal_the_float32_stream():
     n = 12
     for s in (mfnoise.bsr(n, 4), mfnoise.BLT(np.array([0.9, 0.3]), np.array([0.2, 0.1]), n), mfnoise.bisr(n, 5)):
         key = jax.random.key(8)
-        want, _ = stream(s.noise_generator(key), params(jnp.float32), n)
-        got, state = stream(s.noise_generator(key, dtype=jnp.float32), params(jnp.bfloat16), n)
+        want, _ = stream(noise.generator(s, key), params(jnp.float32), n)
+        got, state = stream(noise.generator(s, key, dtype=jnp.float32), params(jnp.bfloat16), n)
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
             assert b.dtype == jnp.float32
             np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
@@ -273,30 +275,30 @@ def test_identity_noise_runs_in_bfloat16():
     """C = I has no recurrence: bfloat16 noise is the bfloat16 sample itself (the documented w)."""
     key = jax.random.key(42)
     p = params(jnp.bfloat16)
-    zs, _ = stream(mfnoise.Identity(5).noise_generator(key), p, 5)
+    zs, _ = stream(noise.generator(mfnoise.Identity(5), key), p, 5)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(zs))
     np.testing.assert_array_equal(flat(zs), reference_w(key, p, 5))
 
 
 def test_state_of_another_dtype_is_refused():
     """A float32 state stepped by a float64 generator: a clear error naming the state dtype."""
-    gen32 = mfnoise.bsr(6, 3).noise_generator(0, dtype=jnp.float32)
+    gen32 = noise.generator(mfnoise.bsr(6, 3), 0, dtype=jnp.float32)
     state = gen32.init(one_leaf(jnp.float32))
     with jax.enable_x64(True):
-        gen64 = mfnoise.bsr(6, 3).noise_generator(0)
+        gen64 = noise.generator(mfnoise.bsr(6, 3), 0)
         with pytest.raises(TypeError, match="noise state has dtype float32"):
             gen64.next(state, one_leaf(jnp.float64))
 
 
 def test_leaves_and_keys_give_independent_noise():
     p = {"a": jnp.zeros((1000,)), "b": jnp.zeros((1000,))}
-    gen = mfnoise.Identity(3).noise_generator(jax.random.key(0))
+    gen = noise.generator(mfnoise.Identity(3), jax.random.key(0))
     z, _ = gen.next(gen.init(p), p)
     assert abs(np.corrcoef(np.asarray(z["a"]), np.asarray(z["b"]))[0, 1]) < 0.15
-    z2, _ = mfnoise.Identity(3).noise_generator(jax.random.key(1)).next(gen.init(p), p)
+    z2, _ = noise.generator(mfnoise.Identity(3), jax.random.key(1)).next(gen.init(p), p)
     assert not np.allclose(np.asarray(z["a"]), np.asarray(z2["a"]))
     # int seeds and raw uint32 keys work too
-    mfnoise.Identity(3).noise_generator(jax.random.PRNGKey(0)).next(gen.init(p), p)
+    noise.generator(mfnoise.Identity(3), jax.random.PRNGKey(0)).next(gen.init(p), p)
 
 
 def test_bad_input():
@@ -305,7 +307,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="state_sharding"):
         noise.generator(mfnoise.Identity(3), 0, state_sharding="zero")
     with pytest.raises(TypeError, match="floating"):
-        mfnoise.bsr(4, 2).noise_generator(0).init({"i": jnp.zeros(3, jnp.int32)})
+        noise.generator(mfnoise.bsr(4, 2), 0).init({"i": jnp.zeros(3, jnp.int32)})
     with pytest.raises(ValueError, match="all_devices"):
         noise.generator(mfnoise.bsr(4, 2), 0, state_sharding="all_devices").init(params())
 
@@ -333,7 +335,7 @@ def test_ring_contraction_runs_at_full_precision():
     """The ring recurrences' dot is HIGHEST precision: on GPU / TPU a default float32 dot may use TF32 or
     bfloat16 passes, i.e. coefficients and state rounded to 10 / 8 bits, not the realised strategy."""
     for s in (mfnoise.bsr(8, 4), mfnoise.bisr(8, 3), mfnoise.Toeplitz(np.array([1.0, 0.5, 0.2]), 8)):
-        gen = s.noise_generator(0)
+        gen = noise.generator(s, 0)
         p = one_leaf(jnp.float32)
         jaxpr = jax.make_jaxpr(gen.next)(gen.init(p), p)
         dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]

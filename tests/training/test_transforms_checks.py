@@ -284,7 +284,7 @@ def test_bfloat16_default_noise_is_refused_clearly_except_for_the_identity():
     ident = mfnoise.dp_aggregate(mfnoise.Identity(N), 1.0, 1.5, key, participation=PART, expected_batch_size=4)
     p = params(jnp.bfloat16)
     u, _ = ident.update(jax.tree.map(jnp.zeros_like, per_example(5, jnp.bfloat16)), ident.init(p), p)
-    gen = mfnoise.Identity(N).noise_generator(key)
+    gen = mfnoise.noise.generator(mfnoise.Identity(N), key)
     z, _ = gen.next(gen.init(p), p)
     for k in SHAPES:
         assert u[k].dtype == jnp.bfloat16

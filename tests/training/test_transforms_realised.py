@@ -52,7 +52,7 @@ def realised_from_table(kind: str, table: np.ndarray, n: int) -> tuple[np.ndarra
     """(C', C'^{-1}) (n x n, float64) from a generator's coefficient table, as mfnoise.noise documents it."""
     m = np.zeros((n, n))
     for t in range(n):
-        row = table[min(t, table.shape[0] - 1)] if kind != "blt" else None
+        row = table[min(t, table.shape[0] - 1)] if kind != "buffers-input" else None
         if kind == "output":  # z_t = s_t (w_t - sum_j a_tj z_{t-j}): C'[t, t] = 1 / s_t, C'[t, t-j] = a_tj
             m[t, t] = 1.0 / row[0]
             for j in range(1, row.size):
@@ -62,7 +62,7 @@ def realised_from_table(kind: str, table: np.ndarray, n: int) -> tuple[np.ndarra
             for j in range(row.size):
                 if t - j >= 0:
                     m[t, t - j] = row[j]
-        elif kind == "blt":  # z_t = w_t + sum_i omega_i s_i, s_i <- theta_i s_i + w_t
+        elif kind == "buffers-input":  # z_t = w_t + sum_i omega_i s_i, s_i <- theta_i s_i + w_t
             theta, omega = table
             m[t, t] = 1.0
             for s in range(t):
@@ -103,7 +103,7 @@ def brute_force_sensitivity(c: np.ndarray, p: mfnoise.Participation) -> float:
 @pytest.mark.parametrize("name", list(CASES))
 def test_scale_bounds_the_realised_sensitivity(name, monkeypatch):
     s = CASES[name]
-    gen = s.noise_generator(jax.random.key(0), dtype=jnp.float32)
+    gen = noise.generator(s, jax.random.key(0), dtype=jnp.float32)
     table = gen.table(np.float32)
     # The coefficients are float32 values, and they are what the jitted generator runs.
     assert np.array_equal(table.table.astype(np.float32).astype(np.float64), table.table)
@@ -128,7 +128,7 @@ def _measured_scale(strategy, p, dtype=jnp.float32, size=4096) -> float:
     tx = mfnoise.dp_aggregate(strategy, 1.0, 1.0, key, participation=p, expected_batch_size=1.0, noise_dtype=dtype)
     params = {"x": jnp.zeros((size,), dtype)}
     u, _ = jax.jit(tx.update)({"x": jnp.zeros((2, size), dtype)}, tx.init(params), params)
-    gen = strategy.noise_generator(key, dtype=dtype)
+    gen = noise.generator(strategy, key, dtype=dtype)
     z, _ = gen.next(gen.init(params), params)
     u, z = np.asarray(u["x"], np.float64), np.asarray(z["x"], np.float64)
     big = np.abs(z) > 0.5
@@ -152,7 +152,7 @@ def test_library_blt_at_n_1e5_the_reported_case():
     """
     s = mfnoise.library.get("momentum0.9-n100000-e16-blt4-rmse")
     p = mfnoise.Participation.epochs(s.n, 16)
-    theta, omega = s.noise_generator(0, dtype=jnp.float32).table(np.float32).table
+    theta, omega = noise.generator(s, 0, dtype=jnp.float32).table(np.float32).table
     den = np.array([1.0])
     for th in theta:
         den = np.convolve(den, [1.0, -th])
@@ -197,7 +197,7 @@ def test_realised_is_a_fixed_point_and_its_table_is_the_generators():
     for name, s in {**CASES, "inverse-blt": InverseBLT(np.array([0.5, 0.95]), np.array([-0.3, -0.1]), N)}.items():
         r = s.realised(np.float32)
         np.testing.assert_array_equal(r.stream_table(np.float32).table, s.stream_table(np.float32).table, err_msg=name)
-        gen = s.noise_generator(0, dtype=jnp.float32)
+        gen = noise.generator(s, 0, dtype=jnp.float32)
         np.testing.assert_array_equal(gen.table(np.float32).table, s.stream_table(np.float32).table, err_msg=name)
     assert type(CASES["blt"].realised(np.float32)) is InverseBLT
 
