@@ -7,8 +7,10 @@ import time
 
 from mfnoise.cli import schema
 from mfnoise.core import workloads
-from mfnoise.strategies import closed_forms, error, io
-from mfnoise.strategies.identity import Identity
+from mfnoise.core.participation import Participation
+from mfnoise.strategies import error, io
+from mfnoise.strategies.base import Strategy
+from mfnoise.strategies.closed_forms import CLOSED_FORMS, closed_form
 
 HELP = "report sensitivity, rmse and max_error of a strategy (file or closed form)"
 DESCRIPTION = """Report sensitivity, rmse and max_error of a strategy for a workload and participation schema.
@@ -19,26 +21,21 @@ DESCRIPTION = """Report sensitivity, rmse and max_error of a strategy for a work
 
 rmse = sens * ||A C^-1||_F / sqrt(n); max_error = sens * max_i ||(A C^-1)[i, :]||, noise multiplier 1."""
 
-CLOSED_FORMS = ["identity", "sqrt-toeplitz", "bsr", "bisr"]
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", nargs="?", help="a strategy file (.npz)")
-    parser.add_argument("--family", choices=CLOSED_FORMS, help="a closed-form strategy instead of a file")
-    parser.add_argument("--bands", type=int, help="bands for bsr / bisr")
+    parser.add_argument("--family", choices=list(CLOSED_FORMS), help="a closed-form strategy instead of a file")
+    needs = " / ".join(name for name, form in CLOSED_FORMS.items() if form.needs_bands)
+    parser.add_argument("--bands", type=int, help=f"bands for {needs}")
     schema.add_participation(parser, required=False)
     parser.add_argument("--workload", default=None,
                         help="prefix | momentum:BETA | momentum:BETA:cooldown:F (default: the file's, or prefix)")
 
 
-def closed_form(family: str, n: int, bands: int | None, workload: workloads.Workload):
-    if family == "identity":
-        return Identity(n)
-    if family == "sqrt-toeplitz":
-        return closed_forms.sqrt_toeplitz(n, workload)
-    if bands is None:
-        raise ValueError(f"--family {family} needs --bands")
-    return (closed_forms.bsr if family == "bsr" else closed_forms.bisr)(n, bands, workload)
+def _closed_form(name: str, n: int, bands: int | None, workload: workloads.Workload) -> Strategy:
+    if CLOSED_FORMS[name].needs_bands and bands is None:
+        raise ValueError(f"--family {name} needs --bands")
+    return closed_form(name, n, bands, workload)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -55,8 +52,6 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"--n {args.n} does not match the strategy file's n={strategy.n}")
         schema_given = not (args.epochs is None and args.min_sep is None and args.max_participations is None)
         if not schema_given and "participation" in meta:
-            from mfnoise.core.participation import Participation
-
             p = Participation.from_dict(meta["participation"])
         else:
             p = schema.participation(args)
@@ -67,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError("--family needs --n")
         p = schema.participation(args)
         w = workloads.parse(args.workload or "prefix", args.n)
-        strategy = closed_form(args.family, args.n, args.bands, w)
+        strategy = _closed_form(args.family, args.n, args.bands, w)
     result = error.evaluate(strategy, w, p)
     out = {
         "family": strategy.family if args.file else args.family,

@@ -9,16 +9,23 @@ wrote it:
 * schema: the metadata has every field with the right type, the schema and workload parse, and the
   arrays rebuild a strategy with the recorded parameters;
 * sensitivity: the stored value equals the structured routine's, the dense routine's on C^T C
-  (n <= ``dense_limit``), and, for Toeplitz C where theory names the worst pattern
-  {0, b, 2b, ...}, the Gram matrix of those explicit columns; it is never below
-  sum_{i,j in P} X[i, j] of that pattern or of random allowed patterns P (a lower bound on the
-  true sensitivity, "Multi-Epoch Matrix Factorization Mechanisms for Private Machine Learning");
+  (n <= ``dense_limit``), for Toeplitz C where theory names the worst pattern {0, b, 2b, ...}
+  the Gram matrix of those explicit columns, and for banded C with bands <= b the column-norm
+  formula max_P sum_{t in P} ||C[:, t]||^2 (whatever route ``sensitivity`` took); it is never
+  below sum_{i,j in P} X[i, j] of that pattern or of random allowed patterns P (a lower bound on
+  the true sensitivity, "Multi-Epoch Matrix Factorization Mechanisms for Private Machine
+  Learning", Choquette-Choo et al. 2023, arXiv:2211.06530);
 * factorization: A = B C for the decoder B = A C^{-1} the error uses (Toeplitz: the convolution
-  b * c equals a; otherwise dense, n <= ``dense_limit``);
+  b * c equals a; banded: a banded solve and a sparse product; otherwise dense, n <=
+  ``dense_limit``);
 * noise: C^{-1} W from ``strategy.inverse_apply`` equals a dense triangular solve on the first
-  ``steps`` rows, and the streaming generator (``mfnoise.noise``) yields the same rows;
+  ``steps`` rows, and the streaming generator (``mfnoise.training.noise``) yields the same rows;
 * losses: the stored rmse and max_error equal the structured recomputation and the one from the
   verified decoder and sensitivity.
+
+The checks ask the strategy what it is (``toeplitz_coeffs``, ``bands``, ``band_columns``,
+``columns_at``, ``squared_column_norms``); none names a family. The best pattern sum is core's
+``best_pattern_sum`` (itself tested against brute force over every pattern).
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import math
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 import scipy.signal
@@ -36,8 +45,11 @@ import scipy.sparse
 from mfnoise.core import sensitivity as sens_lib
 from mfnoise.core import workloads
 from mfnoise.core.participation import Participation
-from mfnoise.strategies import error, io
-from mfnoise.strategies.base import FAMILIES, Strategy
+from mfnoise.library import index as library_index
+from mfnoise.strategies import band_storage, error, io
+from mfnoise.strategies.base import Strategy
+from mfnoise.strategies.registry import FAMILIES
+from mfnoise.training import noise
 
 DENSE_LIMIT = 1000
 """Largest n for the dense cross-checks (C^T C and B = A C^{-1} as n×n matrices)."""
@@ -137,26 +149,6 @@ def _coeffs(strategy: Strategy) -> np.ndarray | None:
     return out
 
 
-def _columns(strategy: Strategy, steps: np.ndarray, dense: np.ndarray | None) -> np.ndarray | None:
-    """C[:, steps] as an (n, len(steps)) array, built from the family's own arrays."""
-    n = strategy.n
-    c = _coeffs(strategy)
-    out = np.zeros((n, len(steps)))
-    if c is not None:
-        for i, t in enumerate(steps):
-            out[t:, i] = c[: n - t]
-        return out
-    if dense is not None:
-        return dense[:, steps]
-    if strategy.family == "banded":
-        cols = np.asarray(strategy.columns)
-        for i, t in enumerate(steps):
-            m = min(strategy.bands, n - t)
-            out[t : t + m, i] = cols[t, :m]
-        return out
-    return None
-
-
 def _toeplitz_gram(c: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """X[steps][:, steps] for X = C^T C, C Toeplitz with first column c (zero-padded to n).
 
@@ -176,16 +168,16 @@ def _toeplitz_gram(c: np.ndarray, steps: np.ndarray) -> np.ndarray:
     return g
 
 
-def _gram(strategy: Strategy, steps: np.ndarray, dense: np.ndarray | None) -> np.ndarray | None:
+def _gram(strategy: Strategy, steps: np.ndarray) -> np.ndarray:
     """The Gram matrix of the columns C[:, steps]."""
     c = _coeffs(strategy)
     if c is not None:
         return _toeplitz_gram(c, steps)
-    cols = _columns(strategy, steps, dense)
-    return None if cols is None else cols.T @ cols
+    cols = strategy.columns_at(steps)
+    return cols.T @ cols
 
 
-def _leading_block(strategy: Strategy, size: int, dense: np.ndarray | None) -> np.ndarray | None:
+def _leading_block(strategy: Strategy, size: int, dense: np.ndarray | None) -> np.ndarray:
     """C[:size, :size]."""
     if dense is not None:
         return dense[:size, :size]
@@ -193,8 +185,7 @@ def _leading_block(strategy: Strategy, size: int, dense: np.ndarray | None) -> n
     if c is not None:  # C[i, j] = c_{i-j}
         i, j = np.indices((size, size))
         return np.where(i >= j, c[np.maximum(i - j, 0)], 0.0)
-    cols = _columns(strategy, np.arange(size), None)
-    return None if cols is None else cols[:size]
+    return strategy.columns_at(np.arange(size))[:size]
 
 
 def _patterns(p: Participation, rng: np.random.Generator, count: int) -> list[np.ndarray]:
@@ -219,20 +210,8 @@ def _patterns(p: Participation, rng: np.random.Generator, count: int) -> list[np
 # -- the checks ----------------------------------------------------------------------------------
 
 
-def _max_pattern_sum(w: np.ndarray, p: Participation) -> float:
-    """max over allowed patterns P of sum_{t in P} w_t (w >= 0), written from the definitions."""
-    n, b = p.n, p.min_sep
-    if p.cyclic:
-        return max(float(w[c::b].sum()) for c in range(b))
-    # best[t]: the best sum of j picks, all at steps <= t; a new pick at t follows one at <= t - b.
-    best = np.zeros(n)
-    for _ in range(p.reachable_participations):
-        prev = np.concatenate([np.zeros(b), best[: n - b]])
-        best = np.maximum.accumulate(np.maximum(best, prev + w))
-    return float(best[-1])
-
-
-def _check_sensitivity(strategy, p, meta, dense, rng) -> dict[str, Any]:
+def _check_sensitivity(strategy: Strategy, p: Participation, meta: dict[str, Any], dense: np.ndarray | None,
+                       rng: np.random.Generator) -> dict[str, Any]:
     stored = float(meta["sensitivity"])
     structured = strategy.sensitivity(p)
     problems, notes = [], []
@@ -249,11 +228,9 @@ def _check_sensitivity(strategy, p, meta, dense, rng) -> dict[str, Any]:
             problems.append(f"stored {stored!r} is below the dense exact value {d.value!r}")
     # Lower bounds: u_t all equal gives sum_{i,j in P} X[i, j] <= sens^2 for every allowed P.
     pats = _patterns(p, rng, 3)
-    grams = [_gram(strategy, pat, dense) for pat in pats]
+    grams = [_gram(strategy, pat) for pat in pats]
     worst_lower = 0.0
     for pat, g in zip(pats, grams):
-        if g is None:
-            break
         lower = float(np.sum(g))
         worst_lower = max(worst_lower, lower)
         if stored**2 < lower * (1 - SENS_RTOL):
@@ -271,47 +248,54 @@ def _check_sensitivity(strategy, p, meta, dense, rng) -> dict[str, Any]:
             if _rel(exact, stored) > SENS_RTOL:
                 problems.append(f"the Gram matrix of pattern {{0, b, 2b, ...}} gives {exact!r}, stored {stored!r}")
     # Banded C with bands <= b: one pattern's columns never overlap, so sens^2 is the best
-    # pattern sum of squared column norms.
-    if strategy.family == "banded" and (strategy.bands <= p.min_sep or p.reachable_participations == 1):
-        exact = math.sqrt(_max_pattern_sum(np.sum(np.asarray(strategy.columns) ** 2, axis=1), p))
+    # pattern sum of squared column norms. An exact stored value must equal it; a bound
+    # (exact=False) must not be below it.
+    bands = strategy.bands
+    if bands is not None and (bands <= p.min_sep or p.reachable_participations == 1):
+        exact = math.sqrt(float(sens_lib.best_pattern_sum(strategy.squared_column_norms(), p)))
         notes.append(f"column-norm pattern sum {exact:.12g}")
-        if _rel(exact, stored) > SENS_RTOL:
+        if structured.exact and _rel(exact, stored) > SENS_RTOL:
             problems.append(f"the best pattern of squared column norms gives {exact!r}, stored {stored!r}")
+        elif not structured.exact and stored < exact * (1 - SENS_RTOL):
+            problems.append(f"stored bound {stored!r} is below the column-norm value {exact!r}")
     return _check("sensitivity", not problems, "; ".join(problems or notes),
                   stored=stored, recomputed=structured.value, exact=structured.exact, method=structured.method)
 
 
-def _decoder(strategy, w, dense_c) -> tuple[dict[str, Any], np.ndarray | None]:
+def _decoder(strategy: Strategy, w: workloads.Workload,
+             dense_c: np.ndarray | None) -> tuple[dict[str, Any], np.ndarray | None]:
     """The A = B C check; returns (check, squared row norms of B) when B was formed."""
     n = strategy.n
     c = _coeffs(strategy)
-    if c is not None and w.is_toeplitz:
+    if c is not None and w.coeffs is not None:
         a = np.asarray(w.coeffs, np.float64)
         b = strategy.inverse_apply(a)  # B is Toeplitz with first column b = C^{-1} a
         residual = scipy.signal.fftconvolve(b, c)[:n] - a
         rows = np.cumsum(b * b)  # ||B[i, :]||^2 = sum_{j <= i} b_j^2
-        return _factorization(residual, a, np.linalg.norm(b) * np.linalg.norm(c), n, "Toeplitz"), rows
-    if strategy.family == "banded" and n <= workloads.DENSE_LIMIT:
+        return _factorization(residual, a, float(np.linalg.norm(b) * np.linalg.norm(c)), n, "Toeplitz"), rows
+    bands = strategy.bands
+    if c is None and bands is not None and (bands < n or dense_c is None) and n <= workloads.DENSE_LIMIT:
         # B^T = C^{-T} A^T by a banded solve (C^T is upper banded), B C by a sparse product:
         # O(n^2 bands), a route apart from the dense one that mfnoise.strategies.error takes.
-        cols = np.asarray(strategy.columns)
-        u = strategy.bands - 1
-        ab = np.zeros((u + 1, n))
-        for d in range(u + 1):  # ab[u - d, j] = C^T[j - d, j] = C[j, j - d] = cols[j - d, d]
-            ab[u - d, d:] = cols[: n - d, d]
+        cols = strategy.band_columns()
+        assert cols is not None  # bands is not None
+        u = cols.shape[1] - 1
+        # LAPACK storage of the upper-banded C^T: ab[u - d, j] = C^T[j - d, j] = C[j, j - d] = rows[j, d].
+        ab = np.ascontiguousarray(band_storage.rows_from_columns(cols)[:, ::-1].T)
         a = w.dense()
         bmat = scipy.linalg.solve_banded((0, u), ab, a.T).T
-        c_sparse = scipy.sparse.diags([cols[: n - d, d] for d in range(u + 1)], [-d for d in range(u + 1)],
-                                      shape=(n, n), format="csc")
-        scale = np.max(np.asarray((abs(c_sparse).T @ np.abs(bmat).T).T))
-        return _factorization((c_sparse.T @ bmat.T).T - a, a, scale, n, "banded solve"), np.einsum("ij,ij->i", bmat, bmat)
+        # DIA storage: diagonal -d holds C[j + d, j] = cols[j, d] at column j.
+        c_sparse = scipy.sparse.dia_matrix((cols.T, -np.arange(u + 1)), shape=(n, n)).tocsc()
+        scale = float(np.max(np.asarray((abs(c_sparse).T @ np.abs(bmat).T).T)))
+        factor = _factorization((c_sparse.T @ bmat.T).T - a, a, scale, n, "banded solve")
+        return factor, np.einsum("ij,ij->i", bmat, bmat)
     if dense_c is None:
         return _check("factorization", True, f"skipped: n={n} > {DENSE_LIMIT} for a non-Toeplitz factorization",
                       residual=None) | {"status": "skip"}, None
     a = w.dense()
     bmat = scipy.linalg.solve_triangular(dense_c.T, a.T, lower=False).T
-    scale = np.max(np.abs(bmat) @ np.abs(dense_c))
-    return _factorization(bmat @ dense_c - a, a, scale, n, "dense"), np.einsum("ij,ij->i", bmat, bmat)
+    scale = float(np.max(np.abs(bmat) @ np.abs(dense_c)))
+    return _factorization(bmat @ dense_c - a, a, scale, n, "dense solve"), np.einsum("ij,ij->i", bmat, bmat)
 
 
 def _factorization(residual: np.ndarray, a: np.ndarray, scale: float, n: int, route: str) -> dict[str, Any]:
@@ -328,7 +312,8 @@ def _factorization(residual: np.ndarray, a: np.ndarray, scale: float, n: int, ro
                   residual=err, tolerance=tol)
 
 
-def _noise(strategy, dense_c, steps: int, rng, streaming: bool) -> list[dict[str, Any]]:
+def _noise(strategy: Strategy, dense_c: np.ndarray | None, steps: int, rng: np.random.Generator,
+           streaming: bool) -> list[dict[str, Any]]:
     n = strategy.n
     t = min(n, steps)
     block = _leading_block(strategy, t, dense_c)
@@ -336,9 +321,6 @@ def _noise(strategy, dense_c, steps: int, rng, streaming: bool) -> list[dict[str
     w[:t] = rng.standard_normal((t, 3))
     got = strategy.inverse_apply(w)[:t]
     out = []
-    if block is None:
-        out.append(_check("inverse", True, "skipped: no leading block for this family") | {"status": "skip"})
-        return out
     ref = scipy.linalg.solve_triangular(block, w[:t], lower=True)
     err = float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
     out.append(_check("inverse", err <= NOISE_TOL,
@@ -349,28 +331,23 @@ def _noise(strategy, dense_c, steps: int, rng, streaming: bool) -> list[dict[str
     return out
 
 
-def _streaming(strategy: Strategy, block: np.ndarray, t: int, rng) -> dict[str, Any]:
+def _streaming(strategy: Strategy, block: np.ndarray, t: int, rng: np.random.Generator) -> dict[str, Any]:
     """Rows of the streaming generator against dense C^{-1} W on the first t steps."""
-    try:
-        from mfnoise.training import noise
-    except ImportError:
-        return _check("streaming", None, "pending: mfnoise.noise is not available in this build")
     rows, w = noise_rows(noise, strategy, t, rng)
     ref = scipy.linalg.solve_triangular(block, w, lower=True)
     err = float(np.max(np.abs(rows - ref)) / max(1.0, float(np.max(np.abs(ref)))))
-    return _check("streaming", err <= NOISE_TOL, f"streamed rows vs dense C^-1 W, first {t} steps: max rel diff {err:.3g}",
-                  max_diff=err, steps=t)
+    return _check("streaming", err <= NOISE_TOL,
+                  f"streamed rows vs dense C^-1 W, first {t} steps: max rel diff {err:.3g}", max_diff=err, steps=t)
 
 
-def noise_rows(noise_module, strategy: Strategy, t: int, rng, width: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def noise_rows(noise_module: Any, strategy: Strategy, t: int, rng: np.random.Generator,
+               width: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """(streamed rows z_0..z_{t-1}, the W they came from), each of shape (t, width), in float64.
 
-    W is rebuilt from the generator's documented contract (``mfnoise.noise``): w_t of leaf 0 is
+    ``noise_module`` is ``mfnoise.training.noise`` (or a stand-in with its ``generator``). W is
+    rebuilt from the generator's documented contract: w_t of leaf 0 is
     ``jax.random.normal(fold_in(fold_in(key, 0), t), shape, dtype)``.
     """
-    import jax
-    import jax.numpy as jnp
-
     seed = int(rng.integers(0, 2**31 - 1))
     with jax.enable_x64(True):
         key = jax.random.key(seed)
@@ -387,7 +364,8 @@ def noise_rows(noise_module, strategy: Strategy, t: int, rng, width: int = 3) ->
         return np.asarray(rows, np.float64), np.asarray(w, np.float64)
 
 
-def _losses(strategy, w, p, meta, rows_sq, dense_limit: int) -> dict[str, Any]:
+def _losses(strategy: Strategy, w: workloads.Workload, p: Participation, meta: dict[str, Any],
+            rows_sq: np.ndarray | None, dense_limit: int) -> dict[str, Any]:
     problems = []
     cheap = (strategy.is_toeplitz and w.is_toeplitz) or strategy.n <= dense_limit
     if cheap or rows_sq is None:  # mfnoise.strategies.error's own route (dense for non-Toeplitz C)
@@ -414,10 +392,8 @@ def _losses(strategy, w, p, meta, rows_sq, dense_limit: int) -> dict[str, Any]:
 
 
 def _index(path: str, meta: dict[str, Any], index_entry: dict[str, Any]) -> dict[str, Any]:
-    from mfnoise.library import index as library
-
     problems = []
-    sha = library.file_sha256(path)
+    sha = library_index.file_sha256(path)
     if sha != index_entry.get("sha256"):
         problems.append(f"file sha256 {sha} != index {index_entry.get('sha256')}")
     if meta["sha256"] != index_entry.get("digest"):

@@ -213,7 +213,30 @@ def test_a_wrong_inverse_fails_the_factorization(tmp_path, monkeypatch, rel):
         path = _write(tmp_path / "s.npz", s, w, p)
         assert verify.verify(path, streaming=False).ok
         honest = mfnoise.Toeplitz.inverse_apply
-        monkeypatch.setattr(mfnoise.Toeplitz, "inverse_apply", lambda self, z: honest(self, z) * (1 + rel))
+        monkeypatch.setattr(mfnoise.Toeplitz, "inverse_apply",
+                            lambda self, z, honest=honest: honest(self, z) * (1 + rel))
         checks = {c["name"]: c for c in verify.verify(path, streaming=False).checks}
         assert checks["factorization"]["status"] == "fail", checks["factorization"]
         monkeypatch.undo()
+
+
+def test_mixed_sign_blt_verifies_with_streaming(tmp_path):
+    """A BLT whose inverse has complex decays streams C's own buffers; verify checks those rows."""
+    n = 64
+    w, p = workloads.prefix_sum(n), Participation.epochs(n, 4)
+    path = _write(tmp_path / "s.npz", mfnoise.BLT(np.array([0.9, 0.5]), np.array([0.5, -0.1]), n), w, p)
+    report = verify.verify(path)
+    assert report.ok, report.checks
+    assert _status(report)["streaming"] == "pass"
+
+
+def test_banded_routes_need_no_family_name(tmp_path):
+    """A dense C with 3 bands gets the banded solve and the column-norm check, as a Banded C does."""
+    n = 48
+    rng = np.random.default_rng(0)
+    c = np.tril(np.triu(rng.uniform(0.1, 1.0, (n, n)), -2)) + np.eye(n)
+    w, p = workloads.prefix_sum(n), Participation.epochs(n, 4)
+    checks = {c["name"]: c for c in verify.verify(_write(tmp_path / "d.npz", mfnoise.Dense(c), w, p)).checks}
+    assert all(c["status"] == "pass" for c in checks.values()), checks
+    assert "banded solve" in checks["factorization"]["detail"]
+    assert "column-norm pattern sum" in checks["sensitivity"]["detail"]
