@@ -1,6 +1,6 @@
 """Shared test helpers: independent reference computations and random strategies.
 
-Everything here is written from the definitions in DESIGN.md with plain numpy/scipy, without
+Everything here is written from the definitions in docs/design.md with plain numpy/scipy, without
 calling the mfnoise code it is used to check (only the constructors of the strategies under test).
 """
 
@@ -11,8 +11,8 @@ import itertools
 import math
 import os
 
-# Multi-threaded OpenBLAS is 10-30x slower than one thread on the small matrices here when the
-# (2-core) machine is shared; the user's explicit setting wins.
+# Multi-threaded BLAS is far slower than one thread on the small matrices here when the cores are
+# shared (as by pytest-xdist or parallel jobs); the user's explicit setting wins.
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
@@ -30,7 +30,7 @@ try:  # numpy may have been imported (and its BLAS started) before this file
 except ImportError:  # pragma: no cover - only a speed matter
     pass
 
-# No per-example deadline (a shared 2-core machine makes timings noisy). Example counts are set on
+# No per-example deadline (shared cores make timings noisy). Example counts are set on
 # each test (FEW below for most of them), so other test files keep hypothesis' defaults.
 settings.register_profile("mfnoise", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("mfnoise")

@@ -1,4 +1,4 @@
-"""Sensitivity against brute force over every participation pattern (DESIGN.md).
+"""Sensitivity against brute force over every participation pattern (docs/design.md).
 
 sens(C, p)^2 = max_P max_{unit u_t} ||sum_{t in P} C[:, t] u_t||^2. With X = C^T C and P ranging
 over every pattern (maximal or not), the tests use two brute-force bounds written here:
@@ -89,7 +89,7 @@ def test_every_family_every_small_schema(family):
 
 
 def test_exact_methods_are_exact():
-    """The exact routines are used where DESIGN.md says they apply."""
+    """The exact routines are used where docs/design.md says they apply."""
     n = 10
     rng = np.random.default_rng(0)
     # banded, bands <= min_sep, mixed signs: exact by disjoint supports.
@@ -208,7 +208,7 @@ def test_sensitivity_float():
 
 @pytest.mark.parametrize("n,k", [(10, 3), (12, 5), (9, 2)])
 def test_nonneg_decreasing_toeplitz_cyclic_equals_min_sep(n, k):
-    """DESIGN.md: for non-negative non-increasing Toeplitz C the two kinds agree with k = ceil(n/b)."""
+    """docs/design.md: for non-negative non-increasing Toeplitz C the two kinds agree with k = ceil(n/b)."""
     p_cyc = mfnoise.Participation.epochs(n, k)
     p_min = mfnoise.Participation(n, p_cyc.max_participations, p_cyc.min_sep)
     s = mfnoise.sqrt_toeplitz(n)

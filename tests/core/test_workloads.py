@@ -1,4 +1,4 @@
-"""Workloads against their definitions (DESIGN.md), summed entry by entry."""
+"""Workloads against their definitions (docs/design.md), summed entry by entry."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ SIZES = st.one_of(st.integers(1, 70), st.sampled_from([127, 128, 129, 200, 256, 
 
 @st.composite
 def workload_and_matrix(draw, n):
-    """A workload of every kind and its dense matrix, built here from DESIGN.md's formulas."""
+    """A workload of every kind and its dense matrix, built here from docs/design.md's formulas."""
     kind = draw(st.sampled_from(["prefix", "momentum", "momentum-lr", "cooldown", "matrix"]))
     if kind == "prefix":
         return workloads.prefix_sum(n), prefix_matrix(n)
@@ -111,7 +111,7 @@ def test_every_family_every_workload_n512(family, workload):
 
 
 def test_known_values_n4096():
-    """Prefix sum, single participation, n = 4096 (Fichtenberger et al. 2023; DESIGN.md)."""
+    """Prefix sum, single participation, n = 4096 (Fichtenberger et al. 2023; docs/design.md)."""
     n = 4096
     w, p = workloads.prefix_sum(n), mfnoise.Participation.single(n)
     out = mfnoise.evaluate(mfnoise.sqrt_toeplitz(n), w, p)

@@ -1,7 +1,7 @@
 """Strategy families: matrices, inverses, BLT algebra, closed forms, validation, pytrees.
 
 Every family is compared with a dense C built in conftest.make_strategy from the family's
-defining parameters (DESIGN.md), and C^{-1} z with np.linalg.solve.
+defining parameters (docs/design.md), and C^{-1} z with np.linalg.solve.
 """
 
 from __future__ import annotations
