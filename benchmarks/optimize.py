@@ -1,7 +1,7 @@
 """Strategy optimization: mfnoise.optimize against jax-privacy 2.0.0, side by side in one run.
 
-Each problem of issue 3 is solved by mfnoise and by jax-privacy's matrix_factorization module, each
-in a fresh subprocess (so compile time and peak memory are counted the same way for both). Every
+Each problem (a row of ROWS) is solved by mfnoise and by jax-privacy's matrix_factorization module,
+each in a fresh subprocess (so compile time and peak memory are counted the same way for both). Every
 strategy, including jax-privacy's, is scored by mfnoise.strategies.error.evaluate (exact sensitivity), so the
 losses are comparable. Printed as a markdown table and written to benchmarks/results/optimize.json.
 
@@ -41,9 +41,9 @@ DEFAULT_BASELINE_PYTHON = "/work/bench-venv/bin/python"
 # name: (family, n, schema, size, objective, target text, jax-privacy runs?, quick n)
 # schema: ("epochs", k) or ("single",) ; size: bands or buffers.
 ROWS = {
-    "bt-4096": dict(family="banded-toeplitz", n=4096, schema=("epochs", 4), bands=64, objective="rmse",
+    "bt-4096": dict(family="toeplitz", n=4096, schema=("epochs", 4), bands=64, objective="rmse",
                     target="rmse <= jax-privacy's 13.5179, time <= 1/10 of jax-privacy's", quick_n=1024),
-    "bt-4096-optax": dict(family="banded-toeplitz", n=4096, schema=("epochs", 4), bands=64, objective="rmse",
+    "bt-4096-optax": dict(family="toeplitz", n=4096, schema=("epochs", 4), bands=64, objective="rmse",
                           method="optax", baseline=False, target="method comparison (optax.lbfgs)", quick_n=1024),
     "blt-max-1e4-b5": dict(family="blt", n=10**4, schema=("single",), buffers=5, objective="max",
                            target="max_error within 0.3% of sqrt-Toeplitz 3.99801, < 10 s"),
@@ -105,17 +105,18 @@ def worker_mfnoise(row, n) -> dict:
 
     p = _participation(row, n)
     start = time.perf_counter()
-    strategy, report = mfnoise.optimize(
+    strategy, result = mfnoise.optimize(
         mfnoise.workloads.prefix_sum(n), p, row["family"], bands=row.get("bands"), buffers=row.get("buffers"),
         objective=row["objective"], method=row.get("method", "scipy"), progress=False)
     seconds = time.perf_counter() - start
-    out = {"seconds": seconds, "iterations": report["iterations"], "converged": report["converged"],
-           "stopped": report["stopped"], **strategy.params()}
+    out = {"seconds": seconds, "iterations": result.iterations, "converged": result.converged,
+           "stopped": result.stopped, **strategy.params()}
     # the dense dual's certificate: its lower bound on the optimal rmse and the relative gap to it
-    out.update({key: report[key] for key in ("formulation", "dual_bound", "duality_gap", "final_relative_change",
-                                             "compile_seconds", "evaluations") if key in report})
+    out.update({key: result.details[key] for key in ("formulation", "dual_bound", "duality_gap",
+                                                     "final_relative_change") if key in result.details})
+    out.update(compile_seconds=result.compile_seconds, evaluations=result.evaluations)
     out.update(_score(strategy, row, n))
-    assert abs(out["loss"] / (report["rmse"] if row["objective"] == "rmse" else report["max_error"]) - 1) < 1e-12
+    assert abs(out["loss"] / (result.rmse if row["objective"] == "rmse" else result.max_error) - 1) < 1e-12
     return out
 
 
@@ -131,7 +132,7 @@ def worker_jax_privacy(row, n, full: bool) -> dict:
     k = 1 if row["schema"][0] == "single" else row["schema"][1]
     start = time.perf_counter()
     with jax.enable_x64(True):
-        if fam == "banded-toeplitz":
+        if fam == "toeplitz":
             coef = toeplitz.optimize_banded_toeplitz(n=n, bands=row["bands"])
             strategy = mfnoise.Toeplitz(np.asarray(coef, np.float64), n)
         elif fam == "blt":
@@ -168,7 +169,7 @@ def _worker_main(argv) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out["peak_mb"] = usage.ru_maxrss / 1024
     # CPU time of the whole worker (import, compile, run, score; all threads): less sensitive than
-    # wall time to other jobs on a shared machine.
+    # wall time to other jobs running on the machine.
     out["process_cpu_seconds"] = usage.ru_utime + usage.ru_stime
     print("RESULT " + json.dumps(out))
 
@@ -224,10 +225,9 @@ def main(argv=None) -> int:
     for name in names:
         row = ROWS[name]
         try:
-            import mfnoise  # noqa: F401  (only to check the family exists here)
-            from mfnoise.optim.solver import problem_module
+            from mfnoise.optim import problem  # only to check the family exists in this version
 
-            problem_module(row["family"])
+            problem.builder(row["family"])
         except (ImportError, ValueError) as e:
             print(f"skipping {name}: {e}", file=sys.stderr)
             continue
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
 
 def _write(args, previous, results) -> dict:
     merged = {**previous, **{r["row"]: r for r in results}}
-    machine = {"machine": f"{os.cpu_count()}-core CPU container" if args.device == "cpu" else "GPU",
+    machine = {"machine": f"{os.cpu_count()}-core CPU" if args.device == "cpu" else "GPU",
                "platform": platform.platform(), "python": platform.python_version(),
                "load_average_at_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
