@@ -26,9 +26,9 @@ from mfnoise.strategies.base import Strategy
 
 
 def state_arrays(strategy: Strategy) -> int:
-    """Parameter-sized arrays of noise state the generator keeps for ``strategy`` (BLT: buffers;
-    banded families: bands - 1; identity: none): the ``m`` of the table it streams."""
-    return strategy.stream_table(np.float64).m
+    """Parameter-sized arrays of noise state the generator keeps for ``strategy``
+    (``Strategy.state_arrays()``: BLT: buffers; banded families: bands - 1; identity: none)."""
+    return strategy.state_arrays()
 
 
 def build_entry(s: Spec, folder: str | os.PathLike) -> dict[str, Any]:
