@@ -1,4 +1,5 @@
-"""Batch selection that honours a participation schema, and a check that proves it did.
+"""Batch selection that honours a participation schema, and a check that proves it did
+(docs/design.md, "Batching").
 
 A strategy's sensitivity is a privacy guarantee only if every example really takes part in a
 pattern the schema allows. Two samplers, both deterministic from a seed and both returning a
@@ -12,12 +13,12 @@ pattern the schema allows. Two samplers, both deterministic from a seed and both
   surplus steps would hold no example at all.
 * ``cyclic_poisson_batches``: the same groups; step t includes each example of group t mod b
   independently with probability q = batch_size / (dataset_size / b) ("(Amplified) Banded Matrix
-  Factorization: A unified approach to private training", Choquette-Choo et al. 2023), with fresh
-  coins at every step. The capacity is the largest group, so nothing is ever truncated
-  (truncation would void the Poisson analysis). Under a min-sep k < ceil(n / b) an example is
-  retired after its k-th realised participation (its later slots are masked out): given
-  everything released before a round, its inclusion probability is then q times the chance it is
-  not yet retired, at most q; and it never takes part more than k times.
+  Factorization: A unified approach to private training", Choquette-Choo et al. 2023,
+  arXiv:2306.08153), with fresh coins at every step. The capacity is the largest group, so
+  nothing is ever truncated (truncation would void the Poisson analysis). Under a min-sep
+  k < ceil(n / b) an example is retired after its k-th realised participation (its later slots
+  are masked out): given everything released before a round, its inclusion probability is then
+  q times the chance it is not yet retired, at most q; and it never takes part more than k times.
 
 Every sampler builds its candidate plan and hands it to one shared step (``_finish``) that
 retires each example after k participations and then runs ``check``: a plan that breaks the
@@ -54,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from mfnoise.core.participation import Participation
+from mfnoise.core.participation import Participation, check_participation
 
 SAMPLERS = ("cyclic", "cyclic-poisson")
 
@@ -259,7 +260,7 @@ def cyclic_batches(dataset_size: int, participation: Participation, seed: int = 
     leave steps k b .. n - 1 with no example at all), and when dataset_size < b (groups, hence
     steps, without examples).
     """
-    p = _check_participation(participation)
+    p = check_participation(participation)
     d = _positive_int("dataset_size", dataset_size)
     b, k, rounds = p.min_sep, p.max_participations, -(-p.n // p.min_sep)
     if d < b:
@@ -297,7 +298,7 @@ def cyclic_poisson_batches(
     Under a schema with k < ceil(n / b) an example is retired after its k-th realised
     participation (its later slots masked out), so it never takes part more than k times.
     """
-    p = _check_participation(participation)
+    p = check_participation(participation)
     d = _positive_int("dataset_size", dataset_size)
     q = sampling_probability(d, batch_size, p.min_sep)
     k, rounds = p.max_participations, -(-p.n // p.min_sep)
@@ -428,7 +429,7 @@ def check(
     Raises ValueError (a one-line summary, then the first ``limit`` violations) unless the plan is
     valid; with ``raise_on_error=False`` returns the ``PlanCheck`` instead.
     """
-    p = _check_participation(participation)
+    p = check_participation(participation)
     indices = np.asarray(plan.indices)
     mask = np.asarray(plan.mask, dtype=bool)
     if indices.shape != mask.shape or indices.ndim != 2:
@@ -462,7 +463,7 @@ def check(
     worst = int(per_example.max()) if per_example.size else 0
     too_many = np.flatnonzero(per_example > p.max_participations)
     report("count", too_many.size, (
-        f"example {e} takes part {per_example[e]} times (steps {_steps_of(e, steps, examples)}), "
+        f"example {e} takes part {per_example[e]} times (steps {_steps_of(int(e), steps, examples)}), "
         f"more than max_participations={p.max_participations}" for e in too_many))
     same = examples[1:] == examples[:-1]
     diff = np.diff(steps)
@@ -608,12 +609,6 @@ def _nonneg_int(name: str, value) -> int:
     if isinstance(value, bool) or int(value) != value or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
-
-
-def _check_participation(p: Participation) -> Participation:
-    if not isinstance(p, Participation):
-        raise TypeError(f"expected a Participation, got {type(p).__name__}")
-    return p
 
 
 __all__ = [
