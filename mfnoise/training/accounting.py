@@ -13,26 +13,29 @@ multiplier of the *sensitivity-normalised* strategy C / sens(C, p).
 
 Unamplified (any batches that honour p): with sens(C / sens, p) = 1, releasing the whole
 trajectory is one Gaussian mechanism with noise multiplier z, whatever k is ("Multi-Epoch Matrix
-Factorization Mechanisms for Private Machine Learning", Choquette-Choo et al. 2023). So
-z(epsilon = 8, delta = 1e-5) = 0.60023 for every k.
+Factorization Mechanisms for Private Machine Learning", Choquette-Choo et al. 2023,
+arXiv:2211.06530). So z(epsilon = 8, delta = 1e-5) = 0.60023 for every k.
 
 Amplified (cyclic Poisson sampling; "(Amplified) Banded Matrix Factorization: A unified approach
-to private training", Choquette-Choo et al. 2023): the data is split into b = min_sep groups,
-step t samples each example of group t mod b with probability q = batch / (dataset / b). The
-theorem's hypothesis is on C itself: C is lower triangular with at most b non-zero bands. Then the
-columns of one example's steps {c, c + b, ...} have disjoint row supports, and the release is
-ceil(n / b) adaptively composed rounds, round i a Poisson-subsampled Gaussian whose sensitivity
-is ||C[:, c + i b]|| <= m = max column norm of C. The theorem is stated for the noise multiplier
-relative to that maximum column norm (dp-accounting's sibling jax_privacy builds the same event,
-``amplified_bandmf_event``, "assuming the strategy matrix has maximum L2 column norm of one");
-a column-normalised C (every column of norm m) is the special case in which no round is
-over-noised. In mfnoise's convention the per-round noise multiplier is therefore
-z * sens(C, p) / m: sqrt(ceil(n / b)) for a column-normalised C, less for any other C. That is why
-amplified accounting needs the strategy (``strategy=``, the object or its file), never just its
-number of bands: the old ``bands=`` shortcut assumed sqrt(ceil(n / b)) and overstated the noise of
-a C that is not column-normalised (epsilon 4.45 where 2 was asked). With more than b bands, or a C
-that is not banded (BLT, BISR's C, a dense C with entries further below the diagonal), the rounds
-are coupled and the theorem says nothing: ``dp_event`` refuses.
+to private training", Choquette-Choo et al. 2023, arXiv:2306.08153; docs/design.md,
+"Accounting"): the data is split into b = min_sep groups, step t samples each example of group
+t mod b with probability q = batch / (dataset / b). The theorem's hypothesis is on C itself: C is
+lower triangular with at most b non-zero bands. Then the columns of one example's steps
+{c, c + b, ...} have disjoint row supports, and the release is ceil(n / b) adaptively composed
+rounds, round i a Poisson-subsampled Gaussian whose sensitivity is ||C[:, c + i b]|| <= m = max
+column norm of C. The theorem is stated for the noise multiplier relative to that maximum column
+norm (dp-accounting's sibling jax_privacy builds the same event, ``amplified_bandmf_event``,
+"assuming the strategy matrix has maximum L2 column norm of one"); a column-normalised C (every
+column of norm m) is the special case in which no round is over-noised. In mfnoise's convention
+the per-round noise multiplier is therefore z * sens(C, p) / m: sqrt(ceil(n / b)) for a
+column-normalised C, less for any other C. That is why amplified accounting needs the strategy
+(``strategy=``, the object or its file), never just its number of bands: a number of bands
+implies sqrt(ceil(n / b)), which overstates the noise of a C that is not column-normalised
+(epsilon 4.45 where 2 was asked), so ``bands=`` is refused. With more than b bands, or a C that
+is not banded (BLT, BISR's C, a dense C with entries further below the diagonal), the rounds are
+coupled and the theorem says nothing: ``dp_event`` refuses. The strategy is asked for all of
+this (``bands``, ``squared_column_norms()``, ``sensitivity(p)``, ``runs_exactly(float32)``); no
+family is named here.
 
 Neighbouring datasets differ by adding or removing one example (dp-accounting's default
 ``ADD_OR_REMOVE_ONE``), whose clipped gradients change by at most ``l2_clip_norm`` per step; so
@@ -45,7 +48,7 @@ grid d' = d / 2^j that refines it gives one at least as tight. Its memory is the
 points: about W / d for one round, W = 1 / s^2 + 20 / s + 1 the width of the loss support of a
 Gaussian with noise multiplier s truncated at e^-50 tail mass, and about S / d after composing
 the rounds, S = 2 epsilon_RDP(delta = 1e-15) + 4 W. At large epsilon (small s) W grows like
-1 / s^2, which is what made ``calibrate(epsilon=1e4)`` need 23 GB on the default grid. So the PLD
+1 / s^2 (``calibrate(epsilon=1e4)`` would need 23 GB on the default grid). So the PLD
 accountant here (``GridPLDAccountant``) prices each event on the grid ``pld_grid`` picks: the
 requested ``pld_discretization`` whenever it fits a budget (epsilon = 8 keeps 1e-4), else the
 requested grid times the smallest power of two that fits a smaller budget. Beyond a grid of
@@ -60,39 +63,41 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import dp_accounting
 import numpy as np
 
-from mfnoise.core.participation import Participation
+from mfnoise.core.participation import Participation, check_participation
 from mfnoise.strategies.base import Strategy
+from mfnoise.training.batching import sampling_probability
 
 ACCOUNTANTS = ("pld", "rdp")
 SAMPLINGS = ("none", "cyclic-poisson")
 # dp-accounting's default PLD grid: the finest grid used unless the caller asks for another.
 PLD_DISCRETIZATION = 1e-4
 # Grid-point budgets of one PLD evaluation (module doc). The requested grid is kept while it fits
-# the first pair (epsilon = 8 at 1e-4: 3.6e5 points, ~0.3 s); a grid that has to be coarsened is
+# the first pair (epsilon = 8 at 1e-4: 3.6e5 points); a grid that has to be coarsened is
 # coarsened to fit the second, smaller pair, as epsilon is then large (>= ~10) and a grid of
-# W / 1e5 still resolves it to ~1e-4 relative (~0.1 s per evaluation, measured).
+# W / 1e5 still resolves it to ~1e-4 relative.
 PLD_ROUND_POINTS = 400_000
 PLD_COMPOSED_POINTS = 4_000_000
 PLD_COARSE_ROUND_POINTS = 100_000
 PLD_COARSE_COMPOSED_POINTS = 1_000_000
 # dp-accounting's pessimistic connect-the-dots PMF overflows exp(d) beyond d ~ 709; well before
 # that (epsilon ~ 1e7 for one Gaussian) the PLD accountant is refused in favour of RDP. Up to it,
-# its epsilon stays above the analytic Gaussian one (measured at d = 256 and 512).
+# its epsilon stays above the analytic Gaussian one (checked at d = 256 and 512).
 PLD_MAX_GRID = 256.0
 # The noise generator runs C' = strategy.realised(dtype), not C: for a banded C in float32 (coarser
 # dtypes are refused for it), C'[t, t - j] = fl(C[t, t - j]) and C'[t, t] = 1 / fl(1 / C[t, t]), each
 # within (1 + 2^-24) / (1 - 2^-24) < 1 + 2^-22 of C's in magnitude, so ||C'[:, t]|| <= (1 + 2^-22)
 # ||C[:, t]||, while dp_aggregate scales the noise by S = noise_sensitivity(p, dtype) >= sens(C, p).
 # Round t's noise multiplier z S / ||C'[:, t]|| is thus >= z sens(C, p) / (m COLUMN_NORM_MARGIN).
-# The margin is 1 when float32 runs C exactly (float32 entries, power-of-two diagonal: identity).
+# The margin is 1 when float32 runs C exactly (``Strategy.runs_exactly``: float32 entries and a
+# power-of-two diagonal, e.g. the identity).
 COLUMN_NORM_MARGIN = 1.0 + 2.0**-20
 # Searches never go below this noise multiplier: it would price epsilon ~ 1e34.
-MIN_NOISE_MULTIPLIER = 1e-17
+_MIN_NOISE_MULTIPLIER = 1e-17
 
 AccountantName = Literal["pld", "rdp"]
 SamplingName = Literal["none", "cyclic-poisson"]
@@ -128,7 +133,7 @@ class GridPLDAccountant(dp_accounting.PrivacyAccountant):
         if grid > PLD_MAX_GRID:
             raise ValueError(
                 f"the PLD accountant cannot price this mechanism in bounded memory: its privacy losses span "
-                f"~{loss_width(_smallest_noise_multiplier(event) or 1.0):.3g}, which needs a grid of {grid:g} > "
+                f"~{_loss_width(_smallest_noise_multiplier(event) or 1.0):.3g}, which needs a grid of {grid:g} > "
                 f"{PLD_MAX_GRID:g} (epsilon is then about 1e7 or more); use accountant='rdp', an upper bound "
                 f"at any epsilon"
             )
@@ -153,13 +158,13 @@ def make_accountant(
     raise ValueError(f"unknown accountant {accountant!r}; expected one of {ACCOUNTANTS}")
 
 
-def loss_width(noise_multiplier: float) -> float:
+def _loss_width(noise_multiplier: float) -> float:
     """W(s) = 1 / s^2 + 20 / s + 1: the width of the privacy-loss support of one (Poisson
     subsampled) Gaussian with noise multiplier s and sensitivity 1, as dp-accounting builds it.
 
     Its samples are truncated at e^-50 tail mass (about 10 s past either mean), so the loss
     (x - 1/2) / s^2 spans [-1 / (2 s^2) - 10 / s, 1 / (2 s^2) + 10 / s]; subsampling only narrows
-    it. An estimate of memory, not of privacy (measured: 1 / s^2 + 19.5 / s for q = 1).
+    it. An estimate of memory, not of privacy (dp-accounting's support for q = 1 is 1 / s^2 + 19.5 / s).
     """
     s = float(noise_multiplier)
     return 1.0 / (s * s) + 20.0 / s + 1.0
@@ -170,7 +175,7 @@ def pld_grid(event: dp_accounting.DpEvent, pld_discretization: float = PLD_DISCR
     and S / d <= PLD_COMPOSED_POINTS, else pld_discretization * 2^j with the smallest j that
     gives W / d <= PLD_COARSE_ROUND_POINTS and S / d <= PLD_COARSE_COMPOSED_POINTS.
 
-    W = ``loss_width`` of the event's smallest per-round noise multiplier, S = 2 epsilon_RDP(delta
+    W = ``_loss_width`` of the event's smallest per-round noise multiplier, S = 2 epsilon_RDP(delta
     = 1e-15) + 4 W, an estimate of the composed support (module doc). The grid never gets finer as
     the noise multiplier shrinks, and powers of two keep every grid a refinement of the coarser
     ones (each pessimistic PLD on the coarse grid is the fine one with losses rounded further up),
@@ -180,7 +185,7 @@ def pld_grid(event: dp_accounting.DpEvent, pld_discretization: float = PLD_DISCR
     s = _smallest_noise_multiplier(event)
     if s is None or s == 0:  # nothing to discretise (no Gaussian), or a non-private event
         return float(pld_discretization)
-    w = loss_width(s)
+    w = _loss_width(s)
     with _quiet_rdp():
         composed = 2.0 * dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(1e-15) + 4.0 * w
     composed = composed if math.isfinite(composed) else 0.0
@@ -232,66 +237,16 @@ class Amplification:
         return dataclasses.asdict(self)
 
 
-def banded_structure(strategy: Strategy) -> tuple[int, np.ndarray, bool] | None:
-    """(bands, squared column norms, float32 runs C exactly) read off the strategy's own
-    entries, or None when C is not banded in a form that can be checked without materialising it.
-
-    ``bands`` is the effective number: 1 + the largest i - j with C[i, j] != 0 (trailing zero
-    bands do not count). Identity: 1. Banded: from its stored columns. Toeplitz: from its
-    coefficients. Dense: from the matrix. Other families (BLT, inverse Toeplitz) have a C that
-    is not banded.
-    """
-    from mfnoise.strategies.banded import Banded
-    from mfnoise.strategies.dense import Dense
-    from mfnoise.strategies.identity import Identity
-    from mfnoise.strategies.toeplitz import Toeplitz
-
-    n = strategy.n
-    if isinstance(strategy, Identity):
-        return 1, np.ones(n), True
-    if isinstance(strategy, Banded):
-        cols = np.asarray(strategy.columns, dtype=np.float64)
-        used = np.flatnonzero(np.any(cols != 0, axis=0))
-        return int(used[-1]) + 1, np.sum(cols**2, axis=1), _runs_exactly(cols[:, 0], cols[:, 1:])
-    if isinstance(strategy, Toeplitz):
-        c = np.asarray(strategy.coeffs, dtype=np.float64)[:n]
-        bands = int(np.flatnonzero(c)[-1]) + 1
-        cum = np.cumsum(c[:bands] ** 2)  # ||C[:, t]||^2 = sum_{j < min(bands, n - t)} c_j^2
-        return bands, cum[np.minimum(bands, n - np.arange(n)) - 1], _runs_exactly(c[:1], c[1:])
-    if isinstance(strategy, Dense):
-        c = np.asarray(strategy.matrix, dtype=np.float64)
-        i, j = np.nonzero(c)
-        return int(np.max(i - j)) + 1, np.sum(c**2, axis=0), _runs_exactly(np.diag(c), np.tril(c, -1))
-    return None
+def _runs_exactly_in_float32(strategy: Strategy) -> bool:
+    """``strategy.runs_exactly(float32)``; False where float32 cannot run it at all (its
+    coefficients overflow), which only costs the margin (``COLUMN_NORM_MARGIN``)."""
+    try:
+        return bool(strategy.runs_exactly(np.float32))
+    except ValueError:
+        return False
 
 
-def _runs_exactly(diagonal: np.ndarray, off_diagonal: np.ndarray) -> bool:
-    """True when float32 realises C exactly (module constant COLUMN_NORM_MARGIN): every
-    off-diagonal entry is a float32 number and every diagonal one a power of two within float32's
-    normal range (so 1 / C[t, t] and its reciprocal are exact too)."""
-    off = np.asarray(off_diagonal, dtype=np.float64)
-    d = np.abs(np.asarray(diagonal, dtype=np.float64))
-    mantissa, _ = np.frexp(d)
-    tiny = float(np.finfo(np.float32).tiny)
-    return bool(np.all(off.astype(np.float32).astype(np.float64) == off) and np.all(mantissa == 0.5)
-                and np.all((d >= 4 * tiny) & (d <= 1.0 / (4 * tiny))))
-
-
-def strategy_bands(strategy: Strategy) -> int | None:
-    """The effective number of bands of C (identity: 1), or None when C is not banded."""
-    found = banded_structure(strategy)
-    return None if found is None else found[0]
-
-
-def sampling_probability(dataset_size: int, batch_size: int, min_sep: int) -> float:
-    """q = batch_size / (dataset_size / min_sep): each of the b = min_sep groups has about
-    dataset_size / b examples and a step samples an expected ``batch_size`` of them."""
-    from mfnoise.training.batching import sampling_probability as q
-
-    return q(dataset_size, batch_size, min_sep)
-
-
-def as_strategy(strategy: StrategyLike) -> Strategy:
+def _as_strategy(strategy: StrategyLike) -> Strategy:
     """A Strategy, or the one in a strategy file (``mfnoise.strategies.io.load``, which verifies it)."""
     if isinstance(strategy, Strategy):
         return strategy
@@ -317,7 +272,7 @@ def amplification(
     ``bands`` is refused: a number of bands does not determine sens(C, p) / m.
     Raises ValueError, saying why, when amplification does not apply.
     """
-    p = _check_participation(participation)
+    p = check_participation(participation)
     if bands is not None:
         raise ValueError(
             f"amplified accounting takes the strategy, not bands={bands!r}: the per-round noise multiplier is "
@@ -330,19 +285,18 @@ def amplification(
             "amplified accounting (sampling='cyclic-poisson') needs the strategy: pass strategy=<the Strategy or "
             "its file>; identity (DP-SGD) is mfnoise.Identity(n)"
         )
-    strategy = as_strategy(strategy)
+    strategy = _as_strategy(strategy)
     n, b = p.n, p.min_sep
     rounds = -(-n // b)
     if strategy.n != n:
         raise ValueError(f"the {strategy.family} strategy has n={strategy.n} but the participation has n={n}")
-    found = banded_structure(strategy)
-    if found is None:
+    sb = strategy.bands  # effective: trailing zero bands of the stored form do not count
+    if sb is None:
         raise ValueError(
             f"privacy amplification by cyclic Poisson sampling is only proved for banded strategies; "
             f"a {strategy.family} strategy is not banded, so one example's steps share rows of C "
             f"and its rounds are not independent (use sampling='none')"
         )
-    sb, sq, exact32 = found
     if sb > b:
         raise ValueError(
             f"cannot amplify: the {strategy.family} strategy has bands={sb} > min_sep={b}. Amplified BandMF needs "
@@ -357,12 +311,12 @@ def amplification(
         )
     q = sampling_probability(dataset_size, batch_size, b)
     sens = float(strategy.sensitivity(p).value)
-    norms = np.sqrt(sq)
+    norms = np.sqrt(np.asarray(strategy.squared_column_norms(), dtype=np.float64))
     max_col, min_col = float(norms.max()), float(norms.min())
     if not (math.isfinite(sens) and sens > 0 and max_col > 0):
         raise ValueError(f"the {strategy.family} strategy has sensitivity {sens} and max column norm {max_col}")
     # A C that float32 runs exactly (identity: DP-SGD) needs no margin.
-    scale = sens / (max_col * (1.0 if exact32 else COLUMN_NORM_MARGIN))
+    scale = sens / (max_col * (1.0 if _runs_exactly_in_float32(strategy) else COLUMN_NORM_MARGIN))
     return Amplification(rounds=rounds, q=q, scale=scale, bands=sb, sensitivity=sens, max_column_norm=max_col,
                          column_spread=1.0 - min_col / max_col)
 
@@ -385,43 +339,54 @@ def dp_event(
     """
     if not noise_multiplier >= 0 or not math.isfinite(noise_multiplier):
         raise ValueError(f"noise_multiplier must be non-negative and finite, got {noise_multiplier}")
+    amp = _mechanism(participation, sampling=sampling, dataset_size=dataset_size, batch_size=batch_size,
+                     strategy=strategy, bands=bands)
+    return dp_accounting.GaussianDpEvent(noise_multiplier) if amp is None else _amplified_event(noise_multiplier, amp)
+
+
+def _mechanism(
+    participation: Participation | None,
+    *,
+    sampling: SamplingName = "none",
+    dataset_size: int | None = None,
+    batch_size: int | None = None,
+    strategy: StrategyLike | None = None,
+    bands: int | None = None,
+) -> Amplification | None:
+    """The mechanism ``dp_event`` prices, checked (a refusal raised): None for one Gaussian
+    mechanism (sampling="none"), else the ``Amplification`` of cyclic Poisson sampling."""
     if sampling == "none":
         extra = {"dataset_size": dataset_size, "batch_size": batch_size, "bands": bands}
         given = [k for k, v in extra.items() if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only matter with sampling='cyclic-poisson'")
         if participation is not None:
-            p = _check_participation(participation)
+            p = check_participation(participation)
             if strategy is not None:
-                s = as_strategy(strategy)
+                s = _as_strategy(strategy)
                 if s.n != p.n:
                     raise ValueError(f"the {s.family} strategy has n={s.n} but the participation has n={p.n}")
-        return dp_accounting.GaussianDpEvent(noise_multiplier)
+        return None
     if sampling != "cyclic-poisson":
         raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
     if participation is None or dataset_size is None or batch_size is None:
         raise ValueError("sampling='cyclic-poisson' needs the participation, dataset_size and batch_size")
-    amp = amplification(participation, dataset_size=dataset_size, batch_size=batch_size,
-                        strategy=strategy, bands=bands)
-    return amplified_event(noise_multiplier, amp)
+    return amplification(participation, dataset_size=dataset_size, batch_size=batch_size, strategy=strategy,
+                         bands=bands)
 
 
-def event_maker(
-    participation: Participation | None = None, **event_kwargs
+def _event_maker(
+    participation: Participation | None = None, **event_kwargs: Any
 ) -> Callable[[float], dp_accounting.DpEvent]:
     """z -> ``dp_event(z, participation, **event_kwargs)``, with the mechanism checked (and a
-    refusal raised) once here, a strategy file loaded once and the amplification computed once."""
-    if event_kwargs.get("strategy") is not None:
-        event_kwargs["strategy"] = as_strategy(event_kwargs["strategy"])
-    dp_event(1.0, participation, **event_kwargs)
-    if event_kwargs.get("sampling", "none") == "none":
+    refusal raised), a strategy file loaded and the amplification computed once, here."""
+    amp = _mechanism(participation, **event_kwargs)
+    if amp is None:
         return dp_accounting.GaussianDpEvent
-    kw = {k: v for k, v in event_kwargs.items() if k != "sampling"}
-    amp = amplification(participation, **kw)
-    return lambda z: amplified_event(z, amp)
+    return lambda z: _amplified_event(z, amp)
 
 
-def amplified_event(noise_multiplier: float, amp: Amplification) -> dp_accounting.DpEvent:
+def _amplified_event(noise_multiplier: float, amp: Amplification) -> dp_accounting.DpEvent:
     """``amp.rounds`` compositions of a Poisson-subsampled Gaussian (see ``amplification``)."""
     round_event = dp_accounting.PoissonSampledDpEvent(
         amp.q, dp_accounting.GaussianDpEvent(noise_multiplier * amp.scale)
@@ -430,7 +395,7 @@ def amplified_event(noise_multiplier: float, amp: Amplification) -> dp_accountin
 
 
 # -- the two directions ---------------------------------------------------------------------------
-def event_epsilon(
+def _event_epsilon(
     event: dp_accounting.DpEvent,
     delta: float,
     *,
@@ -459,7 +424,7 @@ def epsilon(
     """
     _check_delta(delta)
     event = dp_event(noise_multiplier, participation, **event_kwargs)
-    return event_epsilon(event, delta, accountant=accountant, pld_discretization=pld_discretization)
+    return _event_epsilon(event, delta, accountant=accountant, pld_discretization=pld_discretization)
 
 
 def calibrate(
@@ -477,10 +442,10 @@ def calibrate(
     (checked before returning: a z priced above the target is never returned).
 
     Search: dp-accounting's RDP accountant brackets z first (cheap at any epsilon; its z is
-    normally above PLD's, and the bracket grows when a coarse PLD grid prices it higher), then ``dp_accounting.calibrate_dp_mechanism``
-    runs inside an explicit bracket [lo, hi] with the accountant of ``make_accountant`` (for PLD,
-    the grid each z needs: bounded memory at any epsilon). The tolerance used is min(tol, 1e-5 lo),
-    relative for small z.
+    normally above PLD's, and the bracket grows when a coarse PLD grid prices it higher), then
+    ``dp_accounting.calibrate_dp_mechanism`` runs inside an explicit bracket [lo, hi] with the
+    accountant of ``make_accountant`` (for PLD, the grid each z needs: bounded memory at any
+    epsilon). The tolerance used is min(tol, 1e-5 lo), relative for small z.
 
     Keyword arguments besides the accountant's go to ``dp_event``: ``sampling``,
     ``dataset_size``, ``batch_size``, ``strategy`` (a Strategy or a strategy file).
@@ -492,7 +457,7 @@ def calibrate(
     make_acc = make_accountant(accountant, pld_discretization=pld_discretization)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    make = event_maker(participation, **event_kwargs)
+    make = _event_maker(participation, **event_kwargs)
 
     def eps_of(z: float, acc: Callable[[], dp_accounting.PrivacyAccountant]) -> float:
         return float(acc().compose(make(z)).get_epsilon(delta))
@@ -512,8 +477,8 @@ def calibrate(
         lo = hi * 0.8
         while eps_of(lo, make_acc) <= target:
             hi, lo = lo, lo * 0.5
-            if lo < MIN_NOISE_MULTIPLIER:
-                raise ValueError(f"no noise multiplier >= {MIN_NOISE_MULTIPLIER} reaches epsilon={target}")
+            if lo < _MIN_NOISE_MULTIPLIER:
+                raise ValueError(f"no noise multiplier >= {_MIN_NOISE_MULTIPLIER} reaches epsilon={target}")
         z = _search(make_acc, make, target, delta, lo, hi, tol)
     # One-sided, with the very accountant a caller of ``epsilon`` gets.
     achieved = eps_of(z, make_acc)
@@ -533,11 +498,11 @@ def _bracket(too_small: Callable[[float], bool], guess: float, target: float) ->
     else:
         for _ in range(200):
             z *= 0.5
-            if z < MIN_NOISE_MULTIPLIER:
+            if z < _MIN_NOISE_MULTIPLIER:
                 break
             if too_small(z):
                 return z, 2.0 * z
-    raise ValueError(f"no noise multiplier in [{MIN_NOISE_MULTIPLIER}, 2^200] reaches epsilon={target}")
+    raise ValueError(f"no noise multiplier in [{_MIN_NOISE_MULTIPLIER}, 2^200] reaches epsilon={target}")
 
 
 def _search(make_acc, make, target: float, delta: float, lo: float, hi: float, tol: float) -> float:
@@ -572,9 +537,3 @@ def _check_delta(delta: float) -> None:
 def _check_discretization(d: float) -> None:
     if not (d > 0 and math.isfinite(d)):
         raise ValueError(f"pld_discretization must be positive and finite, got {d}")
-
-
-def _check_participation(p: Participation) -> Participation:
-    if not isinstance(p, Participation):
-        raise TypeError(f"expected a Participation, got {type(p).__name__}")
-    return p
