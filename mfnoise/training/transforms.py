@@ -12,7 +12,7 @@
   >= sens(C', p) a proven bound (also >= sens(C, p)). Scaling C'^{-1} W by S is the same as using the
   normalised strategy C' / S, of sensitivity <= 1, so ``noise_multiplier`` sigma is exactly the
   Gaussian mechanism's noise multiplier that ``mfnoise.calibrate`` / dp-accounting reason about
-  (DESIGN.md, "Accounting"). The participation schema is a required argument: the sensitivity
+  (docs/design.md, "Accounting"). The participation schema is a required argument: the sensitivity
   depends on it and is never assumed.
 * ``correlated_noise(strategy, stddev, key)``: adds ``stddev * (C'^{-1} W)_t`` to an already clipped
   and summed gradient, C' = ``strategy.realised(dtype)`` (no normalisation).
@@ -51,7 +51,7 @@ Refused, naming the argument: a clip norm that is not a positive finite number; 
 None; bools, strings and traced values for any of them.
 
 All transforms are jittable, work inside ``optax.chain`` and with sharded params (the noise state
-is sharded like the params; see ``mfnoise.noise``). Call ``mfnoise.noise.check(opt_state)`` on the
+is sharded like the params; see ``mfnoise.training.noise``). Call ``mfnoise.training.noise.check(opt_state)`` on the
 host to raise if the noise stepped past the strategy's n (the noise is NaN from then on).
 """
 
@@ -61,14 +61,15 @@ import dataclasses
 import math
 import numbers
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.core import Tracer
 
-from mfnoise.core.participation import Participation
+from mfnoise.core.participation import Participation, check_participation
 from mfnoise.core.sensitivity import Sensitivity
 from mfnoise.strategies.base import Strategy
 from mfnoise.training import noise as noise_lib
@@ -126,7 +127,7 @@ class DPGradientTransformation(optax.GradientTransformationExtraArgs):
 
     info: DPAggregateInfo
 
-    def __new__(cls, init: Any, update: Any, info: DPAggregateInfo | None = None) -> DPGradientTransformation:
+    def __new__(cls, init: Any, update: Any, info: DPAggregateInfo) -> DPGradientTransformation:
         self = super().__new__(cls, init, update)
         self.info = info
         return self
@@ -138,7 +139,7 @@ class DPGradientTransformation(optax.GradientTransformationExtraArgs):
 def _real(name: str, value: Any) -> float:
     """value as a Python float: a real number or a 0-d real array; not a bool, a string, or a traced value
     (a traced value is not a public constant)."""
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, Tracer):
         raise TypeError(f"{name} must be a concrete public constant, not a traced value (got {value})")
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a number, got {value!r}")
@@ -187,14 +188,14 @@ def _check_expected_batch_size(expected_batch_size: Any) -> float | None:
     return value
 
 
-def _check_participation(strategy: Strategy, participation: Participation | None) -> None:
+def _check_sensitivity(strategy: Strategy, participation: Participation | None) -> None:
+    """The schema is given, and sens(C, p) is a positive finite number."""
     if participation is None:
         raise TypeError(
             "dp_aggregate needs participation=Participation(...): the noise is scaled by sens(C, p), "
             "which depends on how often an example takes part; it is never assumed"
         )
-    if not isinstance(participation, Participation):
-        raise TypeError(f"participation must be a mfnoise.Participation, got {type(participation).__name__}")
+    check_participation(participation, strategy.n, f"the {strategy.family} strategy")
     value = float(strategy.sensitivity(participation).value)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"strategy sensitivity {value} for {participation} is not a positive finite number")
@@ -285,7 +286,7 @@ def dp_aggregate(
     (see the module docstring). With ``expected_batch_size=None`` the noisy sum is returned.
 
     Args:
-      strategy: the strategy C (any streamable family, see ``mfnoise.noise``).
+      strategy: the strategy C (any streamable family, see ``mfnoise.training.noise``).
       l2_clip_norm: per-example global L2 clipping norm (positive, finite).
       noise_multiplier: the Gaussian mechanism's noise multiplier sigma for the normalised strategy
         (from ``mfnoise.calibrate``); finite, > 0 (0 only with ``allow_non_private=True``).
@@ -295,7 +296,7 @@ def dp_aggregate(
       expected_batch_size: required, keyword-only: the public constant the noisy sum is divided by
         (e.g. the batch size of fixed batches, q * dataset_size for Poisson), or None for the sum.
         Never the data's shape: the number of rows of the per-example gradients plays no part.
-      state_sharding, mesh: see ``mfnoise.noise.generator``.
+      state_sharding, mesh: see ``mfnoise.training.noise.generator``.
       noise_dtype: dtype of the noise state, coefficients and noise (None: the params' dtype).
         jnp.float32 for bfloat16 params; the update is cast to the gradients' dtype.
       allow_non_private: permit ``noise_multiplier=0`` (warns; ``info.private`` is False).
@@ -308,7 +309,7 @@ def dp_aggregate(
     clip = _check_clip_norm(l2_clip_norm)
     sigma = _check_noise_scale("noise_multiplier", noise_multiplier, allow_non_private)
     divisor = _check_expected_batch_size(expected_batch_size)
-    _check_participation(strategy, participation)
+    _check_sensitivity(strategy, participation)
     fixed_dtype = None if noise_dtype is None else noise_lib.check_noise_dtype(strategy, noise_dtype)
     info = DPAggregateInfo(strategy, participation, clip, sigma, divisor, fixed_dtype, sigma > 0)
     if fixed_dtype is not None:
@@ -389,9 +390,9 @@ def correlated_noise(
     def init_fn(params: Any) -> CorrelatedNoiseState:
         return CorrelatedNoiseState(gen.init(params))
 
-    def update_fn(updates: Any, state: CorrelatedNoiseState, params: Any = None) -> tuple[Any, CorrelatedNoiseState]:
+    def update_fn(updates: Any, state: optax.OptState, params: Any = None) -> tuple[Any, CorrelatedNoiseState]:
         del params
-        z, noise_state = gen.next(state.noise, updates)
+        z, noise_state = gen.next(cast(CorrelatedNoiseState, state).noise, updates)
         out = jax.tree.map(lambda g, e: (g.astype(e.dtype) + jnp.asarray(stddev, e.dtype) * e).astype(g.dtype),
                            updates, z)
         return out, CorrelatedNoiseState(noise_state)
