@@ -176,7 +176,7 @@ def make_strategy(method: str, p: Participation, workload: workloads.Workload, c
     """(strategy, info) for a method; info has the optimizer's report fields worth printing."""
     if method in ("dp-sgd", "dp-sgd-poisson"):
         return Identity(p.n), {"family": Identity.family}
-    from mfnoise.optim.solver import optimize  # (``mfnoise.optimize`` itself is also the module's name)
+    from mfnoise.optim.solver import optimize  # loaded only when a method needs it
 
     if method == "bandmf":
         bands = p.min_sep if cfg.bands is None else min(cfg.bands, p.n)
@@ -185,7 +185,7 @@ def make_strategy(method: str, p: Participation, workload: workloads.Workload, c
         strategy, report = optimize(workload, p, family=BLT.family, buffers=cfg.buffers, progress=False)
     else:
         raise ValueError(f"unknown method {method!r}")
-    return strategy, {"family": strategy.family, **strategy.params(), "optimize_seconds": report["seconds"]}
+    return strategy, {"family": strategy.family, **strategy.params(), "optimize_seconds": report.seconds}
 
 
 # -- training ------------------------------------------------------------------------------------
