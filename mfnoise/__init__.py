@@ -24,6 +24,7 @@ from mfnoise.strategies.closed_forms import bisr, bsr, sqrt_toeplitz
 from mfnoise.strategies.error import evaluate, max_error, rmse
 from mfnoise.strategies.io import load
 
+# (__all__ below lists these names too, spelled out for type checkers.)
 # Heavier parts load on first use, so `import mfnoise` stays quick and each part stays optional:
 # name -> (module, attribute or None for the module itself).
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -91,5 +92,20 @@ __all__ = [
     "rmse",
     "sqrt_toeplitz",
     "workloads",
-    *_LAZY,
+    "optimize",
+    "OptimizeResult",
+    "dp_aggregate",
+    "correlated_noise",
+    "mf_sgd",
+    "clipped_grad",
+    "ClippedSum",
+    "per_example_grads",
+    "calibrate",
+    "epsilon",
+    "NoiseGenerator",
+    "batching",
+    "noise",
+    "accounting",
+    "library",
+    "verify",
 ]

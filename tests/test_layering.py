@@ -138,3 +138,9 @@ def test_public_names_are_listed_and_importable():
     for name in mfnoise.__all__:
         assert getattr(mfnoise, name) is not None, name
         assert name in dir(mfnoise), name
+
+
+def test_all_lists_every_lazy_name():
+    import mfnoise
+
+    assert set(mfnoise._LAZY) <= set(mfnoise.__all__)
