@@ -207,7 +207,8 @@ def _jitted(prob: Problem) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
     return fun
 
 
-_STOPS_EARLY = ("converged", "max_iterations")
+_GO_ON_AFTER = ("converged", "max_iterations")
+"""How a start may end and the run still go on to the next start (any other stop ends the run)."""
 
 
 def _run_staged(runner, prob: Problem, fun, **kw) -> _Run:
@@ -231,9 +232,9 @@ def _run_staged(runner, prob: Problem, fun, **kw) -> _Run:
             for x in starts:  # the tracker keeps the best point over every start
                 stopped, ok = runner(fun, x, tracker, history, bar, prob.bounds, **kw)
                 converged = converged and ok
-                if stopped not in _STOPS_EARLY and not ok:
+                if stopped not in _GO_ON_AFTER and not ok:
                     break
-            if stopped not in _STOPS_EARLY and not ok:
+            if stopped not in _GO_ON_AFTER and not ok:
                 break
     except KeyboardInterrupt:
         stopped, converged = "interrupted", False
