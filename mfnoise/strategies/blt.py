@@ -143,15 +143,9 @@ class BLT(Strategy):
     is_toeplitz = True
 
     def __post_init__(self) -> None:
-        theta = as_float64("BLT theta", self.theta, 1)
-        omega = as_float64("BLT omega", self.omega, 1)
-        object.__setattr__(self, "theta", theta)
-        object.__setattr__(self, "omega", omega)
-        object.__setattr__(self, "n", check_n(self.n))
-        if not isinstance(theta, np.ndarray) or not isinstance(omega, np.ndarray):
+        theta, omega = _set_buffers(self, "BLT")
+        if theta is None or omega is None:
             return
-        if theta.shape != omega.shape or theta.size < 1:
-            raise ValueError(f"BLT theta {theta.shape} and omega {omega.shape} must have one entry per buffer")
         bad = theta[(theta <= 0) | (theta >= 1)]
         if bad.size:
             raise ValueError(f"BLT decay theta={bad[0]} is outside (0, 1)")
@@ -246,15 +240,7 @@ class InverseBLT(Strategy):
     is_toeplitz = True
 
     def __post_init__(self) -> None:
-        theta = as_float64("inverse BLT theta", self.theta, 1)
-        omega = as_float64("inverse BLT omega", self.omega, 1)
-        object.__setattr__(self, "theta", theta)
-        object.__setattr__(self, "omega", omega)
-        object.__setattr__(self, "n", check_n(self.n))
-        if not isinstance(theta, np.ndarray) or not isinstance(omega, np.ndarray):
-            return
-        if theta.shape != omega.shape or theta.size < 1:
-            raise ValueError(f"inverse BLT theta {theta.shape} and omega {omega.shape} must have one entry per buffer")
+        _set_buffers(self, "inverse BLT")
 
     @property
     def buffers(self) -> int:
@@ -310,3 +296,18 @@ def _parallel_filter(theta: np.ndarray, omega: np.ndarray, z: np.ndarray) -> np.
 
 jax.tree_util.register_dataclass(BLT, data_fields=["theta", "omega"], meta_fields=["n"])
 jax.tree_util.register_dataclass(InverseBLT, data_fields=["theta", "omega"], meta_fields=["n"])
+
+
+def _set_buffers(strategy: Any, what: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Validates and stores a BLT-like strategy's decays, scales and n; returns the concrete
+    (theta, omega), or (None, None) for traced leaves (validated when built from values)."""
+    theta = as_float64(f"{what} theta", strategy.theta, 1)
+    omega = as_float64(f"{what} omega", strategy.omega, 1)
+    object.__setattr__(strategy, "theta", theta)
+    object.__setattr__(strategy, "omega", omega)
+    object.__setattr__(strategy, "n", check_n(strategy.n))
+    if not isinstance(theta, np.ndarray) or not isinstance(omega, np.ndarray):
+        return None, None
+    if theta.shape != omega.shape or theta.size < 1:
+        raise ValueError(f"{what} theta {theta.shape} and omega {omega.shape} must have one entry per buffer")
+    return theta, omega
