@@ -1,4 +1,4 @@
-"""Layer 3, independent checks of a strategy file: ``verify(path)`` recomputes everything the file
+"""Layer 4, independent checks of a strategy file: ``verify(path)`` recomputes everything the file
 claims (sensitivity, errors, the factorization, the streamed noise) by routes of its own."""
 
 from mfnoise.verify.checks import DENSE_LIMIT, FACTOR_TOL, LOSS_RTOL, NOISE_TOL, SENS_RTOL, Report, noise_rows, verify
