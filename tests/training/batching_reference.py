@@ -1,4 +1,4 @@
-"""Brute-force references for the batching tests, written from the schema's definition (DESIGN.md)
+"""Brute-force references for the batching tests, written from the schema's definition (docs/design.md)
 with plain Python loops; nothing here calls mfnoise.batching."""
 
 from __future__ import annotations
