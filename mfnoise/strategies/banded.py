@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import scipy.linalg
 
 from mfnoise.core import sensitivity as sens_lib
 from mfnoise.core.participation import Participation
@@ -85,6 +84,8 @@ class Banded(Strategy):
         return band_storage.dense_from_columns(self.columns)
 
     def inverse_apply(self, z: np.ndarray) -> np.ndarray:
+        import scipy.linalg  # here, not at module level: `import mfnoise` stays free of scipy
+
         z = np.asarray(z, dtype=np.float64)
         # LAPACK banded storage with l = bands - 1, u = 0: ab[j, t] = C[t + j, t].
         out = scipy.linalg.solve_banded((self.columns.shape[1] - 1, 0), self.columns.T, z.reshape(self.n, -1))

@@ -31,7 +31,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import scipy.signal
 
 from mfnoise.core import sensitivity as sens_lib
 from mfnoise.core import series
@@ -287,6 +286,8 @@ class InverseBLT(Strategy):
 
 def _parallel_filter(theta: np.ndarray, omega: np.ndarray, z: np.ndarray) -> np.ndarray:
     """(I + sum_i omega_i T_i) z with T_i the Toeplitz matrix of x / (1 - theta_i x), z of shape (n, ...)."""
+    import scipy.signal  # here, not at module level: `import mfnoise` stays free of scipy
+
     z = np.asarray(z, np.float64)
     out = z.copy()
     for th, om in zip(np.asarray(theta, np.float64), np.asarray(omega, np.float64)):

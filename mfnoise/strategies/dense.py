@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import scipy.linalg
 
 from mfnoise.core import sensitivity as sens_lib
 from mfnoise.core.participation import Participation
@@ -56,6 +55,8 @@ class Dense(Strategy):
         return np.array(np.asarray(self.matrix)[:, self._steps(steps)])
 
     def inverse_apply(self, z: np.ndarray) -> np.ndarray:
+        import scipy.linalg  # here, not at module level: `import mfnoise` stays free of scipy
+
         z = np.asarray(z, dtype=np.float64)
         out = scipy.linalg.solve_triangular(self.matrix, z.reshape(self.n, -1), lower=True)
         return out.reshape(z.shape)

@@ -14,7 +14,6 @@ import dataclasses
 import math
 
 import numpy as np
-import scipy.linalg
 
 from mfnoise.core.participation import Participation, check_participation
 from mfnoise.core.workloads import Workload
@@ -38,6 +37,8 @@ def decoder_norms(strategy: Strategy, workload: Workload) -> DecoderNorms:
         b = strategy.inverse_apply(np.asarray(workload.coeffs, np.float64))
         sq = b * b
         return DecoderNorms(float(np.dot(n - np.arange(n), sq)), float(sq.sum()))
+    import scipy.linalg  # here, not at module level: `import mfnoise` stays free of scipy
+
     a = workload.dense()
     c = strategy.dense()
     b = scipy.linalg.solve_triangular(c.T, a.T, lower=False).T  # B C = A
