@@ -78,7 +78,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 
 from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload
@@ -352,6 +351,8 @@ def dual_problem(workload: Workload, participation: Participation) -> Problem:
         return -(_twice_nuclear_norm(apply_a(y, jnp)) - jnp.sum(jnp.exp(theta[layout.m:]))) / n
 
     # Start: Lambda = mu I (R_c = I) with the best uniform mu: q(mu) = 2 sqrt(mu) ||A||_* - b mu.
+    import scipy.linalg  # here, not at module level: the CLI's help and start stay free of scipy
+
     a_dense = apply_a(np.eye(n), np)
     nuclear = float(np.sum(np.sqrt(np.maximum(scipy.linalg.eigvalsh(a_dense.T @ a_dense), 0.0))))
     x0 = np.concatenate([np.zeros(layout.m), np.full(b, 2.0 * math.log(nuclear / b))])
@@ -395,6 +396,8 @@ def primal_from_dual(y: np.ndarray, ay: np.ndarray) -> np.ndarray:
 
     y: Y (n×n, lower triangular, non-zero diagonal), ay: A Y. numpy float64.
     """
+    import scipy.linalg  # here, not at module level: the CLI's help and start stay free of scipy
+
     w, q = scipy.linalg.eigh(ay.T @ ay)
     if not (np.all(np.isfinite(w)) and w[0] > 0):
         raise ValueError("the dual point gives a singular Y^T M Y (is the workload invertible?)")
