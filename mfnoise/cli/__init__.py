@@ -18,9 +18,9 @@ from collections.abc import Sequence
 COMMANDS = ["optimize", "evaluate", "calibrate", "library", "verify", "recommend", "demo"]
 
 
-def _available() -> dict:
+def _available(names: Sequence[str] = COMMANDS) -> dict:
     mods = {}
-    for name in COMMANDS:
+    for name in names:
         try:
             mods[name] = importlib.import_module(f"mfnoise.cli.{name}")
         except ModuleNotFoundError as e:
@@ -40,8 +40,19 @@ def _command_table(mods: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    mods = _available()
+def build_parser(only: str | None = None, *, arguments: bool = True) -> tuple[argparse.ArgumentParser, dict]:
+    """The ``mfnoise`` parser and the command modules it was built from.
+
+    By default every command with its options (what tests and documentation tools inspect).
+    ``only``: just that command's module is imported and its options added, so that a command pays
+    for what it uses and nothing else (issue 16, "lean start"). ``arguments=False``: every command
+    named with its HELP but none of its options added (the top-level help, an unknown command):
+    a command module keeps its heavy imports (scipy, dp-accounting, optax, ...) inside
+    ``add_arguments`` and ``run``.
+    """
+    if only is not None and only not in COMMANDS:
+        raise ValueError(f"only must be one of {COMMANDS}, got {only!r}")
+    mods = _available([only] if only is not None else COMMANDS)
     parser = argparse.ArgumentParser(
         prog="mfnoise",
         usage="%(prog)s [-h] [--version] COMMAND ...",
@@ -59,7 +70,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-        mod.add_arguments(p)
+        if arguments:
+            mod.add_arguments(p)
     return parser, mods
 
 
@@ -76,7 +88,14 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, mods = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The top-level options (-h, --version) end the run, so a command, when there is one, is argv[0]:
+    # only its module is imported. Otherwise (help, a mistyped command) every command is named but
+    # none of their options built.
+    if argv and argv[0] in COMMANDS:
+        parser, mods = build_parser(argv[0])
+    else:
+        parser, mods = build_parser(arguments=False)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -7,7 +7,6 @@ import time
 
 from mfnoise.cli import schema
 from mfnoise.strategies import io
-from mfnoise.training import accounting
 
 HELP = "noise multiplier for a target (epsilon, delta), via dp-accounting (PLD or RDP)"
 DESCRIPTION = """Find the noise multiplier z that makes a sensitivity-normalised MF mechanism (epsilon, delta)-DP.
@@ -31,6 +30,8 @@ is refused beyond a grid of 256 (epsilon ~ 1e7): use --accountant rdp there."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mfnoise.training import accounting  # dp-accounting: loaded by this command only, not by `mfnoise --help`
+
     parser.add_argument("--epsilon", type=float, required=True, help="target epsilon")
     parser.add_argument("--delta", type=float, required=True, help="target delta")
     schema.add_participation(parser, required=False)
@@ -48,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from mfnoise.training import accounting
+
     start = time.perf_counter()
     if args.bands is not None:
         raise ValueError(

@@ -11,8 +11,8 @@ import time
 from mfnoise import library
 from mfnoise.strategies import io
 
-HELP = "list, show, locate and rebuild the precomputed strategies in strategies/"
-DESCRIPTION = """List, show, locate and rebuild the library of precomputed strategies.
+HELP = "the precomputed strategies in strategies/: list, show, path (locate a file), build (regenerate and check)"
+DESCRIPTION = """List, show, locate (path) and build (regenerate and check) the library of precomputed strategies.
 
   mfnoise library list [--n N] [--epochs K] [--workload W] [--family F]
   mfnoise library show prefix-n1000-e4-blt4-rmse

@@ -7,7 +7,6 @@ import fnmatch
 import os
 
 from mfnoise import library
-from mfnoise.verify import checks as verify
 
 HELP = "check a strategy file: integrity, sensitivity, A = B C, streamed noise, stored losses"
 DESCRIPTION = """Check strategy files independently of the code that wrote them.
@@ -62,6 +61,8 @@ def _index_entry(path: str) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from mfnoise.verify import checks as verify  # scipy: loaded by this command only, not by `mfnoise --help`
+
     reports = [verify.verify(path, index_entry=entry, steps=args.steps, streaming=not args.no_streaming)
                for path, entry in _targets(args)]
     if len(reports) == 1:
