@@ -6,7 +6,8 @@ elementwise ("Multi-Epoch Matrix Factorization Mechanisms for Private Machine Le
 Choquette-Choo et al. 2023, arXiv:2211.06530). Routines here:
 
 * ``column_norms``: banded C with bands <= min_sep, whose columns in one pattern have disjoint
-  supports, so sens^2 = max_P sum_{t in P} ||C[:, t]||^2 (a dynamic programme; exact).
+  supports, so sens^2 = max_P sum_{t in P} ||C[:, t]||^2 (a dynamic programme; exact); and any C
+  under single participation (the largest column norm).
 * ``toeplitz``: Toeplitz C with non-negative, non-increasing coefficients. X >= 0, and moving a
   pattern's steps earlier or closer together never decreases any X[i, j] (X[i, j] =
   sum_{l <= n-1-j} c_l c_{l+j-i}), so the pattern {0, b, 2b, ...} is the worst; exact, O(k n).
@@ -67,8 +68,15 @@ def best_pattern_sum(w: np.ndarray, p: Participation) -> np.ndarray:
 
 
 def column_norms(sq_norms: np.ndarray, p: Participation) -> Sensitivity:
-    """Exact sensitivity of a banded C with bands <= min_sep from its squared column norms."""
-    return Sensitivity(math.sqrt(float(best_pattern_sum(sq_norms, p))), True, "banded-dp")
+    """Exact sensitivity from the squared column norms ||C[:, t]||^2, where it is determined by them.
+
+    That is: any C under single participation (k = 1 reachable: sens = max_t ||C[:, t]||, method
+    ``max-column-norm``), or a banded C with bands <= min_sep under any schema (a pattern's columns
+    have disjoint supports: sens^2 = max_P sum_{t in P} ||C[:, t]||^2, a dynamic programme, method
+    ``banded-dp``). The caller guarantees one of the two; the method names the one computed.
+    """
+    method = "max-column-norm" if p.reachable_participations == 1 else "banded-dp"
+    return Sensitivity(math.sqrt(float(best_pattern_sum(sq_norms, p))), True, method)
 
 
 def toeplitz(coeffs: np.ndarray, p: Participation) -> Sensitivity:

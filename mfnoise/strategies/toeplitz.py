@@ -29,7 +29,8 @@ MAJORANT_SLACK = 1e-3
 def toeplitz_sensitivity(strategy: Strategy, coeffs: np.ndarray, p: Participation) -> sens_lib.Sensitivity:
     """Sensitivity of a Toeplitz C from its first column ``coeffs`` (zero-padded to n).
 
-    Banded with bands <= min_sep: the exact column-norm DP (any signs). Non-negative,
+    Banded with bands <= min_sep: the exact column-norm DP (any signs); single participation: the
+    largest column norm (exact, any C; method ``max-column-norm``). Non-negative,
     non-increasing: the exact worst pattern {0, b, 2b, ...}; the same up to rounding: a proven bound
     within 1e-9 of it (``sensitivity.toeplitz_envelope``). Otherwise the majorant bound
     (``majorant_bound``) when it is within 1e-9 of a lower bound, else the dense routine (the
