@@ -9,10 +9,14 @@ Factorization: A unified approach to private training", Choquette-Choo et al. 20
 arXiv:2306.08153). The objectives are then
 
     rmse^2    = k ||A C^{-1}||_F^2 / n,
-    max_err^2 = k max_i ||(A C^{-1})[i, :]||^2.
+    max_err^2 = k max_i ||(A C^{-1})[i, :]||^2,
+    last-iterate^2 = k ||(A C^{-1})[n-1, :]||^2,   Weighted(w)^2 = k sum_i w_i ||(A C^{-1})[i, :]||^2 / sum w
+
+(``mfnoise.optim.objectives``; the last two from the row norms below).
 
 How it is computed without forming n×n. When A^{-1} is banded (prefix sum: (1 - x); momentum:
-(1 - x)(1 - beta x) / eta; momentum with a positive learning-rate schedule: 3 diagonals), so is
+(1 - x)(1 - beta x) / eta; with weight decay (1 - alpha x)(1 - beta x) / eta; momentum with a
+positive learning-rate schedule, with or without weight decay: 3 diagonals), so is
 U = C A^{-1} (w = bands + q - 1 diagonals), and the decoder is B = A C^{-1} = U^{-1}. So
 
     ||B||_F^2 = tr(U^{-T} U^{-1}),    ||B[i, :]||^2 = (U^{-1} U^{-T})_{ii},
@@ -50,6 +54,7 @@ import numpy as np
 from mfnoise.core import series
 from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload
+from mfnoise.optim import objectives
 from mfnoise.optim.problem import Problem, check_arguments, register
 from mfnoise.strategies import closed_forms
 from mfnoise.strategies.banded import Banded
@@ -72,7 +77,8 @@ def workload_inverse_columns(workload: Workload, max_bands: int = MAX_INVERSE_BA
     diagonals, else None.
 
     Toeplitz A: the reciprocal series of A's first column, cut where it vanishes (relative 1e-12).
-    Momentum with a positive schedule eta: A = S D_eta M, A^{-1} = (I - beta J) D_eta^{-1} (I - J).
+    Momentum with a positive schedule eta and weight decay lambda: K A = D_eta M with K = I - J D_keep
+    (keep_i = 1 - eta_i lambda multiplies row i - 1), so A^{-1} = (I - beta J) D_eta^{-1} K.
     An explicit matrix (n <= DENSE_FALLBACK_LIMIT): its inverse, if banded.
     """
     n = workload.n
@@ -87,10 +93,11 @@ def workload_inverse_columns(workload: Workload, max_bands: int = MAX_INVERSE_BA
         if np.any(eta <= 0):
             return None
         beta = 0.0 if workload.beta is None else float(workload.beta)
+        keep = 1.0 - eta * workload.weight_decay
         cols = np.zeros((n, 3))
         cols[:, 0] = 1.0 / eta
-        cols[:-1, 1] = -1.0 / eta[1:] - beta / eta[:-1]
-        cols[:-2, 2] = beta / eta[1:-1]
+        cols[:-1, 1] = -keep[1:] / eta[1:] - beta / eta[:-1]
+        cols[:-2, 2] = beta * keep[1:-1] / eta[1:-1]
         return cols
     if workload.matrix is not None and n <= DENSE_FALLBACK_LIMIT:
         a = np.asarray(workload.matrix, dtype=np.float64)
@@ -327,7 +334,7 @@ def problem(
     workload: Workload,
     participation: Participation,
     *,
-    objective: str = "rmse",
+    objective: objectives.Objective = "rmse",
     bands: int | None = None,
     buffers: int | None = None,
     init: Strategy | np.ndarray | None = None,
@@ -338,7 +345,8 @@ def problem(
       workload: A (n×n lower triangular).
       participation: the schema; requires bands <= min_sep (ValueError otherwise), so that
         sens^2 = reachable participations exactly.
-      objective: "rmse" (loss = rmse) or "max" (loss = smoothed max_error, see module docstring).
+      objective: "rmse" (loss = rmse), "max" (loss = smoothed max_error, see module docstring),
+        "last-iterate" or a ``Weighted`` (loss = that error, from the row norms).
       bands: number of diagonals of C; default min(DEFAULT_BANDS, min_sep, n).
       buffers: not used by this family (must be None).
       init: a Banded strategy, any Strategy (its banded part), raw columns (n, bands), or None
@@ -347,7 +355,7 @@ def problem(
     Returns:
       Problem over x = raw columns (n * bands,), x0 the initial columns, to_strategy -> Banded.
     """
-    n = check_arguments(workload, participation, objective)
+    n = check_arguments(workload, participation, objective, supported=("rmse", "max", "last-iterate", "weighted"))
     if buffers is not None:
         raise ValueError(f"the banded family takes bands, not buffers (got buffers={buffers})")
     b = participation.min_sep
@@ -395,17 +403,24 @@ def problem(
 
         how = "dense fallback O(n^3)"
 
+    weights = objectives.row_weights(objective, n)
     if objective == "rmse":
 
         def loss(x):
             c = _normalized(x.reshape(n, bands), mask)
             return jnp.sqrt(k * fro(c) / n)
 
-    else:
+    elif weights is None:  # max
 
         def loss(x):
             c = _normalized(x.reshape(n, bands), mask)
             return jnp.sqrt(k * smooth_max(rows(c)))
+
+    else:  # last-iterate, weighted: sum_i w_i ||B[i, :]||^2 with w summing to 1
+
+        def loss(x):
+            c = _normalized(x.reshape(n, bands), mask)
+            return jnp.sqrt(k * jnp.dot(jnp.asarray(weights), rows(c)))
 
     value_and_grad = jax.jit(jax.value_and_grad(loss))
 
@@ -413,7 +428,7 @@ def problem(
         cols = _cut_columns(np.asarray(x, dtype=np.float64).reshape(n, bands))
         return Banded.normalized_columns(cols)
 
-    name = f"banded(n={n}, bands={bands}, {objective}, {participation}, {how})"
+    name = f"banded(n={n}, bands={bands}, {objectives.name(objective)}, {participation}, {how})"
     return Problem(x0=x0.reshape(-1), value_and_grad=value_and_grad, to_strategy=to_strategy, name=name)
 
 

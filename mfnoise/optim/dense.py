@@ -25,7 +25,9 @@ Sensitivity by normalisation, inside the loss:
   programme over separated steps, ``_best_pattern_sum``); loss = rmse with that bound. Its max is
   not smooth: L-BFGS follows a subgradient.
 
-The max objective uses ``mfnoise.optim.banded.smooth_max`` (an l_p norm within 1% above the max).
+The max objective uses ``mfnoise.optim.banded.smooth_max`` (an l_p norm within 1% above the max);
+last-iterate and ``Weighted`` (``mfnoise.optim.objectives``) weight the squared row norms of B:
+loss^2 = sens^2 sum_i w_i ||B[i, :]||^2 / sum w (the primal; the dual below is rmse only).
 A loss costs one triangular inversion and a product with A (O(n^3)); the returned strategy's
 sensitivity is recomputed by ``mfnoise.strategies.error.evaluate``. Single participation: exact (max column
 norm). Cyclic: the value is max_c S_c = 1, the same bound the loss used; it is attained (the value
@@ -81,6 +83,7 @@ import numpy as np
 
 from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload
+from mfnoise.optim import objectives
 from mfnoise.optim.banded import smooth_max
 from mfnoise.optim.problem import Problem, check_arguments, register, single_threaded_blas
 from mfnoise.optim.result import OptimizeResult
@@ -144,7 +147,7 @@ def problem(
     workload: Workload,
     participation: Participation,
     *,
-    objective: str = "rmse",
+    objective: objectives.Objective = "rmse",
     bands: int | None = None,
     buffers: int | None = None,
     init: Strategy | np.ndarray | None = None,
@@ -155,7 +158,7 @@ def problem(
     Args:
       workload: A (n×n lower triangular), n <= DENSE_LIMIT.
       participation: single, cyclic (per-pattern normalisation) or min-sep (row bound).
-      objective: "rmse" or "max" (smoothed; see the module docstring).
+      objective: "rmse", "max" (smoothed; see the module docstring), "last-iterate" or a ``Weighted``.
       bands, buffers: not used by this family (must be None).
       init: any Strategy (its dense matrix), an n×n lower-triangular array, or None
         (sqrt-Toeplitz: A^{1/2} for a Toeplitz A, the prefix sum's otherwise). Primal only.
@@ -167,7 +170,7 @@ def problem(
       numpy.tril_indices), to_strategy -> Dense(C) with C scaled to sensitivity <= 1.
       Dual: see ``dual_problem``.
     """
-    n = check_arguments(workload, participation, objective)
+    n = check_arguments(workload, participation, objective, supported=("rmse", "max", "last-iterate", "weighted"))
     if bands is not None or buffers is not None:
         raise ValueError(f"the dense family takes neither bands nor buffers (got bands={bands}, buffers={buffers})")
     if n > DENSE_LIMIT:
@@ -186,6 +189,7 @@ def problem(
         return dual_problem(workload, participation)
     if k == 1:
         b = n
+    weights = objectives.row_weights(objective, n)
     rows, cols = np.tril_indices(n)
     a = None if workload.name == "prefix" and workload.is_toeplitz else workload.dense()
 
@@ -208,8 +212,10 @@ def problem(
         sq = bmat * bmat
         if objective == "rmse":
             val = jnp.sum(sq) / n
-        else:
+        elif weights is None:  # max
             val = smooth_max(jnp.sum(sq, axis=1))
+        else:  # last-iterate, weighted (w sums to 1)
+            val = jnp.dot(jnp.asarray(weights), jnp.sum(sq, axis=1))
         return jnp.sqrt(val if sens2 is None else val * sens2)
 
     value_and_grad = jax.jit(jax.value_and_grad(loss))
@@ -221,7 +227,7 @@ def problem(
 
     x0 = _initial_matrix(workload, init)[rows, cols]
     how = "cyclic pattern normalisation" if cyclic else "min-sep row bound"
-    name = f"dense(n={n}, {objective}, {participation}, {how})"
+    name = f"dense(n={n}, {objectives.name(objective)}, {participation}, {how})"
     return Problem(x0=x0, value_and_grad=value_and_grad, to_strategy=to_strategy, name=name,
                    single_threaded_blas=True, formulation="primal")
 
@@ -437,8 +443,9 @@ def clean_kinks(c: np.ndarray, b: int) -> np.ndarray | None:
     return c2 if np.all(np.isfinite(c2)) and np.all(np.diag(c2) > 0) else None
 
 
-def _problem(workload: Workload, participation: Participation, *, objective: str = "rmse", bands: int | None = None,
-             buffers: int | None = None, init: Strategy | np.ndarray | None = None) -> Problem:
+def _problem(workload: Workload, participation: Participation, *, objective: objectives.Objective = "rmse",
+             bands: int | None = None, buffers: int | None = None,
+             init: Strategy | np.ndarray | None = None) -> Problem:
     """What the family registers: ``problem`` with ``formulation="auto"`` (the dual where it
     applies), built with a single-threaded BLAS like the rest of the run."""
     with single_threaded_blas():

@@ -2,8 +2,12 @@
 
 A family's loss module (``mfnoise.optim.<family>``) provides a builder
 
-    problem(workload, participation, *, objective="rmse" | "max", bands=None, buffers=None,
+    problem(workload, participation, *, objective="rmse", bands=None, buffers=None,
             init=None) -> Problem
+
+(``objective``: a name in ``OBJECTIVES``, "rmse", "max", "last-iterate", or a
+``mfnoise.optim.objectives.Weighted``; see that module for what each means and how a family
+supports it; a family refuses one it does not support, naming it)
 
 and registers it here under the family's name (``register``), so that the solver
 (``mfnoise.optim.solver``) and the command line know the families without naming them. The
@@ -27,12 +31,13 @@ import numpy as np
 
 from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload
+from mfnoise.optim import objectives
 from mfnoise.strategies.base import Strategy
 
 if TYPE_CHECKING:
     from mfnoise.optim.result import OptimizeResult
 
-OBJECTIVES = ("rmse", "max")
+OBJECTIVES = objectives.OBJECTIVES
 
 FAST_COMPILE: Mapping[str, Any] = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 """XLA CPU options for losses whose graphs are small and cheap to run (Toeplitz, BLT), where
@@ -64,7 +69,7 @@ class Problem:
       stages: the problem is solved in this many rounds; round s > 1 starts from each point of
         ``next_stage(best x so far, s)``, and the best point over all rounds is the result.
       next_stage: (best x, stage) -> the starting points of that stage (used when stages > 1).
-      objective_from_loss: loss -> the objective (rmse or max_error) it stands for, or what it
+      objective_from_loss: loss -> the objective's value (``objectives``) it stands for, or what it
         certifies about it (the dense dual: a lower bound); None when the loss history is all
         the report gives (``OptimizeResult.objective_history`` is then None).
       extra_report: (best x, result) -> family-specific report entries
@@ -95,12 +100,16 @@ class Problem:
             raise ValueError(f"stages must be a positive integer, got {self.stages!r}")
 
 
-def check_arguments(workload: Workload, participation: Participation, objective: str) -> int:
-    """The common checks of every builder: matching n and a known objective; returns n."""
+def check_arguments(workload: Workload, participation: Participation, objective: objectives.Objective,
+                    supported: tuple[str, ...] = ("rmse", "max")) -> int:
+    """The common checks of every builder: matching n and a known objective that the family
+    supports (``supported``: names from ``OBJECTIVES``, "weighted" for a ``Weighted``; a family opts
+    in to each), ValueError naming it otherwise; returns n."""
     if participation.n != workload.n:
         raise ValueError(f"participation has n={participation.n} but the workload has n={workload.n}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be 'rmse' or 'max', got {objective!r}")
+    objectives.check(objective, workload.n)
+    if objectives.name(objective) not in supported:
+        raise ValueError(f"this family supports the objectives {supported}, got {objective!r}")
     return workload.n
 
 

@@ -22,8 +22,11 @@ Choquette-Choo et al. 2023, arXiv:2211.06530):
   c_0 = 1, c_j = prod_{i<=j} sigmoid(u_i); then X = C^T C >= 0 and the same pattern is the worst
   (mfnoise.core.sensitivity.toeplitz): sens^2 = sum_{i,j in P} X[i, j], X[i, j] = sum_{l<=n-1-j} c_l c_{l+j-i}.
 
-The loss is log(objective) with objective = rmse or max_error (scale-invariant, so c_0 = 1 is
-fixed). The strategy's final sensitivity and error are recomputed by mfnoise.strategies.error.evaluate.
+Objectives (``mfnoise.optim.objectives``): every one is sens^2 sum_j W_j b_j^2 for weights W
+(``objectives.toeplitz_weights``): rmse W_j = (n - j) / n; max and last-iterate W_j = 1 (the rows of B
+are prefixes of b, so the last row is the largest); Weighted(w) W_j = sum_{i>=j} w_i / sum w.
+The loss is log(objective) (scale-invariant, so c_0 = 1 is fixed). The strategy's final
+sensitivity and error are recomputed by mfnoise.strategies.error.evaluate.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import numpy as np
 
 from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload
+from mfnoise.optim import objectives
 from mfnoise.optim.problem import FAST_COMPILE, Problem, check_arguments, register
 from mfnoise.strategies import closed_forms
 from mfnoise.strategies.toeplitz import Toeplitz
@@ -154,15 +158,16 @@ def _default_bands(p: Participation) -> int:
     return int(min(p.n, p.min_sep, DEFAULT_MAX_BANDS))
 
 
-def problem(workload: Workload, participation: Participation, *, objective: str = "rmse",
+def problem(workload: Workload, participation: Participation, *, objective: objectives.Objective = "rmse",
             bands: int | None = None, buffers: int | None = None, init: np.ndarray | None = None) -> Problem:
-    """min over c_1..c_{bands-1} (c_0 = 1) of log(rmse) or log(max_error); see the module docstring.
+    """min over c_1..c_{bands-1} (c_0 = 1) of log(objective): rmse, max, last-iterate or a Weighted
+    (``mfnoise.optim.objectives``); see the module docstring.
 
     ``init``: initial coefficients (any length, scaled so c_0 = 1 and truncated / zero-padded to
     ``bands``), default the banded square root (the first ``bands`` coefficients of A^{1/2}).
     """
     p = participation
-    n = check_arguments(workload, p, objective)
+    n = check_arguments(workload, p, objective, supported=("rmse", "max", "last-iterate", "weighted"))
     if buffers is not None:
         raise ValueError("buffers applies to the blt family, not toeplitz")
     bands = _default_bands(p) if bands is None else int(bands)
@@ -191,7 +196,7 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
             return jnp.concatenate([jnp.ones(1), jnp.exp(jnp.cumsum(jax.nn.log_sigmoid(x)))])
         return jnp.concatenate([jnp.ones(1), x])
 
-    weights = np.arange(n, 0, -1) / n if objective == "rmse" else np.ones(n)
+    weights = objectives.toeplitz_weights(objective, n)
 
     def loss(x: jax.Array) -> jax.Array:
         c = coeffs(x)
@@ -214,7 +219,7 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         x0=np.asarray(x0, np.float64),
         value_and_grad=jax.value_and_grad(loss),
         to_strategy=to_strategy,
-        name=f"toeplitz({kind}, n={n}, bands={bands}, {objective})",
+        name=f"toeplitz({kind}, n={n}, bands={bands}, {objectives.name(objective)})",
         objective_from_loss=math.exp,
         cpu_compiler_options=FAST_COMPILE,
     )
