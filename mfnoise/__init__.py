@@ -44,12 +44,15 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "accounting": ("mfnoise.training.accounting", None),
     "library": ("mfnoise.library", None),
     "verify": ("mfnoise.verify", None),
+    "plan": ("mfnoise.planning.choose", "plan"),
+    "planning": ("mfnoise.planning", None),
 }
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
-    from mfnoise import library, verify  # noqa: F401
+    from mfnoise import library, planning, verify  # noqa: F401
     from mfnoise.optim.result import OptimizeResult  # noqa: F401
     from mfnoise.optim.solver import optimize  # noqa: F401
+    from mfnoise.planning.choose import plan  # noqa: F401
     from mfnoise.training import accounting, batching, noise  # noqa: F401
     from mfnoise.training.accounting import calibrate, epsilon  # noqa: F401
     from mfnoise.training.clipping import ClippedSum, clipped_grad  # noqa: F401
@@ -108,4 +111,6 @@ __all__ = [
     "accounting",
     "library",
     "verify",
+    "plan",
+    "planning",
 ]

@@ -24,6 +24,7 @@ LAYERS = {
     "training": 2,
     "library": 3,
     "verify": 4,
+    "planning": 4,
     "demo": 5,
     "cli": 6,
 }

@@ -1,0 +1,375 @@
+"""``mfnoise.plan``: from a privacy budget to a checked training plan, choosing the mechanism by its noise.
+
+Candidates (docs/design.md, "Plan"), for n steps of batches of about ``batch_size`` from
+``dataset_size`` examples (b = dataset_size // batch_size steps per epoch):
+
+* ``sampling="cyclic-poisson"`` (amplified; "(Amplified) Banded Matrix Factorization: A unified
+  approach to private training", Choquette-Choo et al. 2023, arXiv:2306.08153): the data split
+  into ``bands`` groups, min_sep = bands, each example of group t mod bands sampled with
+  q = batch_size * bands / dataset_size. One band is DP-SGD with Poisson sampling (C = I); more
+  bands use BSR, the column-normalised banded square root of the workload ("Banded Square Root
+  Matrix Factorization for Differentially Private Model Training", Kalinin & Lampert 2024,
+  arXiv:2405.13763), bands in 2, 4, 8, ... up to b.
+* ``sampling="cyclic"`` (fixed cyclic batches, unamplified: one Gaussian mechanism, "Multi-Epoch
+  Matrix Factorization Mechanisms for Private Machine Learning", Choquette-Choo et al. 2023,
+  arXiv:2211.06530): DP-SGD (C = I), BandMF (BSR with bands <= min_sep), BLT and banded Toeplitz
+  (a library entry when the library holds this workload, n and schema, else the optimizer within
+  ``optimize_seconds``), BISR (closed form).
+
+Each candidate is scored by the noise it puts into the training trajectory A G at this (epsilon,
+delta): trajectory rmse = z * sens(C, p) * ||A C^{-1}||_F / sqrt(n) (``strategies.error.evaluate``
+gives it at z = 1), A the workload the optimizer implies. Fixed cyclic candidates share one z;
+amplified ones are ranked with RDP-calibrated z (fast) and the best ``PRICED`` of them are then
+calibrated with the plan's accountant; the plan is the lowest trajectory rmse among candidates
+priced by that accountant whose noise state (``state_arrays`` parameter-sized float32 arrays) fits
+``memory_budget``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from mfnoise.core import workloads
+from mfnoise.core.participation import EpochsWarning, Participation
+from mfnoise.core.workloads import Workload
+from mfnoise.library.recommend import state_bytes
+from mfnoise.planning.plans import SAMPLINGS, Candidate, Plan
+from mfnoise.strategies.base import Strategy
+from mfnoise.strategies.closed_forms import bisr, bsr
+from mfnoise.strategies.identity import Identity
+from mfnoise.training import accounting
+
+_LOG = logging.getLogger("mfnoise.planning")
+MECHANISMS = ("dp-sgd", "bandmf", "blt", "toeplitz", "bisr")
+BLT_BUFFERS = (2, 4)
+TOEPLITZ_BANDS = (16,)
+BISR_BANDS = (4, 16, 64)
+FIXED_BANDS = (4, 16, 64)  # BandMF under fixed cyclic batches, and min_sep itself
+PRICED = 2  # amplified candidates priced by the plan's accountant after the RDP ranking
+OPTIMIZE_SECONDS = 10.0
+# The PLD grid: 10x dp-accounting's default (1e-4). Every grid gives an upper bound on epsilon; this
+# one calibrates z within ~0.05% of the finer grid's (0.0225386 vs 0.0225285 for 60000 examples,
+# batch 512, 20 epochs, epsilon 2) in a fraction of its time.
+PLD_DISCRETIZATION = 1e-3
+
+
+@dataclasses.dataclass
+class _Spec:
+    """A candidate to evaluate: ``build()`` -> (strategy, source)."""
+
+    mechanism: str
+    sampling: str
+    family: str | None
+    bands: int | None
+    buffers: int | None
+    participation: Participation
+    state_arrays: int
+    build: Callable[[], tuple[Strategy, str]] | None
+    dropped: str | None = None
+
+
+def workload_for(optimizer: Any, n: int) -> Workload:
+    """The workload A whose product A G is the trajectory the optimizer follows (docs/design.md).
+
+    "sgd": the prefix sum; ("momentum", beta) or ("momentum", beta, learning_rates): momentum;
+    an array of n learning rates: SGD with that schedule (momentum 0); a ``Workload`` of size n as is.
+    """
+    if isinstance(optimizer, Workload):
+        if optimizer.n != n:
+            raise ValueError(f"optimizer workload has n={optimizer.n}, but the plan has {n} steps")
+        return optimizer
+    if isinstance(optimizer, str):
+        if optimizer == "sgd":
+            return workloads.prefix_sum(n)
+        raise ValueError(f"optimizer must be 'sgd', ('momentum', beta), a learning-rate array or a Workload, "
+                         f"got {optimizer!r}")
+    if isinstance(optimizer, tuple) and optimizer and optimizer[0] == "momentum":
+        if len(optimizer) == 2:
+            return workloads.momentum(n, float(optimizer[1]))
+        if len(optimizer) == 3:
+            return workloads.momentum(n, float(optimizer[1]), np.asarray(optimizer[2], np.float64))
+        raise ValueError(f"optimizer=('momentum', beta[, learning_rates]), got {optimizer!r}")
+    lrs = np.asarray(optimizer, dtype=np.float64) if isinstance(optimizer, (list, np.ndarray)) else None
+    if lrs is not None and lrs.ndim == 1:
+        if lrs.shape != (n,):
+            raise ValueError(f"optimizer learning rates have shape {lrs.shape}, but the plan has {n} steps")
+        return workloads.momentum(n, 0.0, lrs)
+    raise ValueError(f"optimizer must be 'sgd', ('momentum', beta), a learning-rate array of the plan's {n} steps "
+                     f"or a Workload, got {optimizer!r}")
+
+
+def _toeplitz_proxy(w: Workload) -> Workload:
+    """The Toeplitz workload closed forms are built from: w itself, else momentum with w's beta
+    at a constant learning rate (the strategy is still scored on w)."""
+    return w if w.is_toeplitz else workloads.momentum(w.n, w.beta or 0.0)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _schema(dataset_size: int, batch_size: int, epochs: int | None, steps: int | None) -> Participation:
+    """Fixed cyclic batches: b = dataset_size // batch_size steps per epoch; n = epochs * b or ``steps``."""
+    if (epochs is None) == (steps is None):
+        raise ValueError(f"give exactly one of epochs and steps, got epochs={epochs!r}, steps={steps!r}")
+    if batch_size > dataset_size:
+        raise ValueError(f"batch_size={batch_size} is larger than dataset_size={dataset_size}")
+    b = dataset_size // batch_size
+    n = _positive_int("epochs", epochs) * b if epochs is not None else _positive_int("steps", steps)
+    b = min(b, n)
+    return Participation(n, -(-n // b), b, cyclic=True)
+
+
+def _sizes(limit: int, grid: Sequence[int], include_limit: bool) -> list[int]:
+    out = sorted({s for s in grid if s <= limit} | ({limit} if include_limit else set()))
+    return out
+
+
+def _library_entry(w: Workload, p: Participation, family: str, key: str, size: int) -> tuple[Strategy, str] | None:
+    """The library's strategy for (workload, n, schema, family, size), or None when it holds none."""
+    try:
+        from mfnoise.library import index
+        from mfnoise.library.specs import schema as library_schema
+
+        found = [e for e in index.entries(workload=w.name, n=p.n, optimizer_family=family, objective="rmse")
+                 if e.get(key) == size or e.get(f"requested_{key}") == size]
+        found = [e for e in found if library_schema(e["n"], e["epochs"]) == p]
+    except (FileNotFoundError, ValueError):
+        return None
+    if not found:
+        return None
+    e = found[0]
+    return index.get(e["name"]), f"library {e['name']}"
+
+
+def _optimized(w: Workload, p: Participation, family: str, key: str, size: int,
+               seconds: float) -> tuple[Strategy, str]:
+    entry = _library_entry(w, p, family, key, size)
+    if entry is not None:
+        return entry
+    from mfnoise.optim.solver import optimize
+
+    sizes: dict[str, Any] = {"bands": size} if key == "bands" else {"buffers": size}
+    strategy, result = optimize(w, p, family=family, progress=False, max_seconds=seconds, **sizes)
+    return strategy, f"optimize(family={family!r}, {key}={size}) in {result.seconds:.1f} s"
+
+
+def _specs(w: Workload, p: Participation, dataset_size: int, batch_size: int, optimize_seconds: float) -> list[_Spec]:
+    n, b = p.n, p.min_sep
+    proxy = _toeplitz_proxy(w)
+    specs: list[_Spec] = []
+    # amplified: min_sep = bands groups, each sampled with q = batch_size * bands / dataset_size <= 1
+    # bands = b (q close to 1) is fixed cyclic BandMF with b bands, listed below
+    for bands in [1] + _sizes(b, [2**j for j in range(1, 31)], include_limit=False):
+        if bands > n:
+            continue
+        pa = Participation(n, -(-n // bands), bands, cyclic=True)
+        if bands == 1:
+            specs.append(_Spec("dp-sgd", "cyclic-poisson", Identity.family, 1, None, pa, 0,
+                               lambda: (Identity(n), "C = I, Poisson sampling")))
+        else:
+            specs.append(_Spec("bandmf", "cyclic-poisson", "banded", bands, None, pa, bands - 1,
+                               lambda bands=bands: (bsr(n, bands, proxy), f"closed form bsr(bands={bands})")))
+    for mech, why in (("blt", "a BLT is not banded"), ("bisr", "BISR's C is not banded")):
+        specs.append(_Spec(mech, "cyclic-poisson", None, None, None, p, 0, None,
+                           dropped=f"amplification does not apply: {why}"))
+    # fixed cyclic batches: one Gaussian mechanism
+    specs.append(_Spec("dp-sgd", "cyclic", Identity.family, 1, None, p, 0, lambda: (Identity(n), "C = I")))
+    for bands in _sizes(b, FIXED_BANDS, include_limit=True):
+        if bands > 1:
+            specs.append(_Spec("bandmf", "cyclic", "banded", bands, None, p, bands - 1,
+                               lambda bands=bands: _library_entry(w, p, "banded", "bands", bands)
+                               or (bsr(n, bands, proxy), f"closed form bsr(bands={bands})")))
+    optimized = [("blt", "buffers", d) for d in BLT_BUFFERS if d < n] + \
+                [("toeplitz", "bands", s) for s in TOEPLITZ_BANDS if s <= b]
+    share = optimize_seconds / max(1, len(optimized))
+    for family, key, size in optimized:
+        specs.append(_Spec(family, "cyclic", family, size if key == "bands" else None,
+                           size if key == "buffers" else None, p, size if key == "buffers" else size - 1,
+                           lambda family=family, key=key, size=size: _optimized(w, p, family, key, size, share)))
+    for bands in [s for s in BISR_BANDS if s <= n]:
+        specs.append(_Spec("bisr", "cyclic", "inverse-toeplitz", bands, None, p, bands - 1,
+                           lambda bands=bands: (bisr(n, bands, proxy), f"closed form bisr(bands={bands})")))
+    return specs
+
+
+def plan(
+    epsilon: float,
+    delta: float,
+    *,
+    dataset_size: int,
+    batch_size: int,
+    epochs: int | None = None,
+    steps: int | None = None,
+    optimizer: Any = "sgd",
+    params: int | None = None,
+    memory_budget: float | None = None,
+    mechanism: str = "auto",
+    sampling: str = "auto",
+    accountant: str = "pld",
+    l2_clip_norm: float = 1.0,
+    pld_discretization: float = PLD_DISCRETIZATION,
+    optimize_seconds: float = OPTIMIZE_SECONDS,
+) -> Plan:
+    """The (epsilon, delta)-DP plan with the least noise in the training trajectory (module doc).
+
+    Args:
+      epsilon, delta: the privacy budget (add or remove one example).
+      dataset_size, batch_size: public; b = dataset_size // batch_size steps per epoch.
+      epochs | steps: the length, n = epochs * b steps, or n = ``steps``.
+      optimizer: what the trajectory is ("sgd", ("momentum", beta), an array of n learning rates,
+        or a ``Workload``); it picks the workload A the candidates are scored on.
+      params, memory_budget: the model's parameter count and the bytes the noise state may take
+        (float32: state_arrays * params * 4); a candidate over the budget is dropped.
+      mechanism: "auto" or one of ``MECHANISMS``; sampling: "auto" or one of ``SAMPLINGS``.
+      accountant: "pld" (tight) or "rdp"; l2_clip_norm: the per-example clip norm.
+      optimize_seconds: the optimizer's time budget over all candidates that need it.
+
+    Returns a ``Plan`` (verified on construction); ``plan.candidates`` lists what was compared.
+    """
+    d = _positive_int("dataset_size", dataset_size)
+    m = _positive_int("batch_size", batch_size)
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(f"epsilon must be positive and finite, got {epsilon!r}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if mechanism != "auto" and mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism must be 'auto' or one of {MECHANISMS}, got {mechanism!r}")
+    if sampling != "auto" and sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be 'auto' or one of {SAMPLINGS}, got {sampling!r}")
+    if accountant not in accounting.ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {accounting.ACCOUNTANTS}, got {accountant!r}")
+    if params is not None:
+        params = _positive_int("params", params)
+    if memory_budget is not None:
+        if params is None:
+            raise ValueError(f"memory_budget={memory_budget!r} needs params (the model's parameter count)")
+        if not memory_budget >= 0:
+            raise ValueError(f"memory_budget must be non-negative bytes, got {memory_budget!r}")
+    if not (l2_clip_norm > 0 and math.isfinite(l2_clip_norm)):
+        raise ValueError(f"l2_clip_norm must be positive and finite, got {l2_clip_norm!r}")
+    p = _schema(d, m, epochs, steps)
+    w = workload_for(optimizer, p.n)
+    with _quiet_absl():
+        return _choose(epsilon, delta, d, m, p, w, params, memory_budget, mechanism, sampling, accountant,
+                       float(l2_clip_norm), float(pld_discretization), float(optimize_seconds))
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """dp-accounting's RDP accountant logs "Excluding this order" while it only ranks candidates."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: Workload, params: int | None,
+            memory_budget: float | None, mechanism: str, sampling: str, accountant: str, l2_clip_norm: float,
+            pld_discretization: float, optimize_seconds: float) -> Plan:
+    acc: Any = accountant
+
+    def calibrate(schema: Participation, spec_sampling: str, strategy: Strategy, how: Any) -> float:
+        kwargs: dict[str, Any] = {"accountant": how, "pld_discretization": pld_discretization}
+        if spec_sampling == "cyclic-poisson":
+            kwargs.update(sampling="cyclic-poisson", dataset_size=d, batch_size=m, strategy=strategy)
+        return accounting.calibrate(epsilon, delta, schema, **kwargs)
+
+    rows: list[dict[str, Any]] = []
+    built: dict[int, tuple[Strategy, Participation]] = {}
+    fixed_z: dict[str, float] = {}
+    rising: list[float] = []  # the amplified candidates' scores, in order of bands
+    for i, spec in enumerate(_specs(w, p, d, m, optimize_seconds)):
+        row: dict[str, Any] = {
+            "mechanism": spec.mechanism, "sampling": spec.sampling, "family": spec.family, "bands": spec.bands,
+            "buffers": spec.buffers, "min_sep": spec.participation.min_sep, "state_arrays": spec.state_arrays,
+            "state_bytes": None if params is None else state_bytes(spec.state_arrays, params), "dropped": spec.dropped,
+        }
+        rows.append(row)
+        if mechanism != "auto" and spec.mechanism != mechanism:
+            row["dropped"] = row["dropped"] or f"not the mechanism asked for ({mechanism})"
+        if sampling != "auto" and spec.sampling != sampling:
+            row["dropped"] = row["dropped"] or f"not the sampling asked for ({sampling})"
+        if row["dropped"] is None and memory_budget is not None and row["state_bytes"] > memory_budget:
+            row["dropped"] = f"memory: {row['state_bytes']:.3g} B of noise state > budget {memory_budget:.3g} B"
+        if row["dropped"] is None and spec.sampling == "cyclic-poisson" and len(rising) >= 3 \
+                and rising[-1] > rising[-2] > rising[-3]:
+            row["dropped"] = "not evaluated: the trajectory rmse rose over the two previous band counts"
+        if row["dropped"] is not None or spec.build is None:
+            continue
+        try:
+            t0 = time.perf_counter()
+            strategy, source = spec.build()
+            row["source"] = source
+            row["state_arrays"] = strategy.state_arrays()
+            row["state_bytes"] = nbytes = None if params is None else state_bytes(strategy.state_arrays(), params)
+            if memory_budget is not None and nbytes is not None and nbytes > memory_budget:
+                row["dropped"] = f"memory: {nbytes:.3g} B of noise state > budget {memory_budget:.3g} B"
+                continue
+            row["rmse"] = float(_evaluate(strategy, w, spec.participation)["rmse"])
+            if spec.sampling == "cyclic":
+                if "z" not in fixed_z:
+                    fixed_z["z"] = calibrate(p, "cyclic", strategy, acc)
+                row["noise_multiplier"], row["accountant"] = fixed_z["z"], accountant
+            else:
+                how = "rdp" if accountant == "pld" else accountant
+                row["noise_multiplier"] = calibrate(spec.participation, "cyclic-poisson", strategy, how)
+                row["accountant"] = "rdp-screen" if accountant == "pld" else accountant
+            row["trajectory_rmse"] = row["noise_multiplier"] * row["rmse"]
+            if spec.sampling == "cyclic-poisson":
+                rising.append(row["trajectory_rmse"])
+            row["seconds"] = time.perf_counter() - t0
+            _LOG.debug("candidate %s %s %s: %.2f s", spec.mechanism, spec.sampling, spec.bands or spec.buffers,
+                       row["seconds"])
+            built[i] = (strategy, spec.participation)
+        except Exception as e:  # a candidate that cannot be built or priced is listed with why, not fatal
+            row["dropped"] = f"{type(e).__name__}: {e}".split("\n")[0][:200]
+    # the best amplified candidates by the RDP ranking, priced by the plan's accountant
+    screened = sorted((i for i, r in enumerate(rows) if r.get("accountant") == "rdp-screen"),
+                      key=lambda i: rows[i]["trajectory_rmse"])
+    for i in screened[:PRICED]:
+        strategy, schema = built[i]
+        rows[i]["noise_multiplier"] = calibrate(schema, "cyclic-poisson", strategy, acc)
+        rows[i]["accountant"] = accountant
+        rows[i]["trajectory_rmse"] = rows[i]["noise_multiplier"] * rows[i]["rmse"]
+    eligible = [i for i, r in enumerate(rows) if r["dropped"] is None and r.get("accountant") == accountant]
+    if not eligible:
+        reasons = sorted({r["dropped"] for r in rows if r["dropped"]})
+        raise ValueError("no candidate mechanism is eligible: " + "; ".join(reasons))
+    best = min(eligible, key=lambda i: (rows[i]["trajectory_rmse"], rows[i]["state_arrays"]))
+    rows[best]["chosen"] = True
+    strategy, schema = built[best]
+    chosen = rows[best]
+    candidates = tuple(Candidate(**{k: v for k, v in r.items() if k != "seconds"}) for r in rows)
+    spec_sampling = chosen["sampling"]
+    kwargs: dict[str, Any] = {"sampling": "none"} if spec_sampling == "cyclic" else {
+        "sampling": "cyclic-poisson", "dataset_size": d, "batch_size": m}
+    achieved = accounting.epsilon(chosen["noise_multiplier"], delta, schema, accountant=acc,
+                                  pld_discretization=pld_discretization, strategy=strategy, **kwargs)
+    return Plan(strategy=strategy, participation=schema, noise_multiplier=chosen["noise_multiplier"],
+                l2_clip_norm=l2_clip_norm, mechanism=chosen["mechanism"], sampling=spec_sampling,
+                dataset_size=d, batch_size=m, delta=float(delta), target_epsilon=float(epsilon), epsilon=achieved,
+                accountant=accountant, pld_discretization=pld_discretization, workload=w.to_dict(),
+                source=chosen.get("source", ""), candidates=candidates)
+
+
+def _evaluate(strategy: Strategy, w: Workload, p: Participation) -> dict:
+    from mfnoise.strategies.error import evaluate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EpochsWarning)
+        return evaluate(strategy, w, p)
