@@ -153,16 +153,28 @@ def entries(folder: str | os.PathLike | None = None, **criteria: Any) -> list[di
     """Index entries whose fields equal every given criterion, e.g. ``entries(n=1000, epochs=4)``.
 
     ``name`` may be a shell pattern; ``family`` and ``optimizer_family`` accept an alias
-    (``banded-toeplitz``); a criterion of None is ignored.
+    (``banded-toeplitz``); a criterion of None is ignored. ``bands`` / ``buffers`` match the count
+    the entry was built for (``requested_bands`` / ``requested_buffers``: ``buffers=4`` finds an
+    entry asked for 4 buffers that kept 2), or the stored count of an entry that records no request;
+    ``kept_bands`` / ``kept_buffers`` match the stored count itself.
     """
     wanted = {key: FAMILY_ALIASES.get(want, want) if key in _FAMILY_FIELDS else want
               for key, want in criteria.items() if want is not None}
-    out = []
-    for e in read_index(folder)["strategies"]:
-        if all(fnmatch.fnmatchcase(e["name"], str(want)) if key == "name" else e.get(key) == want
-               for key, want in wanted.items()):
-            out.append(e)
-    return out
+    return [e for e in read_index(folder)["strategies"]
+            if all(_matches(e, key, want) for key, want in wanted.items())]
+
+
+_SIZE_FIELDS = ("bands", "buffers")
+
+
+def _matches(e: dict[str, Any], key: str, want: Any) -> bool:
+    if key == "name":
+        return fnmatch.fnmatchcase(e["name"], str(want))
+    if key in _SIZE_FIELDS:
+        return e.get("requested_" + key, e.get(key)) == want
+    if key.startswith("kept_") and key[len("kept_"):] in _SIZE_FIELDS:
+        return e.get(key[len("kept_"):]) == want
+    return e.get(key) == want
 
 
 def entry(name: str, folder: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -22,8 +22,10 @@ output scale, instead of rounding to theta = 1.0. h is strictly increasing (in f
 y ~ 40 L, far past where the loss is flat) and acts on each y_k alone, so distinct decays stay
 distinct and a cancelled pair (two equal y) stays exactly cancelled.
 
-Closed forms (no loss term touches n elements). Every sequence is a sum of geometric ones:
-* c_j = s_0 [j = 0] + sum_i r_i theta_i^j, r_i = omega_i / theta_i = res_{1/theta_i} N / D.
+Closed forms (no loss term touches n elements; they live in mfnoise.strategies.blt, which
+evaluates the returned strategy with the same sums, numpy there, JAX here). Every sequence is a
+sum of geometric ones:
+* c_j = sum_i omega_i theta_i^(j-1) (j >= 1), omega_i = res_{1/theta_i} N / D.
 * for a rational workload a(x) = eta / prod_p (1 - alpha_p x) (prefix sum: alpha = 1; momentum
   beta with constant learning rate: alpha = 1, beta), b = a / c = eta D / (prod_p (1 - alpha_p x) N)
   = sum_m A_m rho_m^j over the poles rho = (alpha, theta'), by partial fractions.
@@ -32,6 +34,7 @@ Closed forms (no loss term touches n elements). Every sequence is a sum of geome
   G_n(q) = sum_{j<n} q^j, H_n(q) = sum_{j<n} (n - j) q^j, evaluated stably for q next to 1.
 * sens^2 = sum_{i, j in P} X[i, j], P = {0, b, ..., (m-1) b}, X[i, j] = sum_{l<=n-1-j} c_l c_{l+j-i}:
   O(m^2 d^2).
+The workload is rational when it says so (``Workload.rational``: no coefficient of it is read).
 Other Toeplitz workloads use the materialised b = a * (1 / c) (O(n d + n log n)).
 
 Stages. Without an ``init``, d buffers are found in d rounds (``Problem.stages``): round s
@@ -47,7 +50,7 @@ mfnoise.strategies.error.evaluate.
 from __future__ import annotations
 
 import math
-from fractions import Fraction
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,66 +60,23 @@ from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload
 from mfnoise.optim.problem import FAST_COMPILE, Problem, check_arguments, register
 from mfnoise.optim.toeplitz import series_multiply, workload_coeffs
-from mfnoise.strategies.blt import BLT, blt_inverse
+from mfnoise.strategies.blt import (
+    BLT,
+    SERIES_TERMS,
+    blt_inverse,
+    decoder_terms,
+    power_sums,
+    rational_workload,
+    residues,
+    sensitivity_squared,
+    sum_squares,
+)
+from mfnoise.strategies.blt import geometric_sums as geometric_sums  # re-exported (tests read it here)
 
 DEFAULT_BUFFERS = 4
-SERIES_TERMS = 16
-_SMALL_X = 0.5
 _CANCEL = -40.0
 """Gap parameter of a cancelled pair: softplus(-40) ~ 4e-18 is below float64 resolution of log(1 - decay),
 so theta' == theta exactly, omega = 0, and the pair contributes exactly nothing (a BLT with one buffer fewer)."""
-
-
-# -- stable geometric sums -----------------------------------------------------------------------
-def power_sums(n: int, k_max: int) -> np.ndarray:
-    """S_k = sum_{j<n} j^k for k = 0..k_max, exactly (sum_{i<=k} C(k+1, i) S_i = n^{k+1})."""
-    s: list[Fraction] = []
-    for k in range(k_max + 1):
-        acc = Fraction(n) ** (k + 1) - sum(math.comb(k + 1, i) * s[i] for i in range(k))
-        s.append(acc / (k + 1))
-    return np.array([float(x) for x in s])
-
-
-def _psi(eps: jax.Array) -> jax.Array:
-    """-log1p(-eps) / eps (-> 1 as eps -> 0), eps in [0, 1)."""
-    small = eps < 1e-8
-    safe = jnp.where(small, 0.5, eps)
-    return jnp.where(small, 1.0 + eps / 2, -jnp.log1p(-safe) / safe)
-
-
-def _phi(x: jax.Array) -> jax.Array:
-    """-expm1(-x) / x (-> 1 as x -> 0), x >= 0."""
-    small = x < 1e-8
-    safe = jnp.where(small, 1.0, x)
-    return jnp.where(small, 1.0 - x / 2, -jnp.expm1(-safe) / safe)
-
-
-def geometric_sums(eps: jax.Array, n: jax.Array | np.ndarray | int, sums: np.ndarray | None = None,
-                   weighted: bool = False) -> jax.Array:
-    """G_n(q) = sum_{j<n} q^j, or H_n(q) = sum_{j<n} (n - j) q^j if ``weighted``, q = 1 - eps.
-
-    eps in [0, 1) (elementwise, any shape); n broadcasts (int or array) for G, must be a Python
-    int for H (``sums`` = power_sums(n, SERIES_TERMS)). With L = -log(q), x = n L:
-    G = n phi(x) psi(eps); H = G + (n - G) / eps with n - G = sum_{j<n} (1 - e^{-jL}) from its
-    alternating series in L when x is small (no cancellation), else directly.
-    """
-    big_l = eps * _psi(eps)
-    x = jnp.multiply(n, big_l)
-    g = jnp.multiply(n, _phi(x)) * _psi(eps)
-    if not weighted:
-        return g
-    if sums is None:
-        raise ValueError("the weighted sums H_n need sums = power_sums(n, SERIES_TERMS)")
-    small = x < _SMALL_X
-    # (n - G) / eps = psi * sum_{k>=1} (-1)^{k+1} L^{k-1} S_k / k!
-    l_small = jnp.where(small, big_l, 0.0)
-    series = 0.0
-    for k in range(SERIES_TERMS, 0, -1):  # Horner in L
-        series = series * l_small + (-1) ** (k + 1) * sums[k] / math.factorial(k)
-    series = series * _psi(eps)
-    eps_safe = jnp.where(small, 1.0, eps)
-    direct = (n - g) / eps_safe
-    return g + jnp.where(small, series, direct)
 
 
 # -- decays and residues -------------------------------------------------------------------------
@@ -156,95 +116,6 @@ def _split(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(delta, delta') = 1 - (theta, theta') from the parameters (each shape (d,))."""
     ld = _log_deltas(v)
     return jnp.exp(ld[1::2]), jnp.exp(ld[0::2])
-
-
-def _residues(eps_poles, eps_zeros, extra_power: int = 0):
-    """A_m of P / prod_m (1 - rho_m x), P = prod_z (1 - zeta_z x), in 1 - decay coordinates.
-
-    A_m = rho_m^extra_power prod_z (eps_z - eps_m) / prod_{l != m} (eps_l - eps_m), where the
-    extra power is (#poles - 1 - #zeros) (rho_m^(M-1-Z) from clearing 1/rho_m factors).
-    numpy in, numpy out (for to_strategy); JAX otherwise.
-    """
-    xp = np if isinstance(eps_poles, np.ndarray) else jnp
-    diff_z = eps_zeros[None, :] - eps_poles[:, None]  # (M, Z)
-    diff_p = eps_poles[None, :] - eps_poles[:, None]  # (M, M)
-    diff_p = diff_p + xp.eye(eps_poles.shape[0])
-    res = xp.prod(diff_z, axis=1) / xp.prod(diff_p, axis=1)
-    if extra_power:
-        res = res * (1.0 - eps_poles) ** extra_power
-    return res
-
-
-def _strategy_terms(delta: jax.Array, delta_inv: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(s0, r): c_j = s0 [j = 0] + sum_i r_i theta_i^j, with c_0 = s0 + sum r = 1."""
-    theta = 1.0 - delta
-    # r_i = prod_k (theta_i - theta'_k) / (theta_i prod_{l != i} (theta_i - theta_l))
-    r = _residues(delta, delta_inv) / theta
-    s0 = 1.0 - jnp.sum(r)
-    return s0, r
-
-
-def _rational_workload(workload: Workload) -> tuple[float, np.ndarray] | None:
-    """(eta, alpha) with a(x) = eta / prod_p (1 - alpha_p x), or None for other workloads."""
-    if not workload.is_toeplitz:
-        return None
-    a = np.asarray(workload.coeffs, np.float64)
-    n = a.size
-    d = np.arange(n)
-    if workload.beta is not None and 0.0 < workload.beta < 1.0:
-        beta = float(workload.beta)
-        eta = float(a[0])
-        if np.allclose(a, eta * (1.0 - beta ** (d + 1)) / (1.0 - beta), rtol=1e-12, atol=0):
-            return eta, np.array([1.0, beta])
-    if np.all(a == a[0]) and a[0] > 0:
-        return float(a[0]), np.array([1.0])
-    return None
-
-
-def _decoder_terms(delta: jax.Array, delta_inv: jax.Array, eta: float, alpha: np.ndarray):
-    """(A, eps): b_j = sum_m A_m (1 - eps_m)^j for a = eta / prod_p (1 - alpha_p x)."""
-    eps_poles = jnp.concatenate([jnp.asarray(1.0 - alpha), delta_inv])
-    m = eps_poles.shape[0]
-    d = delta.shape[0]
-    return eta * _residues(eps_poles, delta, extra_power=m - 1 - d), eps_poles
-
-
-def _pair_eps(eps: jax.Array) -> jax.Array:
-    """1 - rho_m rho_l for all pairs, shape (M, M)."""
-    return eps[:, None] + eps[None, :] - eps[:, None] * eps[None, :]
-
-
-def _sum_squares(amps: jax.Array, eps: jax.Array, n: int, sums: np.ndarray, weighted: bool) -> jax.Array:
-    """sum_{j<n} w_j s_j^2 for s_j = sum_m amps_m (1 - eps_m)^j, w = 1 or n - j."""
-    g = geometric_sums(_pair_eps(eps), n, sums, weighted)
-    return amps @ g @ amps
-
-
-def _sensitivity_squared(s0: jax.Array, r: jax.Array, delta: jax.Array, p: Participation) -> jax.Array:
-    """sens^2 = sum_{i,j in {0, b, ..}} X[i, j] for c_j = s0 [j = 0] + sum_i r_i theta_i^j (c >= 0 decreasing)."""
-    n, b = p.n, p.min_sep
-    m = p.reachable_participations
-    # Pairs (i, j) = (a b, (a + q) b): lag d = q b, last index L = n - 1 - j (terms l = 0..L).
-    qs, lens, weights = [], [], []
-    for q in range(m):
-        for a_ in range(m - q):
-            j = (a_ + q) * b
-            qs.append(q * b)
-            lens.append(n - j)  # number of terms L + 1
-            weights.append(1.0 if q == 0 else 2.0)
-    lag = np.array(qs, np.float64)
-    count = np.array(lens, np.float64)
-    w = np.array(weights)
-    eps2 = _pair_eps(delta)  # (d, d)
-    big_l = -jnp.log1p(-delta)  # -log theta
-    # sum_{l<=L} c_l c_{l+lag}: s0 c_lag + sum_{i,k} r_i r_k theta_k^lag G_{L+1}(theta_i theta_k), plus
-    # s0^2 + 2 s0 sum r for lag = 0 (c_0 = s0 + sum r).
-    g = geometric_sums(eps2[None], count[:, None, None])  # (P, d, d)
-    theta_lag = jnp.exp(-lag[:, None] * big_l[None, :])  # (P, d)
-    geo = jnp.einsum("i,k,pk,pik->p", r, r, theta_lag, g)
-    c_lag = theta_lag @ r
-    head = jnp.where(lag == 0, s0 * s0 + 2.0 * s0 * jnp.sum(r), s0 * c_lag)
-    return jnp.sum(w * (geo + head))
 
 
 # -- the problem -----------------------------------------------------------------------------------
@@ -323,6 +194,11 @@ def _params_from_blt(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
     return params_from_log_deltas(np.log1p(-decays))
 
 
+_COMPILER_OPTIONS = {**FAST_COMPILE, "xla_cpu_use_fusion_emitters": False}
+"""The loss is a few hundred scalar-sized operations: XLA's CPU fusion emitters spend about 5x longer
+compiling them (measured at 8 buffers) than the classic emitters, and the compiled loss runs as fast."""
+
+
 def problem(workload: Workload, participation: Participation, *, objective: str = "rmse",
             bands: int | None = None, buffers: int | None = None, init=None) -> Problem:
     """min over v in R^{2d} of log(objective) for the BLT with d = ``buffers`` (see module docstring).
@@ -348,18 +224,17 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         v0 = np.asarray(init, np.float64)
         if v0.shape != (2 * d,):
             raise ValueError(f"init has shape {v0.shape}, expected ({2 * d},)")
-    rational = _rational_workload(workload)
+    rational = rational_workload(workload)
     a = None if rational is not None else workload_coeffs(workload)
     weighted = objective == "rmse"
-    sums = power_sums(n, SERIES_TERMS)
+    sums = power_sums(n, SERIES_TERMS) if weighted else None
 
     def loss(v: jax.Array) -> jax.Array:
         delta, delta_inv = _split(v)
-        s0, r = _strategy_terms(delta, delta_inv)
-        sens2 = _sensitivity_squared(s0, r, delta, p)
+        sens2 = sensitivity_squared(residues(delta, delta_inv), delta, p)  # omega_i = res of N / D
         if rational is not None:
-            amps, eps = _decoder_terms(delta, delta_inv, *rational)
-            err2 = _sum_squares(amps, eps, n, sums, weighted)
+            amps, eps = decoder_terms(delta, delta_inv, *rational)
+            err2 = sum_squares(amps, eps, n, sums, weighted)
         else:
             b = _materialized_decoder(delta, delta_inv, jnp.asarray(a), n)
             w = jnp.arange(n, 0, -1, dtype=b.dtype) if weighted else 1.0
@@ -369,7 +244,12 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         return 0.5 * (jnp.log(sens2) + jnp.log(err2))
 
     def to_strategy(v: np.ndarray) -> BLT:
-        return _blt_from_params(v, n)
+        return _blt_from_params(v, n)[0]
+
+    def extra_report(v: np.ndarray, result: Any) -> dict[str, Any]:
+        _, cancelled, merged = _blt_from_params(v, n)
+        dropped = " and ".join(w for w, k in (("cancelled", cancelled), ("merged", merged)) if k)
+        return {"buffers_requested": d, "buffers_dropped": dropped or None}
 
     return Problem(
         x0=np.asarray(v0, np.float64),
@@ -379,12 +259,13 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         stages=stages,
         next_stage=lambda v, stage: _next_stage(v, stage, d, n),
         objective_from_loss=math.exp,
-        cpu_compiler_options=FAST_COMPILE,
+        extra_report=extra_report,
+        cpu_compiler_options=_COMPILER_OPTIONS,
     )
 
 
-def _blt_from_params(v: np.ndarray, n: int) -> BLT:
-    """The BLT of parameters v (numpy float64).
+def _blt_from_params(v: np.ndarray, n: int) -> tuple[BLT, int, int]:
+    """(the BLT of parameters v (numpy float64), pairs cancelled, buffers merged away).
 
     Cancelled pairs (omega = 0 exactly) are no buffers at all. Decays within _MERGE_GAP of each other
     (only possible next to the saturation bound 1 - 9e-14, or for gaps below float64 resolution) are
@@ -394,12 +275,13 @@ def _blt_from_params(v: np.ndarray, n: int) -> BLT:
     delta, delta_inv = np.exp(ld[1::2]), np.exp(ld[0::2])
     theta = 1.0 - delta
     with np.errstate(invalid="ignore", divide="ignore"):  # coinciding poles: refused just below
-        omega = np.asarray(_residues(delta, delta_inv))  # r_i theta_i
+        omega = np.asarray(residues(delta, delta_inv))
     # A cancelled pair has omega = 0 exactly; a pair whose gap is below float64 resolution of its
     # decays, omega ~ 1e-20 or less: neither changes any c_j by more than 1e-16 / n (for j < n), and the
     # latter's inverse decays are not resolvable in float64, so neither is a buffer.
     keep = ~(np.abs(omega) <= 1e-16 / n)
     theta, omega = theta[keep], omega[keep]
+    cancelled, uncancelled = int(np.sum(~keep)), int(theta.size)
     if not np.all(np.isfinite(omega)):
         # Two poles that coincide in float64 (gaps below its resolution): the loss is NaN there too.
         raise ValueError(f"BLT parameters give non-finite output scales {omega}")
@@ -423,7 +305,7 @@ def _blt_from_params(v: np.ndarray, n: int) -> BLT:
             merged = (omega[i] * theta[i] + omega[i + 1] * theta[i + 1]) / w
             theta = np.concatenate([theta[:i], [merged], theta[i + 2:]])
             omega = np.concatenate([omega[:i], [w], omega[i + 2:]])
-    return BLT(theta, omega, n)
+    return BLT(theta, omega, n), cancelled, uncancelled - int(theta.size)
 
 
 _MERGE_GAP = 2.0**-46
@@ -434,7 +316,7 @@ them changes c_j by at most omega j 1.4e-14 (omega > 0: no cancellation)."""
 
 def _inverse_coeffs(delta: jax.Array, delta_inv: jax.Array, n: int) -> jax.Array:
     """First n coefficients of 1 / c = D / N (materialised, O(n d))."""
-    amps = _residues(delta_inv, delta, extra_power=-1)  # prod (eps_z - eps_m) / (rho_m prod ...)
+    amps = residues(delta_inv, delta, extra_power=-1)  # prod (eps_z - eps_m) / (rho_m prod ...)
     s0_inv = 1.0 - jnp.sum(amps)
     j = jnp.arange(n, dtype=delta.dtype)
     geo = jnp.exp(-j[:, None] * (-jnp.log1p(-delta_inv))[None, :]) @ amps

@@ -38,7 +38,7 @@ from jax.core import Tracer
 
 from mfnoise.core import sensitivity as sens_lib
 from mfnoise.core.participation import Participation, check_participation
-from mfnoise.core.workloads import check_dense_size
+from mfnoise.core.workloads import Workload, check_dense_size
 from mfnoise.strategies import files
 
 STREAM_KINDS = ("independent", "output", "input", "buffers-input", "buffers-output")
@@ -178,6 +178,12 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def inverse_apply(self, z: np.ndarray) -> np.ndarray:
         """C^{-1} z in float64 for a block of rows z of shape (n, ...)."""
+
+    def closed_form_decoder_norms(self, workload: Workload) -> tuple[float, float] | None:
+        """(||B||_F^2, max_i ||B[i, :]||^2) of B = A C^{-1} from a closed form that touches no array
+        of length n, or None (the default) when the family has none for this workload
+        (``mfnoise.strategies.error.decoder_norms`` asks first, then materialises)."""
+        return None
 
     # -- privacy --------------------------------------------------------------------------------
     @abc.abstractmethod

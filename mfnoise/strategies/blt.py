@@ -27,15 +27,18 @@ reciprocal of C^{-1}'s.
 from __future__ import annotations
 
 import dataclasses
+import math
+from fractions import Fraction
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mfnoise.core import sensitivity as sens_lib
 from mfnoise.core import series
 from mfnoise.core.participation import Participation
-from mfnoise.core.workloads import check_n
+from mfnoise.core.workloads import Workload, check_n
 from mfnoise.strategies import registry
 from mfnoise.strategies.base import Strategy, StreamTable, as_float64, round_to
 from mfnoise.strategies.toeplitz import toeplitz_sensitivity
@@ -130,6 +133,152 @@ def _secular_roots(theta: np.ndarray, omega: np.ndarray) -> np.ndarray | None:
     return 0.5 * (lo + hi)
 
 
+# -- closed forms: every sum over n steps is a sum of geometric sequences (O(d^2), any n) --------
+# "Efficient and Near-Optimal Noise Generation for Streaming Differential Privacy" (Dvijotham et al.
+# 2024, arXiv:2404.16706) evaluates a BLT's errors this way. The functions take numpy (float64, the
+# strategy's numbers) or JAX arrays (mfnoise.optim.blt's differentiable loss, under jax.enable_x64).
+SERIES_TERMS = 16
+_SMALL_X = 0.5
+CLOSED_FORM_PAIR_LIMIT = 2_000_000
+"""Largest (pattern pairs) x buffers^2 for which the sensitivity is summed in closed form; beyond it
+(thousands of participations) the materialised O(n m) routine is no slower."""
+
+
+def _xp(*arrays: Any) -> Any:
+    return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
+
+
+def power_sums(n: int, k_max: int) -> np.ndarray:
+    """S_k = sum_{j<n} j^k for k = 0..k_max, exactly (sum_{i<=k} C(k+1, i) S_i = n^{k+1})."""
+    s: list[Fraction] = []
+    for k in range(k_max + 1):
+        acc = Fraction(n) ** (k + 1) - sum(math.comb(k + 1, i) * s[i] for i in range(k))
+        s.append(acc / (k + 1))
+    return np.array([float(x) for x in s])
+
+
+def _psi(eps: Any) -> Any:
+    """-log1p(-eps) / eps (-> 1 as eps -> 0), eps in [0, 1)."""
+    xp = _xp(eps)
+    small = eps < 1e-8
+    safe = xp.where(small, 0.5, eps)
+    return xp.where(small, 1.0 + eps / 2, -xp.log1p(-safe) / safe)
+
+
+def _phi(x: Any) -> Any:
+    """-expm1(-x) / x (-> 1 as x -> 0), x >= 0."""
+    xp = _xp(x)
+    small = x < 1e-8
+    safe = xp.where(small, 1.0, x)
+    return xp.where(small, 1.0 - x / 2, -xp.expm1(-safe) / safe)
+
+
+def geometric_sums(eps: Any, n: Any, sums: np.ndarray | None = None, weighted: bool = False) -> Any:
+    """G_n(q) = sum_{j<n} q^j, or H_n(q) = sum_{j<n} (n - j) q^j if ``weighted``, q = 1 - eps.
+
+    eps in [0, 1) (elementwise, any shape); n broadcasts (int or array) for G, must be a Python
+    int for H (``sums`` = power_sums(n, SERIES_TERMS)). With L = -log(q), x = n L:
+    G = n phi(x) psi(eps); H = G + (n - G) / eps with n - G = sum_{j<n} (1 - e^{-jL}) from its
+    alternating series in L when x is small (no cancellation), else directly.
+    """
+    xp = _xp(eps)
+    big_l = eps * _psi(eps)
+    x = xp.multiply(n, big_l)
+    g = xp.multiply(n, _phi(x)) * _psi(eps)
+    if not weighted:
+        return g
+    if sums is None:
+        raise ValueError("the weighted sums H_n need sums = power_sums(n, SERIES_TERMS)")
+    small = x < _SMALL_X
+    # (n - G) / eps = psi * sum_{k>=1} (-1)^{k+1} L^{k-1} S_k / k!
+    l_small = xp.where(small, big_l, 0.0)
+    series_sum: Any = 0.0
+    for k in range(SERIES_TERMS, 0, -1):  # Horner in L
+        series_sum = series_sum * l_small + (-1) ** (k + 1) * sums[k] / math.factorial(k)
+    series_sum = series_sum * _psi(eps)
+    eps_safe = xp.where(small, 1.0, eps)
+    direct = (n - g) / eps_safe
+    return g + xp.where(small, series_sum, direct)
+
+
+def pair_eps(eps: Any) -> Any:
+    """1 - rho_m rho_l for all pairs of rho = 1 - eps, shape (M, M)."""
+    return eps[:, None] + eps[None, :] - eps[:, None] * eps[None, :]
+
+
+def residues(eps_poles: Any, eps_zeros: Any, extra_power: int = 0) -> Any:
+    """A_m with P(x) / prod_m (1 - rho_m x) = sum_m A_m / (1 - rho_m x), P = prod_z (1 - zeta_z x),
+    in 1 - decay coordinates (eps = 1 - rho, 1 - zeta).
+
+    A_m = rho_m^extra_power prod_z (eps_z - eps_m) / prod_{l != m} (eps_l - eps_m), where the
+    extra power is (#poles - 1 - #zeros) (rho_m^(M-1-Z) from clearing 1/rho_m factors).
+    """
+    xp = _xp(eps_poles, eps_zeros)
+    diff_z = eps_zeros[None, :] - eps_poles[:, None]  # (M, Z)
+    diff_p = eps_poles[None, :] - eps_poles[:, None]  # (M, M)
+    diff_p = diff_p + xp.eye(eps_poles.shape[0])
+    res = xp.prod(diff_z, axis=1) / xp.prod(diff_p, axis=1)
+    if extra_power:
+        res = res * (1.0 - eps_poles) ** extra_power
+    return res
+
+
+def sum_squares(amps: Any, eps: Any, n: int, sums: np.ndarray | None, weighted: bool) -> Any:
+    """sum_{j<n} w_j s_j^2 for s_j = sum_m amps_m (1 - eps_m)^j, w = 1 or n - j."""
+    g = geometric_sums(pair_eps(eps), n, sums, weighted)
+    return amps @ g @ amps
+
+
+def decoder_terms(delta: Any, delta_inv: Any, eta: float, poles: Any) -> tuple[Any, Any]:
+    """(A, eps): b_j = sum_m A_m (1 - eps_m)^j, the first column of B = A C^{-1} for a workload
+    a(x) = eta / prod_p (1 - alpha_p x) and the BLT c = N / D, D = prod_i (1 - theta_i x),
+    N = prod_k (1 - theta'_k x) (delta = 1 - theta, delta_inv = 1 - theta'): b = eta D / (prod_p
+    (1 - alpha_p x) N), partial fractions over the poles (alpha, theta')."""
+    xp = _xp(delta, delta_inv)
+    eps_poles = xp.concatenate([xp.asarray(1.0 - np.asarray(poles, np.float64)), delta_inv])
+    return eta * residues(eps_poles, delta, extra_power=eps_poles.shape[0] - 1 - delta.shape[0]), eps_poles
+
+
+def sensitivity_squared(omega: Any, delta: Any, p: Participation) -> Any:
+    """sum_{i, j in P} X[i, j] for P = {0, b, ..., (m-1) b}, X = C^T C, C the BLT of scales omega and
+    decays 1 - delta (sens^2 when c is non-negative and non-increasing: omega >= 0, sum omega <= 1).
+
+    X[i, j] = sum_{t <= n-1-j} c_t c_{t+l} (l = j - i) = [l = 0] + [l > 0] c_l
+    + sum_{i', k} omega_i' omega_k theta_k^l G_{n-1-j}(theta_i' theta_k): O(m^2 d^2) for any n.
+    """
+    xp = _xp(omega, delta)
+    n, b, m = p.n, p.min_sep, p.reachable_participations
+    # Pairs (a b, (a + q) b): lag q b, last row index n - 1 - j, j = (a + q) b.
+    qs = np.concatenate([np.full(m - q, q) for q in range(m)])
+    js = np.concatenate([np.arange(q, m) for q in range(m)]) * b
+    lag = (qs * b).astype(np.float64)
+    count = (n - 1 - js).astype(np.float64)
+    weights = np.where(qs == 0, 1.0, 2.0)
+    log_theta = xp.log1p(-delta)
+    g = geometric_sums(pair_eps(delta)[None], count[:, None, None])  # (P, d, d)
+    theta_lag = xp.exp(lag[:, None] * log_theta[None, :])  # (P, d)
+    geo = xp.einsum("i,k,pk,pik->p", omega, omega, theta_lag, g)
+    c_lag = xp.exp(np.maximum(lag - 1.0, 0.0)[:, None] * log_theta[None, :]) @ omega
+    head = xp.where(lag == 0, 1.0, c_lag)
+    return xp.sum(weights * (geo + head))
+
+
+def rational_workload(workload: Workload) -> tuple[float, np.ndarray] | None:
+    """(eta, alpha) with a(x) = eta / prod_p (1 - alpha_p x), alpha in (0, 1], for a workload that
+    describes itself so (``Workload.rational``: prefix sums, momentum with a constant learning
+    rate), else None. Poles at 0 are factors 1 and are dropped; other poles (negative, above 1)
+    are outside the closed forms' geometric sums."""
+    rational = getattr(workload, "rational", None)
+    if rational is None or not workload.is_toeplitz:
+        return None
+    eta, poles = rational
+    alpha = np.asarray(poles, np.float64).reshape(-1)
+    alpha = alpha[alpha != 0.0]
+    if not (math.isfinite(eta) and np.all((alpha > 0) & (alpha <= 1))):
+        return None
+    return float(eta), alpha
+
+
 @registry.family
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class BLT(Strategy):
@@ -181,8 +330,41 @@ class BLT(Strategy):
         return _parallel_filter(theta_inv, omega_inv, z)
 
     def sensitivity(self, p: Participation) -> sens_lib.Sensitivity:
+        """sens(C, p): in closed form (``sensitivity_squared``, O(m^2 d^2), no array of length n)
+        when omega > 0 and, for m > 1 participations, c_1 = sum omega <= c_0 = 1 (then c is positive
+        and decreasing, so the pattern {0, b, ..., (m-1) b} is the worst and the value is exact;
+        for m = 1 it is the first column's norm, the largest); otherwise from the materialised
+        coefficients (``toeplitz_sensitivity``)."""
         self._check_participation(p)
+        theta, omega = np.asarray(self.theta), np.asarray(self.omega)
+        m = p.reachable_participations
+        if (np.all(omega > 0) and (m == 1 or float(np.sum(omega)) <= 1.0)
+                and m * (m + 1) // 2 * omega.size**2 <= CLOSED_FORM_PAIR_LIMIT):
+            value = float(sensitivity_squared(omega, 1.0 - theta, p))
+            if math.isfinite(value) and value >= 1.0:  # c_0 = 1: sens >= 1 whatever the pattern
+                return sens_lib.Sensitivity(math.sqrt(value), True, "blt-closed-form")
         return toeplitz_sensitivity(self, self.toeplitz_coeffs(), p)
+
+    def closed_form_decoder_norms(self, workload: Workload) -> tuple[float, float] | None:
+        """(||B||_F^2, ||B[n-1, :]||^2) of B = A C^{-1} for a rational workload (``rational_workload``)
+        and omega > 0: B is Toeplitz with b_j = sum_m A_m rho_m^j (``decoder_terms``), so
+        ||B||_F^2 = sum_j (n - j) b_j^2 = A^T H_n(rho rho^T) A and the last (largest) row's
+        sum_j b_j^2 = A^T G_n(rho rho^T) A: O(d^2), no array of length n. None otherwise."""
+        rational = rational_workload(workload)
+        if rational is None or workload.n != self.n or not np.all(np.asarray(self.omega) > 0):
+            return None
+        try:
+            theta_inv, _ = self.inverse()
+        except ValueError:
+            return None
+        eta, alpha = rational
+        with np.errstate(divide="ignore", invalid="ignore"):  # a pole of C^{-1} on a workload pole: None
+            amps, eps = decoder_terms(1.0 - np.asarray(self.theta), 1.0 - theta_inv, eta, alpha)
+            frobenius = float(sum_squares(amps, eps, self.n, power_sums(self.n, SERIES_TERMS), True))
+            last_row = float(sum_squares(amps, eps, self.n, None, False))
+        if not (math.isfinite(frobenius) and math.isfinite(last_row) and frobenius >= 0 and last_row >= 0):
+            return None
+        return frobenius, last_row
 
     def stream_table(self, dtype: Any) -> StreamTable:
         """"buffers-input": the inverse's (theta', omega') rounded to dtype, when C^{-1} is a real BLT;

@@ -24,6 +24,9 @@ REPORT_KEYS = {
     "problem", "iterations", "evaluations", "history", "objective_history", "initial_loss", "loss",
     "converged", "stopped", "interrupted", "compile_seconds", "optimize_seconds", "seconds",
     "sensitivity", "sensitivity_exact", "sensitivity_method", "rmse", "max_error",
+    # added with the tolerance stop and the buffers note (issue 16)
+    "tol", "tol_window", "stops", "buffers_requested", "buffers_kept", "buffers_dropped", "buffers_message",
+    "last_iterate_error", "objective_value",
 }
 DUAL_KEYS = {"formulation", "dual_bound", "duality_gap", "final_relative_change"}
 
