@@ -37,6 +37,9 @@ def decoder_norms(strategy: Strategy, workload: Workload) -> DecoderNorms:
     if workload.n != strategy.n:
         raise ValueError(f"workload has n={workload.n} but the strategy has n={strategy.n}")
     n = strategy.n
+    closed = strategy.closed_form_decoder_norms(workload)
+    if closed is not None:  # a Toeplitz B: its largest row is the last
+        return DecoderNorms(closed[0], closed[1], closed[1])
     b = _toeplitz_decoder(strategy, workload)
     if b is not None:
         sq = b * b
