@@ -20,7 +20,7 @@ from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import check_n
 from mfnoise.strategies import registry
 from mfnoise.strategies.base import Strategy, StreamTable, as_float64, round_to
-from mfnoise.strategies.toeplitz import toeplitz_sensitivity
+from mfnoise.strategies.toeplitz import majorant_bound, toeplitz_sensitivity
 
 
 @registry.family
@@ -59,8 +59,24 @@ class InverseToeplitz(Strategy):
         return series.apply(self.inverse_coeffs, z)
 
     def sensitivity(self, p: Participation) -> sens_lib.Sensitivity:
+        """sens(C, p) from C's coefficients c = 1 / r (``strategies.toeplitz.toeplitz_sensitivity``).
+
+        Exact where a proof applies: one reachable participation (the first column's norm, any
+        signs), or c non-negative and non-increasing (the closed form, worst pattern
+        {0, b, 2b, ...}); the closed form is never applied to other coefficients. Otherwise a
+        proven upper bound, exact=False: the majorant bound sens(E, p), E the Toeplitz matrix of
+        e_j = max_{l >= j} |c_l| (the bound the optimizer's loss minimises), or, for small n, the
+        dense routine where it is smaller. Where the generic routine would refuse (n too large
+        for the dense routine and the majorant bound more than ``MAJORANT_SLACK`` above a lower
+        bound), the majorant bound is returned: it is proven for any coefficients, so optimized
+        strategies (``mfnoise.optim.inverse_toeplitz``) always have a sensitivity.
+        """
         self._check_participation(p)
-        return toeplitz_sensitivity(self, self.toeplitz_coeffs(), p)
+        c = self.toeplitz_coeffs()
+        try:
+            return toeplitz_sensitivity(self, c, p)
+        except ValueError:
+            return majorant_bound(c, p)[0]
 
     def stream_table(self, dtype: Any) -> StreamTable:
         """One "input" row: C^{-1}[t, t - j] = r_j, rounded to dtype."""
