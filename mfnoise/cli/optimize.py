@@ -9,7 +9,7 @@ import sys
 
 from mfnoise.cli import schema
 from mfnoise.core import workloads
-from mfnoise.optim import problem
+from mfnoise.optim import objectives, problem
 from mfnoise.strategies import io
 
 _FAMILIES = problem.families()
@@ -21,6 +21,17 @@ DESCRIPTION = """Optimize a correlated-noise strategy and write it as a strategy
   mfnoise optimize --family blt --buffers 5 --n 1000000 --objective max --out blt.npz
   mfnoise optimize --family toeplitz --bands 64 --n 4096 --epochs 4 --out bt.npz --json
   mfnoise optimize --family banded --bands 32 --n 1024 --min-sep 64 --max-participations 8 --out b.npz
+  mfnoise optimize --family banded --n 2048 --workload momentum:0.9:wd=1e-4 --objective last-iterate --out w.npz
+
+Objectives (--objective): rmse, the error averaged over every step's model; max, the worst step's;
+last-iterate, the final model's only (sens * ||(A C^-1)[n-1, :]||). For a Toeplitz strategy on a
+Toeplitz workload (toeplitz, blt) max and last-iterate are the same objective.
+
+Workloads (--workload): prefix (SGD); momentum:BETA[:lr=ETA][:wd=LAMBDA] (heavy-ball momentum BETA,
+learning rate ETA, weight decay LAMBDA: theta <- (1 - ETA LAMBDA) theta - ETA m); with a schedule,
+momentum:BETA[:lr=ETA][:wd=LAMBDA]:cooldown:F (the last fraction F of the steps decays linearly to 0)
+or :warmup-cosine:W (ETA reached linearly over W steps, then cosine decay to 0). Constant learning
+rates give Toeplitz workloads (every family); schedules need banded or dense.
 
 The reported sensitivity, rmse and max_error are recomputed exactly from the optimized strategy
 (as `mfnoise evaluate FILE` does), never taken from the optimizer. A progress bar (stderr) shows
@@ -36,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bands", type=int, help="bands (banded, toeplitz)")
     parser.add_argument("--buffers", type=int, help="buffers (blt)")
     schema.add_workload(parser)
-    parser.add_argument("--objective", choices=["rmse", "max"], default="rmse",
-                        help="minimise rmse (default) or max_error")
+    parser.add_argument("--objective", choices=list(objectives.OBJECTIVES), default="rmse",
+                        help="minimise rmse (default), max_error or the last iterate's error (see above)")
     parser.add_argument("--out", required=True,
                         help="strategy file to write (.npz appended if missing); its folder must exist")
     parser.add_argument("--method", choices=["scipy", "optax"], default="scipy",
@@ -110,6 +121,7 @@ def run(args: argparse.Namespace) -> dict:
         **{k: v for k, v in result.params.items() if k in ("bands", "buffers")},
         "rmse": result.rmse,
         "max_error": result.max_error,
+        "last_iterate_error": result.last_iterate_error,
         "sensitivity": result.sensitivity,
         "sensitivity_exact": result.sensitivity_exact,
         "iterations": result.iterations,

@@ -20,7 +20,8 @@ def add_participation(parser: argparse.ArgumentParser, required: bool = True) ->
 
 def add_workload(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", default="prefix",
-                        help="prefix | momentum:BETA | momentum:BETA:cooldown:FRACTION (default prefix)")
+                        help="prefix | momentum:BETA[:lr=ETA][:wd=LAMBDA][:cooldown:FRACTION | :warmup-cosine:STEPS] "
+                             "(default prefix; e.g. momentum:0.9:wd=1e-4, momentum:0.9:lr=0.1:warmup-cosine:100)")
 
 
 def participation(args: argparse.Namespace) -> Participation:

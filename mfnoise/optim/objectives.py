@@ -58,7 +58,7 @@ class Weighted:
         bad = ~(np.isfinite(w) & (w >= 0))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"Weighted weights must be finite and non-negative, got weights[{i}]={w[i]!r}")
+            raise ValueError(f"Weighted weights must be finite and non-negative, got weights[{i}]={float(w[i])!r}")
         if not (w > 0).any():
             raise ValueError("Weighted weights are all zero: no step would count")
         w.setflags(write=False)

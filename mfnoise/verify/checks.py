@@ -46,6 +46,7 @@ from mfnoise.core import sensitivity as sens_lib
 from mfnoise.core import workloads
 from mfnoise.core.participation import Participation
 from mfnoise.library import index as library_index
+from mfnoise.optim.objectives import OBJECTIVES
 from mfnoise.strategies import band_storage, error, io
 from mfnoise.strategies.base import Strategy
 from mfnoise.strategies.registry import FAMILIES
@@ -117,23 +118,13 @@ def _schema(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[Strate
     if p.n != n:
         raise ValueError(f"participation has n={p.n}, strategy has n={n}")
     w = _workload(meta["workload"], n)
-    if meta.get("objective", "rmse") not in ("rmse", "max"):
-        raise ValueError(f"metadata objective={meta['objective']!r} is not 'rmse' or 'max'")
+    if meta.get("objective", "rmse") not in (*OBJECTIVES, "weighted"):
+        raise ValueError(f"metadata objective={meta['objective']!r} is not one of {(*OBJECTIVES, 'weighted')}")
     return strategy, p, w
 
 
 def _workload(d: dict[str, Any], n: int) -> workloads.Workload:
-    name = d.get("name")
-    if not isinstance(name, str):
-        raise ValueError(f"workload name {name!r} is not a string")
-    if d.get("n", n) != n:
-        raise ValueError(f"workload has n={d.get('n')}, strategy has n={n}")
-    if "learning_rates" in d:
-        parts = name.split(":")
-        if parts[0] != "momentum" or len(parts) < 2:
-            raise ValueError(f"workload {name!r} has learning rates but is not a momentum workload")
-        return workloads.momentum(n, float(parts[1]), np.asarray(d["learning_rates"], np.float64))
-    return workloads.parse(name, n)
+    return workloads.from_dict(d, n)  # learning rates and weight decay read back exactly
 
 
 # -- explicit columns and leading blocks of C ----------------------------------------------------
