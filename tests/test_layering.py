@@ -26,6 +26,7 @@ LAYERS = {
     "verify": 4,
     "planning": 4,
     "demo": 5,
+    "keras": 5,
     "cli": 6,
 }
 
