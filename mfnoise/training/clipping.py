@@ -103,6 +103,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
+from mfnoise.training.per_example import batch_size, shared_arguments
+
 TOLERANCE = 1e-3  # one example's contribution has norm <= l2_clip_norm * (1 + TOLERANCE)
 _ROUNDING_SHARE = 8e-4  # of TOLERANCE, for the rounding of an example's own rows in a ghost product
 _CERTIFIED = 1e-2  # a Gram-form value is used as is when its error bound E <= _CERTIFIED * value
@@ -635,17 +637,13 @@ class _Pass:
     acc: Any
 
 
-def _run(loss_fn: Callable[..., jax.Array], has_aux: bool, params: Any, batch: Any, args: tuple) -> _Pass:
+def _run(loss_fn: Callable[..., jax.Array], has_aux: bool, params: Any, batch: tuple, args: tuple,
+         where: str = "clipped_grad") -> _Pass:
+    """``batch``: the per-example arguments (a tuple, each with the leading batch axis); ``args``: shared."""
     leaves, treedef = jax.tree.flatten(params)
-    batch_leaves = jax.tree.leaves(batch)
-    if not batch_leaves:
-        raise ValueError("clipped_grad: the batch has no arrays to take the batch size from")
-    size = int(batch_leaves[0].shape[0])
-    for x in batch_leaves:
-        if x.shape[:1] != (size,):
-            raise ValueError(f"clipped_grad: batch leaves disagree on the batch size: shape {x.shape}, batch {size}")
+    size = batch_size(batch, where)
     acc = _accumulation_dtype(*[x.dtype for x in leaves])
-    flat_loss = lambda p, ex: loss_fn(jax.tree.unflatten(treedef, p), ex, *args)
+    flat_loss = lambda p, ex: loss_fn(jax.tree.unflatten(treedef, p), *ex, *args)
     one = jax.tree.map(lambda x: x[0], batch)
     closed, out_shape = jax.make_jaxpr(flat_loss, return_shape=True)(leaves, one)
     out_tree = jax.tree.structure(out_shape)
@@ -704,23 +702,27 @@ def _norms(run: _Pass, clip: float) -> jax.Array:
 
 
 def clipping_norms(loss_fn: Callable[..., jax.Array], l2_clip_norm: float) -> Callable[..., jax.Array]:
-    """Returns f(params, batch, *args) -> (B,) the norms ``clipped_grad(loss_fn, l2_clip_norm)`` clips
-    each example by (NaN or inf for a dropped example): each at least the norm of the example's exact
-    gradient (module docstring). For tests and diagnostics; ``clipped_grad`` computes them itself."""
+    """Returns f(params, *examples, shared=()) -> (B,) the norms ``clipped_grad(loss_fn, l2_clip_norm)``
+    clips each example by (NaN or inf for a dropped example): each at least the norm of the example's
+    exact gradient (module docstring). Arguments as for ``clipped_grad``. For tests and diagnostics;
+    ``clipped_grad`` computes them itself."""
     clip = _check_clip_norm(l2_clip_norm)
 
-    def f(params: Any, batch: Any, *args: Any) -> jax.Array:
-        return jnp.sqrt(_norms(_run(loss_fn, False, params, batch, args), clip))
+    def f(params: Any, *examples: Any, shared: Any = ()) -> jax.Array:
+        args = shared_arguments(shared, "clipping_norms")
+        return jnp.sqrt(_norms(_run(loss_fn, False, params, examples, args, "clipping_norms"), clip))
 
     return f
 
 
-def ghost_leaves(loss_fn: Callable[..., jax.Array], params: Any, example: Any, *args: Any) -> list[str]:
+def ghost_leaves(loss_fn: Callable[..., jax.Array], params: Any, *example: Any, shared: Any = ()) -> list[str]:
     """The parameter leaves (``jax.tree_util.keystr`` paths, sorted) that ``clipped_grad`` handles by
-    ghost norms for ``loss_fn(params, example, *args)``; all others are materialised per example."""
+    ghost norms for ``loss_fn(params, *example, *shared)``, ``example`` ONE example's arguments (no
+    batch axis); all others are materialised per example."""
     leaves, treedef = jax.tree.flatten(params)
     acc = _accumulation_dtype(*[x.dtype for x in leaves])
-    flat_loss = lambda p, ex: loss_fn(jax.tree.unflatten(treedef, p), ex, *args)
+    args = shared_arguments(shared, "ghost_leaves")
+    flat_loss = lambda p, ex: loss_fn(jax.tree.unflatten(treedef, p), *ex, *args)
     closed = jax.make_jaxpr(flat_loss)(leaves, example)
     names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     return sorted(names[g.leaf] for g in _ghost_plan(closed, len(leaves)).values() if _usable(g, acc))
@@ -731,19 +733,23 @@ def clipped_grad(
     l2_clip_norm: float,
     has_aux: bool = False,
 ) -> Callable[..., Any]:
-    """Returns f(params, batch, *args) -> ClippedSum (and the per-example aux if ``has_aux``).
+    """Returns f(params, *examples, shared=()) -> ClippedSum (and the per-example aux if ``has_aux``).
 
-    ``loss_fn(params, example, *args)`` is the loss of ONE example (no batch axis), as for
-    ``mfnoise.training.per_example.per_example_grads``; ``batch`` is a pytree of arrays with a leading batch
-    axis B; ``args`` are shared by all examples. The result's ``grads`` equal
-    ``clipped_sum(per_example_grads(loss_fn)(params, batch), l2_clip_norm)`` up to float rounding,
-    computed by ghost clipping where the loss allows it; each example is clipped by an upper bound on
-    its norm, and contributes at most l2_clip_norm * (1 + TOLERANCE) (module docstring). Jittable.
+    ``loss_fn(params, *example, *shared)`` is the loss of ONE example (no batch axis), as for
+    ``mfnoise.training.per_example.per_example_grads``. Every positional argument after params is
+    per-example: a pytree whose leaves all have the same leading batch axis B, row b being example
+    b's (``f(params, x, y)`` pairs x[b] with y[b]); one that has not (a scalar, another leading
+    size) is refused with an error naming it and its shape. ``shared`` (keyword only, a tuple) holds
+    the arguments every example sees whole, passed after the example's. The result's ``grads`` equal
+    ``clipped_sum(per_example_grads(loss_fn)(params, *examples, shared=shared), l2_clip_norm)`` up to
+    float rounding, computed by ghost clipping where the loss allows it; each example is clipped by
+    an upper bound on its norm, and contributes at most l2_clip_norm * (1 + TOLERANCE) (module
+    docstring). Jittable.
     """
     clip = _check_clip_norm(l2_clip_norm)
 
-    def f(params: Any, batch: Any, *args: Any) -> Any:
-        run = _run(loss_fn, has_aux, params, batch, args)
+    def f(params: Any, *examples: Any, shared: Any = ()) -> Any:
+        run = _run(loss_fn, has_aux, params, examples, shared_arguments(shared, "clipped_grad"))
         scale, finite = clip_weights(_norms(run, clip), clip)
         out = list(run.leaves)
         for i, x in zip(run.dense, run.g_dense):
