@@ -18,7 +18,9 @@ library strategy without the budget."""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, required=True, help="number of training steps")
-    parser.add_argument("--epochs", type=int, required=True, help="epochs of fixed cyclic batches")
+    parser.add_argument("--epochs", type=int, required=True,
+                        help="epochs of fixed cyclic batches (not in the library's 1, 2, 4, ..., 64: the entries "
+                             "for the next library epochs, their errors recomputed for these)")
     parser.add_argument("--params", type=int, required=True, help="number of model parameters")
     parser.add_argument("--memory-budget", type=int, help="bytes available for noise state (default: no limit)")
     parser.add_argument("--workload", default="prefix", help="prefix | momentum:0.9 (default prefix)")
@@ -41,6 +43,9 @@ def format_text(r: dict) -> str:
         f"  {r['relative_to_best']:.3f} x the best without a budget ({r['best_unconstrained']['name']}, "
         f"{r['best_unconstrained']['state_bytes']:,} bytes)",
     ]
+    if "built_for" in r:  # the library holds no entry for these epochs: one built for more, recomputed
+        lines.append(f"  built for {r['built_for']['epochs']} epochs; its sensitivity and errors recomputed for "
+                     f"{r['epochs']} epochs (a strategy for more participations stays valid for fewer)")
     if r.get("path"):
         lines.append(f"  file: {r['path']}")
     return "\n".join(lines)

@@ -172,6 +172,31 @@ class Participation:
             return False
         return all(j - i >= self.min_sep for i, j in zip(steps, steps[1:]))
 
+    def covers(self, other: Participation) -> bool:
+        """Whether every participation pattern of ``other`` is one of this schema's (same n).
+
+        Then sens(C, other) <= sens(C, self) for every strategy C (the sensitivity is a maximum over
+        patterns), so a strategy normalised or calibrated for this schema stays private, with noise
+        to spare, under ``other``. Exactly, with m = ``other.reachable_participations`` and b, b' the
+        min_seps of ``other`` and of this schema: when m = 1 always (singletons are patterns of every
+        schema); otherwise, for this schema min-sep: m <= its max_participations and b >= b' (the
+        patterns of ``other`` have up to m steps and gaps down to b); for this schema cyclic, all of
+        them must lie in one residue class mod b': ``other`` cyclic: b' divides b; ``other`` min-sep:
+        every gap in [b, n - 1] is a multiple of b', i.e. b' = 1 or b = n - 1 with b' dividing it.
+        In particular k' >= k participations with the same min_sep (min-sep) always cover k, and
+        k' cyclic epochs cover k < k' exactly when n // k' divides n // k.
+        """
+        if self.n != other.n:
+            return False
+        if other.reachable_participations == 1:
+            return True
+        b, mine = other.min_sep, self.min_sep
+        if not self.cyclic:
+            return other.reachable_participations <= self.max_participations and b >= mine
+        if other.cyclic:
+            return b % mine == 0
+        return mine == 1 or (b == self.n - 1 and b % mine == 0)
+
     def __str__(self) -> str:
         if self.cyclic:
             return f"{self.kind}(n={self.n}, epochs={math.ceil(self.n / self.min_sep)}, min_sep={self.min_sep})"

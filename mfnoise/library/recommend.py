@@ -2,12 +2,25 @@
 
 The noise generator keeps ``state_arrays`` parameter-sized arrays (BLT: buffers; banded and banded
 Toeplitz: bands - 1; DP-SGD's independent noise: none), so for P float32 parameters the state
-takes ``state_arrays * P * 4`` bytes. Among the library entries built for the same workload, n and
-number of epochs, and DP-SGD (identity, always feasible), ``recommend`` picks the one with the
-smallest error (rmse or max_error, noise multiplier 1, sensitivity-normalised) whose state fits
-``memory_budget``, and says how it compares with DP-SGD and with the best entry regardless of
-memory. Errors are at equal privacy: each is sens(C, p) times the decoder norm, so the noise
-multiplier that calibration gives applies to all of them alike.
+takes ``state_arrays * P * 4`` bytes. Among the library entries built for the same workload and n,
+and DP-SGD (identity, always feasible), ``recommend`` picks the one with the smallest error (rmse or
+max_error, noise multiplier 1, sensitivity-normalised) whose state fits ``memory_budget``, and says
+how it compares with DP-SGD and with the best entry regardless of memory. Errors are at equal
+privacy: each is sens(C, p) times the decoder norm, so the noise multiplier that calibration gives
+applies to all of them alike.
+
+Fewer epochs than the library's. The library holds k in 1, 2, 4, ..., 64 epochs. A strategy built
+for more participations stays a valid strategy for fewer: what privacy needs is its sensitivity
+under the schema the training really uses, sens(C, p), and that is recomputed here (exactly: a
+BLT's or a decreasing Toeplitz C's by the worst pattern {0, b, 2b, ...}, a banded C's with bands
+<= n // k' <= n // k by its column norms). So for k epochs that the library does not hold, the
+entries built for the nearest library epochs k' > k are offered, with their sensitivity, rmse and
+max_error recomputed for ``Participation.epochs(n, k)`` (``built_for`` keeps what the file stores);
+they are optimized for k', not k, so an entry optimized for k itself (``mfnoise optimize``) can only
+do better. The file's own stored sensitivity also bounds the one under k where the stored schema
+covers the user's (``Participation.covers``; for k' cyclic epochs: n // k' divides n // k), which
+``stored_schema_covers`` says; with ``dp_aggregate(..., participation=p)`` the noise is scaled by
+sens(C, p) in any case.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ from typing import Any
 from mfnoise.core import workloads
 from mfnoise.library.index import directory, entries, read_index
 from mfnoise.library.specs import schema
-from mfnoise.strategies import error
+from mfnoise.strategies import error, io
 from mfnoise.strategies.identity import Identity
 
 OBJECTIVE_KEYS = {"rmse": "rmse", "max": "max_error"}
@@ -43,20 +56,50 @@ def dp_sgd(n: int, epochs: int, workload: str = "prefix") -> dict[str, Any]:
             "rmse": rmse, "max_error": max_error, "sensitivity": sens, "path": None}
 
 
+@functools.lru_cache(maxsize=256)
+def _recomputed(path: str, sha256: str, workload: str, n: int, epochs: int) -> dict[str, Any]:
+    """sens, rmse and max_error of the strategy file at ``path`` (of digest ``sha256``, the cache key's
+    guard against a rebuilt file) under ``schema(n, epochs)``."""
+    r = error.evaluate(io.load(path), workloads.parse(workload, n), schema(n, epochs))
+    return {k: r[k] for k in ("rmse", "max_error", "sensitivity", "sensitivity_exact", "sensitivity_method")}
+
+
 def candidates(n: int, epochs: int, workload: str = "prefix",
                folder: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Library entries for (workload, n, epochs), then DP-SGD (``dp_sgd``), last."""
-    found = entries(folder, workload=workload, n=n, epochs=epochs)
-    if not found:
-        have = sorted({(e["workload"], e["n"], e["epochs"]) for e in read_index(folder)["strategies"]})
-        ns = sorted({x[1] for x in have if x[0] == workload})
-        es = sorted({x[2] for x in have if x[0] == workload and x[1] == n})
-        hint = (f"for n={n} it has epochs {es}" if es else f"it has n in {ns}") if ns else \
-            f"it has workloads {sorted({x[0] for x in have})}"
-        raise ValueError(f"the library holds no strategy for workload {workload!r}, n={n}, epochs={epochs}; "
+    """Library entries for (workload, n) built for the fewest epochs k' >= ``epochs``, then DP-SGD
+    (``dp_sgd``), last.
+
+    k' = epochs: the entries as stored. k' > epochs (the library holds no entry for these epochs):
+    each entry's sensitivity, rmse and max_error recomputed for ``schema(n, epochs)`` (module
+    docstring), with ``built_for`` (the stored schema and values) and ``stored_schema_covers``.
+    """
+    have = entries(folder, workload=workload, n=n)
+    built = sorted({e["epochs"] for e in have if e["epochs"] >= epochs})
+    if not built:
+        every = sorted({(e["workload"], e["n"], e["epochs"]) for e in read_index(folder)["strategies"]})
+        ns = sorted({x[1] for x in every if x[0] == workload})
+        es = sorted({x[2] for x in every if x[0] == workload and x[1] == n})
+        hint = (f"for n={n} it has epochs {es} (an entry built for more epochs also serves fewer)" if es
+                else f"it has n in {ns}") if ns else f"it has workloads {sorted({x[0] for x in every})}"
+        raise ValueError(f"the library holds no strategy for workload {workload!r}, n={n}, epochs={epochs} or more; "
                          f"{hint} (or run `mfnoise optimize`)")
     folder = directory() if folder is None else folder
-    out = [dict(e, path=os.fspath(os.path.join(folder, e["file"]))) for e in found]
+    nearest = built[0]
+    mine = schema(n, epochs)
+    out = []
+    for e in have:
+        if e["epochs"] != nearest:
+            continue
+        path = os.fspath(os.path.join(folder, e["file"]))
+        c = dict(e, path=path)
+        if nearest != epochs:
+            stored = schema(n, e["epochs"])
+            c["built_for"] = {"epochs": e["epochs"], "max_participations": e["max_participations"],
+                              "min_sep": e["min_sep"], **{k: e[k] for k in ("rmse", "max_error", "sensitivity")}}
+            c["stored_schema_covers"] = stored.covers(mine)
+            c.update(_recomputed(path, e["sha256"], workload, n, epochs))
+            c.update(epochs=epochs, max_participations=mine.max_participations, min_sep=mine.min_sep)
+        out.append(c)
     return out + [dp_sgd(n, epochs, workload)]
 
 
@@ -90,6 +133,7 @@ def recommend(n: int, epochs: int, params: int, memory_budget: int | None = None
 
     out = {k: v for k, v in chosen.items() if k not in ("command", "digest", "sha256", "file")}
     out.update({
+        "built_for_epochs": cands[0]["built_for"]["epochs"] if "built_for" in cands[0] else epochs,
         "objective": objective,
         "error": chosen[key],
         "memory_budget": memory_budget,
