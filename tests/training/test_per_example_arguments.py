@@ -34,19 +34,25 @@ def _data(seed: int = 0):
     return x, y, params
 
 
-def _reference(x, y, params, clip: float | None, scale=1.0):
-    """(per-example grads, clipped sum) in float64 from the closed form, one example at a time."""
+def _per_example(x, y, params, scale=1.0) -> dict[str, np.ndarray]:
+    """Per-example gradients in float64 from the closed form, one example at a time."""
     gw, gb = [], []
     for b in range(x.shape[0]):
         r = float(x[b] @ params["w"] + params["b"] - y[b])
         gw.append(2 * r * scale * x[b])
         gb.append(2 * r * scale)
-    gw, gb = np.array(gw), np.array(gb)
-    if clip is None:
-        return {"w": gw, "b": gb}, None
-    norms = np.sqrt(np.sum(gw**2, axis=1) + gb**2)
-    s = np.minimum(1.0, clip / norms)
-    return {"w": gw, "b": gb}, {"w": (s[:, None] * gw).sum(0), "b": float((s * gb).sum())}
+    return {"w": np.array(gw), "b": np.array(gb)}
+
+
+def _norms(g: dict[str, np.ndarray]) -> np.ndarray:
+    return np.sqrt(np.sum(g["w"] ** 2, axis=1) + g["b"] ** 2)
+
+
+def _clipped(x, y, params, clip: float, scale=1.0) -> dict[str, np.ndarray]:
+    """The clipped sum sum_b min(1, clip / ||g_b||) g_b of ``_per_example``."""
+    g = _per_example(x, y, params, scale)
+    s = np.minimum(1.0, clip / _norms(g))
+    return {"w": (s[:, None] * g["w"]).sum(0), "b": np.array((s * g["b"]).sum())}
 
 
 def _f32(tree):
@@ -55,7 +61,7 @@ def _f32(tree):
 
 def test_per_example_y_gives_the_per_example_loop():
     x, y, params = _data()
-    want, _ = _reference(x, y, params, None)
+    want = _per_example(x, y, params)
     got = jax.jit(per_example_grads(loss))(_f32(params), _f32(x), _f32(y))
     for k in want:
         np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=2e-5, atol=1e-5)
@@ -67,26 +73,25 @@ def test_per_example_y_gives_the_per_example_loop():
 @pytest.mark.parametrize("clip", [0.5, 1e3])  # most examples clipped / none clipped
 def test_clipped_grad_with_per_example_y_equals_the_clipped_loop(clip):
     x, y, params = _data(1)
-    _, want = _reference(x, y, params, clip)
+    want = _clipped(x, y, params, clip)
     got = jax.jit(clipped_grad(loss, clip))(_f32(params), _f32(x), _f32(y))
     assert got.batch_size == B and int(got.nonfinite) == 0
     # Over-clipping (norm bounds slightly above the true norm) is at most ~1e-4 relative here.
     for k in want:
         np.testing.assert_allclose(np.asarray(got.grads[k]), want[k], rtol=1e-3, atol=1e-5)
     norms = np.asarray(clipping_norms(loss, clip)(_f32(params), _f32(x), _f32(y)))
-    exact = np.sqrt(np.sum(_reference(x, y, params, None)[0]["w"] ** 2, axis=1)
-                    + _reference(x, y, params, None)[0]["b"] ** 2)
+    exact = _norms(_per_example(x, y, params))
     assert np.all(norms >= exact * (1 - 1e-6)) and np.all(norms <= exact * 1.01)
 
 
 def test_shared_arguments_are_passed_whole_to_every_example():
     x, y, params = _data(2)
     scale = np.array(0.25)  # shared: the loss of example b is scale * r_b^2
-    _, want = _reference(x, y, params, 0.7, scale=0.25)
+    want = _clipped(x, y, params, 0.7, scale=0.25)
     got = clipped_grad(loss, 0.7)(_f32(params), _f32(x), _f32(y), shared=(_f32(scale),))
     for k in want:
         np.testing.assert_allclose(np.asarray(got.grads[k]), want[k], rtol=1e-3, atol=1e-5)
-    want_pe, _ = _reference(x, y, params, None, scale=0.25)
+    want_pe = _per_example(x, y, params, scale=0.25)
     got_pe = jax.jit(per_example_grads(loss))(_f32(params), _f32(x), _f32(y), shared=[_f32(scale)])
     np.testing.assert_allclose(np.asarray(got_pe["w"]), want_pe["w"], rtol=2e-5, atol=1e-5)
 
@@ -101,7 +106,7 @@ def test_a_shared_array_of_batch_length_is_shared_only_when_said():
         return jnp.mean(weights) * (x @ params["w"] + params["b"] - y) ** 2
 
     got = per_example_grads(weighted)(_f32(params), _f32(x), _f32(y), shared=(_f32(weights),))
-    want, _ = _reference(x, y, params, None, scale=float(np.mean(weights)))
+    want = _per_example(x, y, params, scale=float(np.mean(weights)))
     np.testing.assert_allclose(np.asarray(got["w"]), want["w"], rtol=2e-5, atol=1e-5)
 
 
