@@ -19,12 +19,41 @@ pattern the schema allows. Two samplers, both deterministic from a seed and both
   k < ceil(n / b) an example is retired after its k-th realised participation (its later slots
   are masked out): given everything released before a round, its inclusion probability is then
   q times the chance it is not yet retired, at most q; and it never takes part more than k times.
+* ``poisson_batches``: step t includes each of the dataset_size examples independently with
+  probability q = batch_size / dataset_size, fresh coins every step (DP-SGD's Poisson
+  subsampling). It honours no separation: an example may take part in adjacent steps, so only
+  schemas with min_sep = 1 are accepted (any k; under k < n an example is retired after its k-th
+  participation as above). Its accounting is per step (amplified by q), not by a schema's
+  sensitivity.
+* ``balls_in_bins_batches``: b = min_sep bins; every example goes into one bin c, uniformly at
+  random and independently of the others, and takes part in exactly the steps {c, c + b, ...}:
+  one uniformly random step per epoch of b steps, at the same position in every epoch. This is
+  balls-in-bins as "Near Exact Privacy Amplification for Matrix Mechanisms" (Choquette-Choo et
+  al. 2024, arXiv:2410.06266) and jax-privacy's ``BallsInBinsSampling`` define it; for one epoch
+  it is the sampler of "Balls-and-Bins Sampling for DP-SGD" (Chua et al. 2025,
+  arXiv:2412.16802). Every pattern is the cyclic pattern of its bin, so it honours the cyclic
+  schema ``Participation.epochs(n, n // b)``: k = ceil(n / b), min_sep = b exactly (a redraw of
+  the bins every epoch would give min_sep 1 across an epoch boundary; it is not this sampler, and
+  its multi-epoch matrix-mechanism accounting is not in the literature we found). Batch sizes are
+  random (Binomial(dataset_size, 1 / b) per bin); a bin may be empty.
+* ``b_min_sep_batches``: b-min-sep sampling for BandMF (arXiv:2602.09338, as jax-privacy's
+  Monte Carlo sample generation for that paper implements it; the paper's own text was not in
+  the stored corpora): every example independently, at every step t at which it did not take
+  part in any of the steps t - b + 1 .. t - 1, takes part with probability p. Consecutive
+  participations are therefore at least b = min_sep apart (it honours min-sep(n, k, b); under
+  k < ceil(n / b) an example is retired after its k-th participation). An example takes part in
+  about a fraction 1 / (b - 1 + 1 / p) of the steps, so p = batch_size / (dataset_size -
+  (b - 1) batch_size) gives an expected batch of batch_size once the start-up has passed (the
+  first b - 1 steps, when every example is eligible, are larger). b = 1 is Poisson sampling.
 
 Every sampler builds its candidate plan and hands it to one shared step (``_finish``) that
 retires each example after k participations and then runs ``check``: a plan that breaks the
 schema is never returned (a ValueError says why). ``check(plan, participation)`` scans a plan and
 raises (one summary line, then the details) on every example that takes part more than k times,
 twice in one step, closer than min_sep, or (cyclic schema) outside one residue class mod b; on
+participations the plan's own sampler cannot produce (``plan.sampling``: balls-in-bins, every
+example in exactly every step of its bin's residue class; b-min-sep, consecutive participations
+at least the plan's min_sep apart); on
 a plan whose number of steps is not the schema's n; and on a step that is structurally empty
 (no draw of the sampler's coins can put any example in it). ``check(..., raise_on_error=False)``
 returns the ``PlanCheck`` report instead, with the count of each kind of violation.
@@ -57,7 +86,7 @@ import numpy as np
 
 from mfnoise.core.participation import Participation, check_participation
 
-SAMPLERS = ("cyclic", "cyclic-poisson")
+SAMPLERS = ("cyclic", "cyclic-poisson", "poisson", "balls-in-bins", "b-min-sep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +94,13 @@ class PlanIdentity:
     """What a batch plan is made from, to refuse resuming a run with a different one.
 
     Attributes:
-      sampler: "cyclic" or "cyclic-poisson".
+      sampler: one of ``SAMPLERS``.
       seed: the sampler's seed.
       dataset_size: number of examples.
       participation: the schema the plan honours.
-      batch_size: the expected batch size asked of cyclic Poisson sampling (None for "cyclic").
-      sampling_probability: q (1.0 for "cyclic").
+      batch_size: the expected batch size asked of (cyclic) Poisson or b-min-sep sampling (None for
+        "cyclic" and "balls-in-bins").
+      sampling_probability: q, the probability of a coin (1.0 for "cyclic" and "balls-in-bins").
       digest: sha256 (hex) of the plan's participations, batch by batch (see ``BatchPlan.digest``):
         equal inputs must give an equal plan, and this catches a sampler that changed between two
         mfnoise versions.
@@ -138,9 +168,11 @@ class BatchPlan:
       mask: (n, capacity) bool, True where the slot holds a real participation.
       dataset_size: number of examples.
       min_sep: b, the number of groups (step t uses group t mod b).
-      sampling: "cyclic" or "cyclic-poisson".
-      sampling_probability: q for "cyclic-poisson", 1.0 for "cyclic".
-      groups: (dataset_size,) the group of each example.
+      sampling: the sampler, one of ``SAMPLERS`` (``check`` verifies its definition where it can).
+      sampling_probability: q for "cyclic-poisson" and "poisson", the coin p for "b-min-sep", 1.0
+        for "cyclic" and "balls-in-bins".
+      groups: (dataset_size,) the group of each example (the bin for "balls-in-bins"; all 0 for
+        "poisson" and "b-min-sep").
       max_batch_sizes: (n,) the most examples any draw of the sampler's coins can put in each
         step; 0 marks a structurally empty step. None (a plan built by hand): the realised
         batch sizes, as for a deterministic plan.
@@ -167,10 +199,13 @@ class BatchPlan:
 
     @property
     def expected_batch_size(self) -> float:
-        """q times the group size, averaged over steps (before any retirement).
+        """q times the group size, averaged over steps (before any retirement); for b-min-sep the
+        long-run rate dataset_size / (b - 1 + 1 / p).
 
         It depends on the dataset size, which is private unless you declare it public: normalise
         updates by the batch size you state (for Poisson sampling, ``identity.batch_size``)."""
+        if self.sampling == "b-min-sep":  # long-run rate of the renewal process: 1 / (b - 1 + 1 / p)
+            return float(self.dataset_size / (self.min_sep - 1 + 1 / self.sampling_probability))
         sizes = np.bincount(self.groups, minlength=self.min_sep)[np.arange(self.n) % self.min_sep]
         return float(self.sampling_probability * sizes.mean())
 
@@ -325,6 +360,140 @@ def cyclic_poisson_batches(
     )
 
 
+def poisson_batches(
+    dataset_size: int,
+    participation: Participation,
+    batch_size: int,
+    seed: int = 0,
+) -> BatchPlan:
+    """Poisson sampling: step t includes each of the dataset_size examples independently with
+    probability q = batch_size / dataset_size, fresh coins at every step (module doc).
+
+    The schema must have min_sep = 1 (Poisson sampling may put an example in adjacent steps;
+    refused otherwise, naming the value). Under k < n an example is retired after its k-th
+    realised participation. The capacity is the largest realised batch (at least 1): nothing is
+    truncated, and the shape depends on the coins only, never on the data.
+    """
+    p = check_participation(participation)
+    d = _positive_int("dataset_size", dataset_size)
+    m = _positive_int("batch_size", batch_size)
+    if p.min_sep != 1:
+        raise ValueError(
+            f"Poisson sampling can put an example in adjacent steps, so it honours only min_sep=1, not "
+            f"min_sep={p.min_sep} of {p}: use Participation(n={p.n}, max_participations=..., min_sep=1), "
+            f"or cyclic_poisson_batches / b_min_sep_batches for a separated schema"
+        )
+    if m > d:
+        raise ValueError(f"batch_size={m} is larger than dataset_size={d}, so q = {m / d:.6g} > 1")
+    q = m / d
+    if q == 1 and p.max_participations < p.n:
+        raise ValueError(
+            f"batch_size={m} is the whole dataset, so q = 1 and every example takes part in all n={p.n} steps, "
+            f"more than max_participations={p.max_participations}"
+        )
+    rng = np.random.default_rng(_seed_seq(seed, 2))
+    # |B_t| ~ Binomial(d, q), then a uniform subset of that size: the same law as d fresh coins,
+    # at O(|B_t|) cost per step instead of O(d)
+    sizes = rng.binomial(d, q, size=p.n)
+    steps, examples = _uniform_subsets(sizes, d, rng)
+    indices, mask = _table(steps, examples, p.n)
+    return _finish(
+        p, sampler="poisson", seed=seed, dataset_size=d, indices=indices, mask=mask,
+        groups=np.zeros(d, dtype=np.int64), sampling_probability=q, batch_size=m,
+        # with q < 1 any example may be in any step (a retired one's earlier coins could have failed)
+        max_batch_sizes=np.full(p.n, d) if q < 1 else None,
+    )
+
+
+def balls_in_bins_batches(dataset_size: int, participation: Participation, seed: int = 0) -> BatchPlan:
+    """Balls-in-bins: b = min_sep bins, each example in one uniformly random bin c (independently
+    of the others), taking part in every step c, c + b, ... (module doc; Choquette-Choo et al.
+    2024, arXiv:2410.06266). Shape (n, largest bin), masked.
+
+    Honours the cyclic schema of b groups: k = ceil(n / b), min_sep = b. Refused (ValueError)
+    when the schema allows fewer participations (retiring examples would leave steps k b ..
+    n - 1 empty, as for ``cyclic_batches``). The bins are random, so a step's batch may be empty,
+    but no step is structurally empty: any example may land in any bin.
+    """
+    p = check_participation(participation)
+    d = _positive_int("dataset_size", dataset_size)
+    b, k, rounds = p.min_sep, p.max_participations, -(-p.n // p.min_sep)
+    if k < rounds:
+        raise ValueError(
+            f"balls-in-bins over min_sep={b} bins puts each example in steps c, c + {b}, ... : up to "
+            f"ceil(n / min_sep) = {rounds} times for n={p.n}, more than max_participations={k}. "
+            f"Use n <= {k * b} steps, max_participations >= {rounds} or min_sep >= {-(-p.n // k)}"
+        )
+    bins = np.random.default_rng(_seed_seq(seed, 3)).integers(0, b, size=d)
+    members, member_mask = _group_table(bins, b)
+    step_group = np.arange(p.n) % b
+    return _finish(
+        p, sampler="balls-in-bins", seed=seed, dataset_size=d, indices=members[step_group],
+        mask=member_mask[step_group], groups=bins, sampling_probability=1.0, batch_size=None,
+        max_batch_sizes=np.full(p.n, d),
+    )
+
+
+def b_min_sep_probability(dataset_size: int, batch_size: int, min_sep: int) -> float:
+    """p = batch_size / (dataset_size - (min_sep - 1) batch_size): the b-min-sep coin whose
+    long-run expected batch is batch_size (an example takes part in a fraction
+    1 / (b - 1 + 1 / p) of the steps). Must lie in (0, 1); p = 1 (dataset_size = b batch_size)
+    is deterministic and leaves the steps between 0, b, 2b, ... empty, so it is refused too."""
+    d = _positive_int("dataset_size", dataset_size)
+    m = _positive_int("batch_size", batch_size)
+    b = _positive_int("min_sep", min_sep)
+    room = d - (b - 1) * m
+    if room <= m:
+        raise ValueError(
+            f"batch_size={m} is too large for b-min-sep sampling with min_sep={b} over dataset_size={d}: "
+            f"an example takes part in at most 1 of every {b} steps, so the expected batch is below "
+            f"dataset_size / min_sep = {d / b:.6g} (the coin p = batch_size / (dataset_size - (min_sep - 1) "
+            f"batch_size) must be < 1)"
+        )
+    return m / room
+
+
+def b_min_sep_batches(
+    dataset_size: int,
+    participation: Participation,
+    batch_size: int,
+    seed: int = 0,
+) -> BatchPlan:
+    """b-min-sep sampling (b = min_sep; arXiv:2602.09338, module doc): each example, at each step
+    at which it took part in none of the previous b - 1 steps, takes part with probability
+    p = ``b_min_sep_probability(dataset_size, batch_size, b)``, independently of everything else.
+
+    Drawn per example as a renewal process (the same law as one coin per eligible step): the
+    first participation is at G_1 - 1 and each next one at s + b - 1 + G_j, the G_j i.i.d.
+    Geometric(p) on {1, 2, ...}. Under k < ceil(n / b) an example is retired after its k-th
+    participation. The capacity is the largest realised batch.
+    """
+    p = check_participation(participation)
+    d = _positive_int("dataset_size", dataset_size)
+    b = p.min_sep
+    prob = b_min_sep_probability(d, batch_size, b)
+    rng = np.random.default_rng(_seed_seq(seed, 4))
+    rounds = -(-p.n // b)  # the most participations n steps allow
+    chunk = max(1, (1 << 22) // rounds)
+    steps_parts, example_parts = [], []
+    for start in range(0, d, chunk):
+        ex = np.arange(start, min(d, start + chunk))
+        waits = rng.geometric(prob, size=(ex.size, rounds))
+        # s_1 = G_1 - 1, s_{j+1} = s_j + (b - 1) + G_{j+1}
+        s = np.cumsum(waits + (b - 1), axis=1) - b
+        keep = s < p.n
+        steps_parts.append(s[keep])
+        example_parts.append(np.broadcast_to(ex[:, None], s.shape)[keep])
+    steps = np.concatenate(steps_parts)
+    examples = np.concatenate(example_parts)
+    indices, mask = _table(steps, examples, p.n)
+    return _finish(
+        p, sampler="b-min-sep", seed=seed, dataset_size=d, indices=indices, mask=mask,
+        groups=np.zeros(d, dtype=np.int64), sampling_probability=prob, batch_size=int(batch_size),
+        max_batch_sizes=np.full(p.n, d),
+    )
+
+
 def from_identity(identity: PlanIdentity | Mapping[str, Any]) -> BatchPlan:
     """The plan a saved identity describes, rebuilt by its sampler; refused (ValueError) unless the
     rebuilt plan's digest matches (the sampler changed since the identity was saved)."""
@@ -332,11 +501,14 @@ def from_identity(identity: PlanIdentity | Mapping[str, Any]) -> BatchPlan:
         identity = PlanIdentity.from_dict(identity)
     if identity.sampler == "cyclic":
         plan = cyclic_batches(identity.dataset_size, identity.participation, identity.seed)
+    elif identity.sampler == "balls-in-bins":
+        plan = balls_in_bins_batches(identity.dataset_size, identity.participation, identity.seed)
     else:
         if identity.batch_size is None:
-            raise ValueError("a saved cyclic-poisson identity needs its batch_size, got None")
-        plan = cyclic_poisson_batches(identity.dataset_size, identity.participation, identity.batch_size,
-                                      identity.seed)
+            raise ValueError(f"a saved {identity.sampler} identity needs its batch_size, got None")
+        sampler = {"cyclic-poisson": cyclic_poisson_batches, "poisson": poisson_batches,
+                   "b-min-sep": b_min_sep_batches}[identity.sampler]
+        plan = sampler(identity.dataset_size, identity.participation, identity.batch_size, identity.seed)
     plan.check_resume(identity)
     return plan
 
@@ -383,6 +555,7 @@ KINDS = {
     "gap": "pairs of consecutive steps of one example closer than min_sep",
     "residue": "pairs of consecutive steps of one example in different residue classes mod min_sep",
     "empty": "structurally empty steps",
+    "sampler": "participations the plan's sampler cannot produce",
 }
 
 
@@ -481,6 +654,7 @@ def check(
         report("residue", mixed.size, (
             f"example {examples[i]} takes part in steps {steps[i]} and {steps[i + 1]}, of different "
             f"residues mod min_sep={p.min_sep}: not a cyclic pattern" for i in mixed))
+    _check_sampler(plan, steps, examples, same, diff, report)
     if plan.max_batch_sizes is None:
         reach = mask.sum(axis=1)
     else:
@@ -499,6 +673,40 @@ def check(
     if raise_on_error:
         result.raise_if_invalid()
     return result
+
+
+def _check_sampler(plan: BatchPlan, steps: np.ndarray, examples: np.ndarray, same: np.ndarray, diff: np.ndarray,
+                   report: Any) -> None:
+    """The part of the plan's own sampler's definition a plan can show (``steps``/``examples``
+    sorted by example, then step; ``same``/``diff`` their consecutive comparisons).
+
+    balls-in-bins: example e takes part in exactly the steps t < n with t = groups[e] mod min_sep,
+    every one of them. b-min-sep: consecutive participations of one example at least the plan's
+    min_sep apart, whatever schema the plan is checked against. Poisson and cyclic samplers: their
+    coins leave nothing more to check on one plan (their sample statistics are tested instead)."""
+    b = max(int(plan.min_sep), 1)
+    if plan.sampling == "balls-in-bins":
+        groups = np.asarray(plan.groups, dtype=np.int64)
+        if groups.shape != (plan.dataset_size,):
+            report("sampler", 1, iter([f"a balls-in-bins plan needs one bin per example: groups has shape "
+                                       f"{groups.shape}, dataset_size={plan.dataset_size}"]))
+            return
+        wrong = np.flatnonzero(steps % b != groups[examples])
+        report("sampler", wrong.size, (
+            f"example {examples[i]} takes part in step {steps[i]}, outside its bin {groups[examples[i]]} "
+            f"(mod min_sep={b})" for i in wrong))
+        n = int(plan.indices.shape[0])
+        want = np.maximum(0, -(-(n - groups) // b))  # |{t < n : t = c mod b}| for bin c
+        got = np.bincount(examples, minlength=plan.dataset_size)
+        missing = np.flatnonzero(got != want)
+        report("sampler", missing.size, (
+            f"example {e} takes part {got[e]} times, but balls-in-bins puts it in all {want[e]} steps of "
+            f"bin {groups[e]}" for e in missing))
+    elif plan.sampling == "b-min-sep":
+        close = np.flatnonzero(same & (diff > 0) & (diff < b))
+        report("sampler", close.size, (
+            f"example {examples[i]} takes part in steps {steps[i]} and {steps[i + 1]}, closer than the "
+            f"b-min-sep sampler's min_sep={b}" for i in close))
 
 
 def _finish(
@@ -589,6 +797,42 @@ def _group_table(groups: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
     return members, mask
 
 
+def _uniform_subsets(sizes: np.ndarray, d: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, examples): for each step t a uniformly random subset of [0, d) of size sizes[t].
+
+    Draws with replacement, drops repeats within a step and draws the shortfall again until every
+    step has its size. Every step of this procedure treats the d labels alike, so the final
+    subset is uniform among those of its size (and the steps are independent)."""
+    n = sizes.size
+    keys = np.zeros(0, dtype=np.int64)  # t * d + e, unique
+    missing = sizes.astype(np.int64)
+    while missing.sum():
+        t = np.repeat(np.arange(n), missing)
+        keys = np.sort(np.concatenate([keys, t * d + rng.integers(0, d, size=t.size)]))
+        keys = keys[np.r_[True, keys[1:] != keys[:-1]]]  # (sort + diff: np.unique is far slower here)
+        missing = sizes - np.bincount(keys // d, minlength=n)
+    return keys // d, keys % d
+
+
+def _table(steps: np.ndarray, examples: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, capacity) indices and mask holding example ``examples[i]`` at step ``steps[i]``, each
+    step's examples in increasing order; capacity = the largest batch (at least 1)."""
+    steps = np.asarray(steps, dtype=np.int64)
+    examples = np.asarray(examples, dtype=np.int64)
+    width = int(examples.max(initial=0)) + 1
+    keys = np.sort(steps * width + examples)  # one int64 sort: by step, then example
+    steps, examples = keys // width, keys % width
+    sizes = np.bincount(steps, minlength=n)
+    capacity = max(int(sizes.max(initial=0)), 1)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    slots = np.arange(steps.size) - np.repeat(starts, sizes)
+    indices = np.zeros((n, capacity), dtype=np.int32)
+    mask = np.zeros((n, capacity), dtype=bool)
+    indices[steps, slots] = examples
+    mask[steps, slots] = True
+    return indices, mask
+
+
 def _steps_of(e: int, steps: np.ndarray, examples: np.ndarray) -> list[int]:
     """The first steps of example e (``examples`` sorted, ``steps`` sorted within each example)."""
     lo, hi = np.searchsorted(examples, [e, e + 1])
@@ -618,11 +862,15 @@ __all__ = [
     "PlanCheck",
     "PlanIdentity",
     "assign_groups",
+    "b_min_sep_batches",
+    "b_min_sep_probability",
+    "balls_in_bins_batches",
     "check",
     "cyclic_batches",
     "cyclic_poisson_batches",
     "from_identity",
     "pack",
+    "poisson_batches",
     "sampling_probability",
     "schedule",
 ]
