@@ -1,4 +1,4 @@
-"""The README's Optax snippet runs as written and trains: the documented usage cannot rot."""
+"""The README's training example (mfnoise.plan) runs as written and trains: the documented usage cannot rot."""
 
 from __future__ import annotations
 
@@ -19,16 +19,21 @@ def _block(heading: str) -> str:
     return match.group(1)
 
 
-def test_optax_snippet_runs_and_trains():
+def test_plan_example_runs_and_trains(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example saves plan.json in the working folder
     namespace: dict = {}
-    exec(compile(_block("### Training with correlated noise (Optax)"), str(README), "exec"), namespace)
-    params, x, y = namespace["params"], namespace["x"], namespace["y"]
+    exec(compile(_block("### Training: from a privacy budget to a run"), str(README), "exec"), namespace)
+    params, x, y, plan = namespace["params"], namespace["x"], namespace["y"], namespace["plan"]
     w = np.asarray(params["w"])
     assert np.all(np.isfinite(w))
     before = float(jnp.mean(y ** 2))
     after = float(jnp.mean((x @ params["w"] - y) ** 2))
     assert after < 0.5 * before, (before, after)
-    assert int(namespace["state"][0].noise.step) == namespace["p"].n  # one noise step per batch
+    assert int(namespace["state"].inner[0].noise.step) == plan.steps  # one noise step per batch
+    assert plan.epsilon <= 8.0
+    import mfnoise
+
+    assert mfnoise.planning.load(tmp_path / "plan.json").fingerprint == plan.fingerprint
 
 
 def test_ci_runs_the_readme_test_command():

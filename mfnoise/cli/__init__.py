@@ -15,7 +15,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
-COMMANDS = ["optimize", "evaluate", "calibrate", "library", "verify", "recommend", "demo"]
+COMMANDS = ["optimize", "evaluate", "calibrate", "library", "verify", "recommend", "plan", "demo"]
 
 
 def _available(names: Sequence[str] = COMMANDS) -> dict:
