@@ -1,0 +1,194 @@
+"""The inverse-toeplitz family's problem (optimized BISR, mfnoise/optim/inverse_toeplitz.py).
+
+Checked against independent computations (docs/design.md, "The mathematics"): the loss against the
+dense formula sens * ||A C^{-1}|| with C^{-1} built from r and sens from brute force over every
+pattern; the strategy's sensitivity against brute force, for coefficients whose C is not monotone
+(constructed, and optimized); the optimum against the closed-form BISR and BSR, both scored by
+mfnoise.strategies.error.evaluate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mfnoise
+from mfnoise import Participation
+from mfnoise.core import sensitivity as sens_lib
+from mfnoise.optim import inverse_toeplitz as it
+from mfnoise.optim import problem as problems
+from mfnoise.strategies import closed_forms, error
+from mfnoise.strategies.inverse_toeplitz import InverseToeplitz
+from tests.conftest import momentum_matrix, prefix_matrix, sensitivity_bounds, toeplitz_matrix
+
+SCHEMAS = [
+    ("single", 8, 1, 1, False),
+    ("cyclic", 8, 2, 4, True),
+    ("cyclic", 9, 3, 3, True),
+    ("min-sep", 8, 3, 2, False),
+]
+
+
+def _participation(kind: str, n: int, k: int, b: int) -> Participation:
+    if kind == "single":
+        return Participation.single(n)
+    if kind == "cyclic":
+        return Participation.epochs(n, k)
+    return Participation(n=n, max_participations=k, min_sep=b)
+
+
+def _dense_inverse(r: np.ndarray, n: int) -> np.ndarray:
+    """C^{-1} from r, and C by a dense solve (independent of the series routines)."""
+    return toeplitz_matrix(r, n)
+
+
+def _loss(prob, r: np.ndarray) -> float:
+    with jax.enable_x64(True):
+        v, _ = prob.value_and_grad(np.asarray(r[1:], np.float64) / it.STEP_SCALE)
+    return math.exp(float(v))
+
+
+@settings(max_examples=10, deadline=None)
+@given(schema=st.sampled_from(SCHEMAS), bands=st.integers(1, 4), objective=st.sampled_from(["rmse", "max"]),
+       workload=st.sampled_from(["prefix", "momentum:0.6"]), seed=st.integers(0, 2**31 - 1))
+def test_loss_is_the_dense_formula(schema, bands, objective, workload, seed):
+    """exp(loss) = S * ||A C^{-1}||_F / sqrt(n) (rmse) or S * max_i ||(A C^{-1})[i, :]|| (max), with
+    C^{-1} dense from r; S = sens(C, p) when one participation is reachable, else the majorant
+    sens(E, p), E >= 0 Toeplitz of e_j = max_{l>=j} |c_l|, brute-forced over every pattern (E^T E >= 0,
+    so the |X| sum is exact); and S >= the brute-force lower bound on sens(C, p)."""
+    kind, n, k, b, _ = schema
+    p = _participation(kind, n, k, b)
+    rng = np.random.default_rng(seed)
+    r = np.concatenate([[1.0], rng.uniform(-0.6, 0.3, bands - 1)])
+    w = mfnoise.workloads.parse(workload, n)
+    a = prefix_matrix(n) if workload == "prefix" else momentum_matrix(n, 0.6, np.ones(n))
+    cinv = _dense_inverse(r, n)
+    c = np.linalg.inv(cinv)
+    bmat = a @ cinv
+    truth = sensitivity_bounds(c, p)
+    if p.reachable_participations == 1:
+        s2 = truth["upper"]
+    else:
+        e = np.maximum.accumulate(np.abs(c[:, 0])[::-1])[::-1]
+        s2 = sensitivity_bounds(toeplitz_matrix(e, n), p)["upper"]
+        assert s2 >= truth["lower"] * (1 - 1e-12)
+    rows = np.einsum("ij,ij->i", bmat, bmat)
+    err = math.sqrt(rows.sum() / n) if objective == "rmse" else math.sqrt(rows.max())
+    prob = it.problem(w, p, objective=objective, bands=bands)
+    assert _loss(prob, r) == pytest.approx(math.sqrt(s2) * err, rel=1e-9)
+
+
+def test_loss_is_exact_at_the_closed_form_bisr():
+    """The closed-form BISR's C is non-negative and non-increasing for prefix and momentum
+    workloads (the module's Kaluza argument), so the loss at the start is its exact objective."""
+    n = 64
+    p = Participation.epochs(n, 4)
+    for workload in ("prefix", "momentum:0.9", "momentum:0.5"):
+        for bands in (4, 16):
+            w = mfnoise.workloads.parse(workload, n)
+            s = closed_forms.bisr(n, bands, w)
+            assert np.all(s.inverse_coeffs[1:] <= 0)
+            c = np.linalg.inv(_dense_inverse(s.inverse_coeffs, n))[:, 0]
+            assert np.all(c >= -1e-15) and np.all(np.diff(c) <= 1e-15)
+            prob = it.problem(w, p, bands=bands)
+            assert _loss(prob, s.inverse_coeffs) == pytest.approx(error.evaluate(s, w, p)["rmse"], rel=1e-9)
+
+
+# -- sensitivity of coefficients whose C is not monotone ----------------------------------------------
+NOT_MONOTONE = [
+    np.array([1.0, -1.2, 0.5]),  # c_1 = 1.2 > c_0
+    np.array([1.0, 0.5, -0.3]),  # c_1 < 0
+    np.array([1.0, -0.3, -0.6, 0.2]),
+]
+
+
+@pytest.mark.parametrize("r", NOT_MONOTONE, ids=range(len(NOT_MONOTONE)))
+@pytest.mark.parametrize("schema", SCHEMAS, ids=[s[0] + str(s[1:4]) for s in SCHEMAS])
+def test_sensitivity_never_below_brute_force(r, schema):
+    kind, n, k, b, _ = schema
+    p = _participation(kind, n, k, b)
+    s = InverseToeplitz(r, n)
+    c = np.linalg.inv(_dense_inverse(r, n))
+    assert not sens_lib.is_nonneg_nonincreasing(c[:, 0])
+    truth = sensitivity_bounds(c, p)
+    got = s.sensitivity(p)
+    assert got.value ** 2 >= truth["lower"] * (1 - 1e-12)
+    if got.exact:
+        assert got.value ** 2 == pytest.approx(truth["lower"], rel=1e-9)
+
+
+def test_sensitivity_falls_back_to_the_majorant_bound(monkeypatch):
+    """Where the dense routine is refused (large n) and the majorant bound is loose, the majorant
+    bound (proven for any coefficients) is returned, never below the truth."""
+    n = 9
+    p = Participation.epochs(n, 3)
+    s = InverseToeplitz(NOT_MONOTONE[0], n)
+
+    def refuse(self, p, why):
+        raise ValueError("refused for the test")
+
+    monkeypatch.setattr(InverseToeplitz, "_dense_sensitivity", refuse)
+    got = s.sensitivity(p)
+    assert not got.exact and got.method == "toeplitz-abs-majorant"
+    c = np.linalg.inv(_dense_inverse(s.inverse_coeffs, n))
+    e = np.maximum.accumulate(np.abs(c[:, 0])[::-1])[::-1]
+    assert got.value ** 2 == pytest.approx(sensitivity_bounds(toeplitz_matrix(e, n), p)["upper"], rel=1e-12)
+    assert got.value ** 2 >= sensitivity_bounds(c, p)["lower"]
+
+
+def test_optimized_coefficients_that_are_not_monotone_against_brute_force():
+    """An optimum whose C is not monotone (many participations, more bands than min_sep): the
+    reported sensitivity is a bound at or above brute force, and at or below the loss's bound."""
+    n = 10
+    p = Participation.epochs(n, 5)
+    s, res = mfnoise.optimize("prefix", p, "inverse-toeplitz", bands=6, progress=False)
+    c = np.linalg.inv(_dense_inverse(s.inverse_coeffs, n))
+    assert not sens_lib.is_nonneg_nonincreasing(c[:, 0])
+    truth = sensitivity_bounds(c, p)
+    assert res.sensitivity ** 2 >= truth["lower"] * (1 - 1e-12)
+    assert res.rmse <= math.exp(res.loss) * (1 + 1e-9)
+
+
+# -- never worse than the closed forms ----------------------------------------------------------------
+CASES = [
+    ("prefix", Participation.single(256), 8, "rmse"),
+    ("prefix", Participation.single(256), 16, "max"),
+    ("momentum:0.9", Participation.single(256), 8, "rmse"),
+    ("prefix", Participation.epochs(256, 4), 16, "rmse"),
+    ("momentum:0.9", Participation.epochs(256, 4), 16, "rmse"),
+    ("prefix", Participation(n=256, max_participations=4, min_sep=32), 16, "max"),
+    ("prefix", Participation.epochs(256, 16), 8, "rmse"),
+]
+
+
+@pytest.mark.parametrize("workload,p,bands,objective", CASES)
+def test_never_worse_than_closed_form_bisr_and_bsr(workload, p, bands, objective):
+    n = p.n
+    w = mfnoise.workloads.parse(workload, n)
+    s, res = mfnoise.optimize(w, p, "inverse-toeplitz", bands=bands, objective=objective, progress=False)
+    key = "rmse" if objective == "rmse" else "max_error"
+    got = error.evaluate(s, w, p)[key]
+    assert got == pytest.approx(res.rmse if key == "rmse" else res.max_error, rel=1e-12)
+    assert isinstance(s, InverseToeplitz) and s.inverse_bands == bands
+    for closed in (closed_forms.bisr(n, bands, w), closed_forms.bsr(n, bands, w)):
+        assert got <= error.evaluate(closed, w, p)[key] * (1 + 1e-9)
+
+
+def test_registered_and_checks_its_arguments():
+    assert "inverse-toeplitz" in problems.families()
+    w, p = mfnoise.workloads.prefix_sum(16), Participation.single(16)
+    with pytest.raises(ValueError, match="buffers"):
+        it.problem(w, p, buffers=3)
+    with pytest.raises(ValueError, match="bands=0"):
+        it.problem(w, p, bands=0)
+    with pytest.raises(ValueError, match="init"):
+        it.problem(w, p, bands=3, init=np.array([0.0, 1.0]))
+    prob = it.problem(w, p, bands=3, init=np.array([2.0, -1.0, 0.5, 9.0]))
+    np.testing.assert_allclose(prob.to_strategy(prob.x0).inverse_coeffs, [1.0, -0.5, 0.25])
+    with pytest.raises(ValueError, match="Toeplitz workload"):
+        it.problem(mfnoise.workloads.parse("momentum:0.9:warmup-cosine:4", 16), p, bands=3)
