@@ -9,6 +9,15 @@ banded with ``BANDED_BANDS`` bands for n <= ``BANDED_MAX_N``. A family sized by 
 where bands <= min_sep ("where it fits"), so that no two columns of one participation pattern
 overlap and its sensitivity is the exact column-norm one (docs/design.md, "The mathematics").
 
+Epochs not in ``EPOCHS``: a strategy built for more participations stays valid for fewer. Privacy
+needs its sensitivity under the schema actually trained with, which ``dp_aggregate(...,
+participation=p)`` and ``evaluate`` recompute for p; and where the entry's stored schema covers p
+(``Participation.covers``: every pattern of p is one of the stored schema's; k' >= k min-sep
+participations with the same min_sep always do, k' cyclic epochs cover k exactly when n // k'
+divides n // k) its stored sensitivity already bounds sens(C, p). ``recommend`` offers, for k epochs
+the grid lacks, the entries of the nearest k' > k with their sensitivity and errors recomputed for
+``schema(n, k)``; bands <= n // k' <= n // k keep a banded entry's sensitivity the exact column-norm one.
+
 Families are named by the strategy vocabulary (``Strategy.family``); ``banded-toeplitz``, the
 optimizer's former name for ``toeplitz``, is accepted as an alias. Entry names are identifiers of
 the shipped files and keep their historical family token (``prefix-n1000-e1-banded-toeplitz16-rmse``
