@@ -70,6 +70,12 @@ ROWS = {
                         quick_n=512, baseline_steps=10, baseline_full_only=True),
     "banded-8192": dict(family="banded", n=8192, schema=("single",), bands=64, objective="rmse",
                         target="works", quick_n=1024, baseline=False),
+    "bisr-1024-e4-b16": dict(family="inverse-toeplitz", n=1024, schema=("epochs", 4), bands=16, objective="rmse",
+                             target="rmse <= jax-privacy's (optimized BISR), both scored exactly", quick_n=512,
+                             baseline_steps=100),
+    "bisr-2048-e16-b32": dict(family="inverse-toeplitz", n=2048, schema=("epochs", 16), bands=32, objective="rmse",
+                              target="rmse <= jax-privacy's; its own loss (closed-form sensitivity) vs the truth",
+                              quick_n=512, baseline_steps=100),
     "dense-256": dict(family="dense", n=256, schema=("single",), objective="rmse",
                       target="rmse <= 2.52499 in < 10 s (jax-privacy: 70 s)", quick_n=64),
     "dense-1024-e4": dict(family="dense", n=1024, schema=("epochs", 4), objective="rmse",
@@ -147,6 +153,25 @@ def worker_jax_privacy(row, n, full: bool) -> dict:
             t, j = np.meshgrid(np.arange(n), np.arange(cols.shape[1]), indexing="ij")
             cols[t + j >= n] = 0.0
             strategy = mfnoise.Banded.normalized_columns(cols)
+        elif fam == "inverse-toeplitz":
+            # jax-privacy 2.0.0 (the newest release on the package index) has no
+            # optimize_banded_inverse_toeplitz; its later source composes these 2.0.0 functions the
+            # same way: L-BFGS (optimization.optimize) on r, loss = mean per-query error times the
+            # closed-form min-sep sensitivity of C = 1 / r (applied whether or not c is monotone).
+            from jax_privacy.matrix_factorization import optimization
+
+            min_sep = n // k if k > 1 else n
+
+            def loss_fn(r):
+                c = toeplitz.inverse_coef(r, n)
+                err = jnp.mean(toeplitz.per_query_error(noising_coef=r, n=n, workload_coef=jnp.ones(n),
+                                                        skip_checks=True))
+                return err * toeplitz.minsep_sensitivity_squared(c, min_sep=min_sep, n=n, skip_checks=True)
+
+            r0 = jnp.asarray(mfnoise.bisr(n, row["bands"]).inverse_coeffs)  # the closed form (not in 2.0.0)
+            r = optimization.optimize(loss_fn, r0, max_optimizer_steps=row.get("baseline_steps", 10))
+            claimed = float(jnp.sqrt(loss_fn(r)))
+            strategy = mfnoise.InverseToeplitz(np.asarray(r / r[0], np.float64), n)
         elif fam == "dense":
             c = dense.optimize(n, epochs=k)
             strategy = mfnoise.Dense(np.asarray(c, np.float64))
@@ -156,6 +181,8 @@ def worker_jax_privacy(row, n, full: bool) -> dict:
     seconds = time.perf_counter() - start
     out = {"seconds": seconds, **strategy.params()}
     out.update(_score(strategy, row, n))
+    if fam == "inverse-toeplitz":
+        out["claimed_loss"] = claimed  # jax-privacy's own rmse (its sensitivity formula), vs the exact "loss"
     return out
 
 
