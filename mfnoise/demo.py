@@ -9,7 +9,10 @@ Everything private goes through mfnoise:
 * strategies: ``mfnoise.optimize(workload, p, family="banded", bands=b)`` (BandMF) and
   ``family="blt"`` (BLT), for the workload the optimizer implies (SGD with momentum beta:
   ``workloads.momentum``); DP-SGD is ``Identity(n)``;
-* noise multiplier: ``mfnoise.calibrate(epsilon, delta, p)``: every strategy is normalised to
+* schema, batches and noise multiplier: ``mfnoise.plan(epsilon, delta, ..., mechanism="dp-sgd",
+  sampling="cyclic")`` (its ``batches(seed)`` and calibrated z; ``sampling="cyclic-poisson"`` for the
+  Poisson reference), and ``mfnoise.plan``'s own choice with its candidates table is printed first;
+  every strategy is normalised to
   sensitivity 1 by ``dp_aggregate``, so all methods share one noise multiplier (one Gaussian
   mechanism, "Multi-Epoch Matrix Factorization Mechanisms for Private Machine Learning",
   Choquette-Choo et al. 2023, arXiv:2211.06530);
@@ -89,6 +92,7 @@ class Config:
     validation_fraction: float = 0.15  # of the rest: picks each method's learning rate
     max_train: int | None = None  # use at most this many training examples (smoke tests)
     non_private: bool = True  # also train without noise, as the ceiling (not private)
+    plan_optimize_seconds: float = 5.0  # mfnoise.plan's optimizer budget for the candidates table
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -260,8 +264,9 @@ def make_trainer(strategy: Strategy, p: Participation, noise_multiplier: float, 
 def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
     """Trains every method of ``cfg`` at every learning rate for ``cfg.seeds`` seeds; each
     method's learning rate is picked by mean validation accuracy; returns the results dict."""
+    from mfnoise.planning.choose import plan as make_plan
+    from mfnoise.planning.report import candidates_table, summary
     from mfnoise.strategies.error import rmse
-    from mfnoise.training.accounting import calibrate
 
     log = log or (lambda s: None)
     start = time.perf_counter()
@@ -270,37 +275,41 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
     dataset_size = data.x_train.shape[0]
     p = batching.schedule(dataset_size, cfg.batch_size, cfg.epochs)
     workload = workloads.parse(cfg.workload_spec, p.n)
-    # Poisson sampling from the whole dataset: one group (b = 1), every step a round.
-    p_poisson = Participation(p.n, p.n, 1, cyclic=True)
     log(f"{dataset_size} training examples, batch {cfg.batch_size}, {cfg.epochs} epochs: n={p.n} steps, "
         f"b={p.min_sep} steps per epoch; (epsilon={cfg.epsilon:g}, delta={cfg.delta:g}), {cfg.accountant}")
     setups: dict[str, tuple] = {}
+    plan_args = {"dataset_size": dataset_size, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
+                 "optimizer": ("momentum", cfg.momentum) if cfg.momentum > 0 else "sgd",
+                 "accountant": cfg.accountant, "pld_discretization": cfg.pld_discretization, "l2_clip_norm": cfg.clip}
 
     def setup(sampling: str) -> tuple:
-        """(schema, noise multiplier, plans) of a sampling scheme, computed once."""
+        """(schema, noise multiplier, plans) of a sampling scheme, computed once: ``mfnoise.plan``'s
+        DP-SGD plan for that sampling gives the schema, the calibrated z and the batches of each seed
+        (fixed cyclic batches, or Poisson sampling from one group), which the other strategies share."""
         if sampling not in setups:
             t0 = time.perf_counter()
-            if sampling == "cyclic":
-                z = calibrate(cfg.epsilon, cfg.delta, p, accountant=cfg.accountant,
-                              pld_discretization=cfg.pld_discretization)
-                plans = [batching.cyclic_batches(dataset_size, p, seed) for seed in range(cfg.seeds)]
-                schema = p
-            else:
-                schema = p_poisson
-                z = calibrate(cfg.epsilon, cfg.delta, schema, sampling="cyclic-poisson", dataset_size=dataset_size,
-                              batch_size=cfg.batch_size, strategy=Identity(p.n), accountant=cfg.accountant,
-                              pld_discretization=cfg.pld_discretization)
-                plans = [batching.cyclic_poisson_batches(dataset_size, schema, cfg.batch_size, seed)
-                         for seed in range(cfg.seeds)]
-                # packed: pad to the largest sampled batch (over all seeds: one compilation), not to
-                # the whole dataset
-                capacity = max(batching.pack(plan).capacity for plan in plans)
+            made = make_plan(cfg.epsilon, cfg.delta, mechanism="dp-sgd",
+                             sampling="cyclic" if sampling == "cyclic" else "cyclic-poisson", **plan_args)
+            schema, z = made.participation, made.noise_multiplier
+            plans = [made.batches(seed).batch_plan for seed in range(cfg.seeds)]  # checked against the schema
+            if sampling == "poisson":
+                # one shape over all seeds (one compilation): the largest packed batch
+                capacity = max(plan.capacity for plan in plans)
                 plans = [batching.pack(plan, capacity) for plan in plans]
             for plan in plans:  # never train on batches that break the schema the sensitivity assumed
                 batching.check(plan, schema)
             setups[sampling] = (schema, z, plans, time.perf_counter() - t0)
             log(f"  {sampling} batches: noise multiplier {z:.5f} ({time.perf_counter() - t0:.1f} s)")
         return setups[sampling]
+
+    # what mfnoise.plan would choose for this model, and everything it compared
+    t0 = time.perf_counter()
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+        init_mlp(jax.random.key(0), (data.x_train.shape[1], cfg.hidden, 10))))
+    chosen = make_plan(cfg.epsilon, cfg.delta, params=n_params, optimize_seconds=cfg.plan_optimize_seconds,
+                       **plan_args)
+    log(f"mfnoise.plan ({time.perf_counter() - t0:.1f} s): {chosen.mechanism} with {chosen.sampling} sampling, "
+        f"noise multiplier {chosen.noise_multiplier:.5f}\n" + candidates_table(chosen.candidates))
 
     # the same initialisations for every method, and the same batches for every cyclic method
     seed_keys = [jax.random.split(jax.random.key(seed), 2) for seed in range(cfg.seeds)]
@@ -369,6 +378,9 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
     return {
         "results": results,
         "non_private": reference,
+        "plan": {"fingerprint": chosen.fingerprint, **summary(chosen),
+                 "candidates": [c.to_dict() for c in chosen.candidates],
+                 "candidates_table": candidates_table(chosen.candidates)},
         "config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods),
                    "learning_rates": list(cfg.learning_rates)},
         "dataset": "sklearn digits",
@@ -399,8 +411,9 @@ def _sweep(trainer: Callable, jdata: Data, learning_rates: Sequence[float], seed
 
 
 def plot(result: dict, path: str) -> str:
-    """Test accuracy after each epoch (mean ± std over seeds) per method, as an image (PNG, or the
-    format of ``path``'s extension), written atomically with the usual file mode."""
+    """Test accuracy after each epoch per method (the mean over seeds, and a shaded band of ± one
+    standard deviation over seeds), as an image (PNG, or the format of ``path``'s extension), written
+    atomically with the usual file mode."""
     fmt = plot_format(path)
     import matplotlib
 
@@ -408,11 +421,13 @@ def plot(result: dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for r in result["results"]:
+    for i, r in enumerate(result["results"]):
         mean, std = np.array(r["curve"]), np.array(r["curve_std"])
         epochs = np.arange(1, mean.size + 1)
         ax.plot(epochs, mean, marker="o", ms=3, label=f"{r['label']}: {r['accuracy']:.3f}")
-        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+        # the band is mean ± one standard deviation over the seeds (ddof 1), not min..max
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2, color=ax.lines[-1].get_color(),
+                        label=f"shaded: mean ± 1 std over {result['config']['seeds']} seeds" if i == 0 else None)
     ref = result.get("non_private")
     if ref:
         ax.plot(np.arange(1, len(ref["curve"]) + 1), ref["curve"], ls="--", color="gray",

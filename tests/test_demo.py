@@ -86,6 +86,25 @@ def test_demo_noise_multipliers_are_dp_accountings(smoke):
     assert by["blt"]["noise_rmse"] < by["dp-sgd"]["noise_rmse"]
 
 
+def test_demo_reports_mfnoise_plans_choice(smoke):
+    """The demo's batches and z come from mfnoise.plan, and it reports the plan's candidates."""
+    _, result, _ = smoke
+    plan = result["plan"]
+    by = {r["method"]: r for r in result["results"]}
+    rows = plan["candidates"]
+    chosen = [c for c in rows if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["mechanism"] == plan["mechanism"]
+    priced = [c for c in rows if c["dropped"] is None and c["accountant"] == "pld"]
+    assert chosen[0]["trajectory_rmse"] == min(c["trajectory_rmse"] for c in priced)
+    assert plan["epsilon"] <= 8.0 and plan["dataset_size"] == result["train_size"]
+    fixed = [c for c in rows if c["sampling"] == "cyclic" and c["noise_multiplier"] is not None]
+    assert all(c["noise_multiplier"] == by["dp-sgd"]["noise_multiplier"] for c in fixed)
+    from mfnoise.cli import demo as cli_demo
+
+    text = cli_demo.format_text(result)
+    assert "mfnoise.plan's choice" in text and plan["candidates_table"] in text
+
+
 def test_demo_text_table(smoke):
     from mfnoise.cli import demo as cli_demo
 

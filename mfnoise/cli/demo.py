@@ -124,5 +124,12 @@ def format_text(result: dict) -> str:
     lines.append("")
     lines.append("z: noise multiplier of the sensitivity-normalised mechanism (mfnoise.calibrate); z*sens: std of the")
     lines.append("noise Z in C G + Z per clip norm; noise rmse: rmse of the noise in the trajectory A G (clip units).")
+    plan = result.get("plan")
+    if plan:
+        lines.append("")
+        lines.append(f"mfnoise.plan's choice at these settings: {plan['mechanism']} with {plan['sampling']} sampling, "
+                     f"noise multiplier {plan['noise_multiplier']:.5f}, epsilon {plan['epsilon']:.6g}; candidates "
+                     "(traj. rmse: noise in the trajectory, clip units):")
+        lines.append(plan["candidates_table"])
     lines.append(f"total {result['seconds']:.1f} s" + (f"; plot: {result['plot']}" if result.get("plot") else ""))
     return "\n".join(lines)
