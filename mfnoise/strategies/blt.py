@@ -349,13 +349,16 @@ class BLT(Strategy):
         """(||B||_F^2, ||B[n-1, :]||^2) of B = A C^{-1} for a rational workload (``rational_workload``)
         and omega > 0: B is Toeplitz with b_j = sum_m A_m rho_m^j (``decoder_terms``), so
         ||B||_F^2 = sum_j (n - j) b_j^2 = A^T H_n(rho rho^T) A and the last (largest) row's
-        sum_j b_j^2 = A^T G_n(rho rho^T) A: O(d^2), no array of length n. None otherwise."""
+        sum_j b_j^2 = A^T G_n(rho rho^T) A: O(d^2), no array of length n. None otherwise (and when
+        an inverse decay theta' is not positive, or coincides with a workload pole)."""
         rational = rational_workload(workload)
         if rational is None or workload.n != self.n or not np.all(np.asarray(self.omega) > 0):
             return None
         try:
             theta_inv, _ = self.inverse()
         except ValueError:
+            return None
+        if not np.all(theta_inv > 0):  # the geometric sums take ratios in (0, 1]
             return None
         eta, alpha = rational
         with np.errstate(divide="ignore", invalid="ignore"):  # a pole of C^{-1} on a workload pole: None
