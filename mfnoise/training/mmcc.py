@@ -1,0 +1,520 @@
+"""MMCC: a provable accountant for the matrix mechanism under Poisson sampling, for any
+lower-triangular C with non-negative entries.
+
+"Privacy Amplification for Matrix Mechanisms" (Choquette-Choo, Ganesh, Steinke, Thakurta, ICLR
+2024, arXiv:2310.15526). The mechanism releases y = C x + sigma z, z ~ N(0, I_n), where x_j in
+{0, 1} says whether the protected example was sampled at step j (independently, with probability
+p_j: p_j = q for Poisson sampling; q on one residue class mod b and 0 elsewhere for cyclic
+Poisson sampling), its clipped gradient contributing at most 1 per step, and sigma the noise
+standard deviation in clip-norm units. For a C with non-negative entries the paper reduces the
+adaptive, vector-valued mechanism to this scalar one (the worst case sends every gradient along
+one unit vector; its Corollary 4.7 replaces a vector mixture of Gaussians by the scalar one of the
+norms). Without the example the release is N(0, sigma^2 I).
+
+**Conditional composition** (the paper's Theorem 3.1). Row i, given the rows before it, is a
+mixture of Gaussians: y_i | y_{<i} ~ E[N(C_i x, sigma^2) | y_{<i}] against N(0, sigma^2). If on an
+event G_i of y_{<i} that row is dominated by a fixed pair (P_i, Q_i), and the event fails with
+probability at most delta_i under either neighbour, the whole release is dominated by the
+composition of the (P_i, Q_i) up to an additive sum_i delta_i.
+
+**The fixed pair of row i**, derived here step by step (the paper's route; each step is an upper
+bound):
+
+1. Given y_{<i} and the other coordinates x_{-j}, the posterior odds of x_j = 1 are
+   p_j / (1 - p_j) * exp(<c_j, y - C x_{-j}> / sigma^2 - ||c_j||^2 / (2 sigma^2)), c_j the column j
+   of C restricted to rows < i. With C >= 0 and x >= 0, <c_j, C x_{-j}> >= 0, so the odds are at
+   most p_j / (1 - p_j) * exp(L_ij), L_ij = <c_j, y_{<i}> / sigma^2 - ||c_j||^2 / (2 sigma^2),
+   whatever x_{-j}.
+2. On G_i = {L_ij <= eps_ij for all j < i}: P(x_j = 1 | x_{-j}, y_{<i}) <= pt_ij = p_j e^eps_ij /
+   (p_j e^eps_ij + 1 - p_j); drawing x_0, x_1, ... in turn, each conditional is an average of
+   these, so x_{<i} | y_{<i} is coupled below (coordinatewise) independent Bernoulli(pt_ij); x_i is
+   Bernoulli(p_i), independent of y_{<i}. With C >= 0, C_i x <= S_i = sum_{j <= i} C_ij B_j with
+   independent B_j ~ Bernoulli(pt_ij) (pt_ii = p_i).
+3. A mixture of N(c, sigma^2) over c >= 0 against N(0, sigma^2): its optimal tests are half-lines
+   (the likelihood ratio is increasing), on which N(c) is monotone in c, so a stochastically
+   larger c dominates in both directions. Row i is therefore dominated by the mixture-of-Gaussians
+   mechanism of S_i: dp-accounting's ``from_mixture_gaussian_mechanism``.
+4. eps_ij: under the neighbour with the example, L_ij = sum_l G_jl x_l / sigma^2 - s^2 / 2 + s N(0,
+   1), G = C_{<i}^T C_{<i}, s^2 = G_jj / sigma^2; without it, the sum is absent (stochastically
+   smaller). Chernoff: P(L > eps) <= exp(-lambda eps) E exp(lambda L) = exp(-lambda eps + (lambda^2 -
+   lambda) s^2 / 2 + sum_l log(1 - p_l + p_l exp(lambda G_jl / sigma^2))); eps_ij is its smallest
+   value over a grid of lambda at P = delta_1, delta_1 = tail_delta / (number of pairs j < i with
+   p_j > 0), a union bound, so sum_i delta_i <= tail_delta under either neighbour.
+
+**Pessimistic discretisation throughout.** Each C_ij is rounded up to a multiple of the
+sensitivity grid h (a stochastically larger S_i); the distribution of S_i is kept on ``bins``
+grid points, any mass beyond going to one component at the row's largest possible sum (larger
+still); dp-accounting's PLD rounds privacy losses up (``pessimistic_estimate``). The result:
+(epsilon, delta)-DP with epsilon = PLD epsilon of the composed rows at delta - tail_delta.
+
+**Structure and cost.** General C: G = C^T C (O(n^3) flops), eps_j from the full columns (for
+lambda >= 1 the Chernoff bound only grows with more rows, entries >= 0, so one eps_j serves every
+row), O(n^2 * bins) for the row distributions and n mixture PLDs composed (O(n) PLD builds and FFT
+compositions). Toeplitz C (C_ij = c_{i-j}: BLT, BISR, banded Toeplitz) under Poisson sampling:
+L_{i,i-k} depends on the lag k only (its Gram weights are truncated autocorrelations of c,
+O(n^2) for all lags), row i's S_i = sum_{k <= i} c_k B_k with pt depending on k is a prefix of row
+i + 1's (so row i is dominated by any later row), built incrementally in O(bins) per row; rows
+are grouped into at most ``max_distinct_rows`` blocks, each priced as its last row and
+self-composed (``self_compose``): O(n^2 * lambdas) + O(n * bins) + max_distinct_rows PLD builds.
+Measured in benchmarks/amplification.py (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from mfnoise.strategies.base import Strategy
+
+# Chernoff parameters tried for each tail bound (geometric; lambda >= 1 where one bound must
+# serve every row, see the module doc).
+_LAMBDAS = np.geomspace(0.02, 400.0, 64)
+_LAMBDAS_MONOTONE = _LAMBDAS[_LAMBDAS >= 1.0]
+# Below this dp-accounting's mixture PLD would see probabilities that do not sum to 1 within
+# math.isclose; mass below it is moved to the largest component (larger sensitivity: pessimistic).
+_MIN_COMPONENT_MASS = 1e-300
+DEFAULT_MAX_COMPONENTS = 64
+# The sensitivity grid h defaults to sigma / this (and is coarsened so a row's grid stays <= _MAX_GRID).
+_GRID_PER_SIGMA = 400
+_MAX_GRID = 200_000
+DEFAULT_MAX_DISTINCT_ROWS = 192
+
+
+@dataclasses.dataclass(frozen=True)
+class MMCCResult:
+    """An MMCC upper bound: the release is (epsilon, delta)-DP.
+
+    ``tail_delta`` of delta pays for the conditional probabilities' tail bounds, the rest is the
+    PLD's; ``rows_priced`` mixture PLDs were built for the n rows; ``seconds`` of wall time.
+    """
+
+    epsilon: float
+    delta: float
+    tail_delta: float
+    noise_std: float
+    n: int
+    rows_priced: int
+    sensitivity_grid: float
+    max_components: int
+    pld_discretization: float
+    toeplitz: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_matrix(c: np.ndarray, what: str = "C") -> np.ndarray:
+    """C as float64, refused unless square, finite, lower triangular and entrywise >= 0 (why: doc)."""
+    c = np.asarray(c, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(f"{what} must be a square matrix, got shape {c.shape}")
+    if not np.all(np.isfinite(c)):
+        raise ValueError(f"{what} has non-finite entries")
+    if np.any(np.triu(c, 1) != 0):
+        raise ValueError(f"{what} must be lower triangular (MMCC conditions row i on the rows before it)")
+    if np.any(c < 0):
+        i, j = np.argwhere(c < 0)[0]
+        raise ValueError(
+            f"MMCC needs C with non-negative entries, but {what}[{i}, {j}] = {c[i, j]:.6g} < 0: the bound on the "
+            f"posterior of a participation drops the other participations' term <c_j, C x_-j>, which is >= 0 only "
+            f"for C >= 0, and the row sensitivity sum_j C_ij x_j is monotone in x only then; no theorem covers a "
+            f"negative entry"
+        )
+    return c
+
+
+def _toeplitz_coeffs(c: Any, n: int) -> np.ndarray:
+    out = np.zeros(n)
+    c = np.asarray(c, np.float64).reshape(-1)[:n]
+    out[: c.size] = c
+    if not np.all(np.isfinite(out)):
+        raise ValueError("the Toeplitz coefficients of C are not finite")
+    if np.any(out < 0):
+        k = int(np.argmax(out < 0))
+        raise ValueError(
+            f"MMCC needs C with non-negative entries, but the Toeplitz coefficient c_{k} = {out[k]:.6g} < 0: the "
+            f"bound on the posterior of a participation drops the other participations' term <c_j, C x_-j>, which "
+            f"is >= 0 only for C >= 0; no theorem covers a negative entry"
+        )
+    return out
+
+
+def _log_bernoulli_mgf(p: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """log(1 - p + p e^a), elementwise, stable for large a (p in [0, 1])."""
+    with np.errstate(divide="ignore"):
+        return np.logaddexp(np.log1p(-p), np.log(p) + a)
+
+
+def _chernoff_eps(weights: np.ndarray, probs: np.ndarray, s2: float, log_inv_delta: float,
+                  lambdas: np.ndarray) -> float:
+    """min over lambda of [log(1 / delta_1) + (lambda^2 - lambda) s2 / 2 + sum_l log(1 - p_l + p_l
+    exp(lambda w_l))] / lambda: a bound eps with P(L > eps) <= delta_1 (module doc, step 4)."""
+    keep = (weights > 0) & (probs > 0)
+    w, p = weights[keep], probs[keep]
+    lam = lambdas[:, None]
+    mgf = _log_bernoulli_mgf(p[None, :], lam * w[None, :]).sum(axis=1) if w.size else np.zeros(lambdas.size)
+    vals = (log_inv_delta + (lambdas**2 - lambdas) * s2 / 2.0 + mgf) / lambdas
+    return float(np.min(vals))
+
+
+def _conditional_prob(p: float | np.ndarray, eps: float | np.ndarray) -> np.ndarray:
+    """p e^eps / (p e^eps + 1 - p), computed as a logistic of log(p / (1 - p)) + eps."""
+    p = np.asarray(p, np.float64)
+    with np.errstate(divide="ignore"):
+        logit = np.log(p) - np.log1p(-p) + np.asarray(eps, np.float64)
+    return np.where(p > 0, 1.0 / (1.0 + np.exp(-logit)), 0.0)
+
+
+class _RowDistribution:
+    """The law of S = sum_j w_j B_j on the grid {0, h, 2 h, ...}, the weights rounded up to it."""
+
+    def __init__(self, bins: int, h: float) -> None:
+        self.pmf = np.zeros(bins)
+        self.pmf[0] = 1.0
+        self.top = 0  # the largest possible sum so far, in grid units
+        self.h = h
+
+    def add(self, k: int, p: float) -> None:
+        """Convolves with k h * Bernoulli(p) (k = the weight rounded up to grid units)."""
+        if k == 0 or p == 0:
+            return
+        if self.top + k >= self.pmf.size:
+            raise AssertionError("row distribution grid too small (a bug)")
+        moved = p * self.pmf[: self.top + 1]
+        self.pmf[: self.top + 1] *= 1.0 - p
+        self.pmf[k: self.top + k + 1] += moved
+        self.top += k
+
+    def components(self, max_components: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sensitivities, probabilities) for the mixture PLD, each grid point rounded up to a ladder
+        of at most ~max_components points (stochastically larger: pessimistic): uniform up to the
+        point beyond which 1e-15 of the mass lies, geometric (ratio 1.15) beyond it."""
+        pmf = self.pmf[: self.top + 1]
+        pmf = pmf / pmf.sum()
+        idx = np.flatnonzero(pmf > 0)
+        if idx.size <= max_components:
+            return idx * self.h, pmf[idx]
+        tail = np.cumsum(pmf[::-1])[::-1]  # tail[k] = P(S >= k)
+        hi = int(np.flatnonzero(tail > 1e-15)[-1])
+        step = max(1, math.ceil(hi / (max_components * 3 // 4)))
+        ladder = list(range(0, hi + step, step))
+        x = float(ladder[-1])
+        while x < self.top:
+            x = max(x + step, math.ceil(x * 1.15))
+            ladder.append(int(x))
+        ladder[-1] = max(ladder[-1], self.top)
+        lad = np.asarray(ladder, np.int64)
+        where = np.searchsorted(lad, idx, side="left")  # the first ladder point >= idx
+        probs = np.bincount(where, weights=pmf[idx], minlength=lad.size)
+        keep = probs > 0
+        return lad[keep] * self.h, probs[keep]
+
+    def key(self) -> bytes:
+        return self.pmf[: self.top + 1].tobytes()
+
+
+def _norm_mass(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Phi(b) - Phi(a) for a <= b, computed in the tail that keeps it accurate."""
+    from scipy.special import ndtr
+
+    upper = a > 0
+    return np.where(upper, ndtr(-a) - ndtr(-b), ndtr(b) - ndtr(a))
+
+
+def _mixture_cells(x: np.ndarray, sens: np.ndarray, w: np.ndarray, sigma: float) -> np.ndarray:
+    """Mass of each cell [x_t, x_{t+1}] under sum_m w_m N(c_m, sigma^2): differences of the CDF
+    below the median and of the survival function above it (no cancellation in either tail)."""
+    from scipy.special import ndtr
+
+    u = (x[:, None] - sens[None, :]) / sigma
+    cdf = ndtr(u) @ w
+    sf = ndtr(-u) @ w
+    lower = np.diff(cdf)
+    upper = -np.diff(sf)
+    return np.maximum(np.where(cdf[1:] <= 0.5, lower, upper), 0.0)
+
+
+def _mixture_upper_quantile(sens: np.ndarray, w: np.ndarray, sigma: float, tail: float, z: float) -> float:
+    """The x beyond which the mixture keeps at most ``tail`` mass (bisection)."""
+    from scipy.special import ndtr
+
+    lo, hi = float(sens.min()), float(sens.max()) + z * sigma
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if float(ndtr(-(mid - sens) / sigma) @ w) > tail:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def mixture_pld(sigma: float, sens: np.ndarray, probs: np.ndarray, d: float, *, tail: float = 1e-30,
+                points: int = 100_000):
+    """dp-accounting PLD of the mixture-of-Gaussians pair (sum_m w_m N(c_m, sigma^2), N(0, sigma^2))
+    and its reverse, privacy losses rounded up to multiples of d (pessimistic).
+
+    The loss g(x) = log sum_m w_m exp((c_m x - c_m^2 / 2) / sigma^2) is increasing in x (c_m >= 0).
+    On a grid x_0 < ... < x_N each cell's exact mass (normal CDF differences) goes to the loss at
+    the cell's end where the loss is largest, rounded up to the grid of d ("privacy buckets" with
+    upper rounding); mass beyond x_N (remove side) or below x_0 (add side), where the loss exceeds
+    every grid value, and any float deficit go to the infinite loss; mass on the other side, where
+    the loss is below the extreme cell's, goes to that cell. The x range holds all but ``tail`` of
+    either distribution. (dp-accounting's own ``from_mixture_gaussian_mechanism`` is the same
+    pessimistic PLD by connect-the-dots, ~30x slower here; tests compare the two.)
+    """
+    from dp_accounting.pld import pld_pmf
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+    from scipy.special import logsumexp, ndtri
+
+    sens = np.asarray(sens, np.float64)
+    w = np.asarray(probs, np.float64)
+    keep = w > 0
+    sens, w = sens[keep], w[keep] / w[keep].sum()
+    if sens.max() <= 0:
+        return pld_lib.identity(value_discretization_interval=d)
+    z = float(-ndtri(tail))  # sigma-units beyond which a Gaussian keeps `tail` mass
+    lo = -z * sigma
+    hi = float(sens.max()) + z * sigma
+    # Cells fine enough that the loss moves by <= d / 4 across one in the central range (all but
+    # 1e-12 of either distribution's mass), coarse outside it: a coarse cell only gets a larger
+    # loss (its end's), so the PLD stays pessimistic, and its mass is too small to matter.
+    zc = float(-ndtri(1e-12))
+    order = np.argsort(sens)
+    central_hi = min(hi, _mixture_upper_quantile(sens, w, sigma, 1e-12, zc))
+    central_lo = -zc * sigma
+    slope = float(sens[order][np.cumsum(w[order]) >= 1.0 - 1e-12][0] if sens.size > 1 else sens.max())
+    slope = max(slope, float(sens[w >= 1e-12].max())) / sigma**2
+    n_central = int(min(points, max(2000, math.ceil((central_hi - central_lo) * slope / (d / 4.0)))))
+    x = np.unique(np.concatenate([
+        np.linspace(lo, central_lo, 200), np.linspace(central_lo, central_hi, n_central + 1),
+        np.linspace(central_hi, hi, 2000),
+    ]))
+    logw = np.log(w)
+    g = np.asarray(logsumexp(logw[None, :] + (np.outer(x, sens) - sens[None, :] ** 2 / 2.0) / sigma**2, axis=1))
+    # remove side: x ~ the mixture, loss g(x); cell [x_t, x_{t+1}] -> g(x_{t+1}).
+    cells = _mixture_cells(x, sens, w, sigma)
+    below = float(w @ _norm_mass(np.full(sens.size, -np.inf), (x[0] - sens) / sigma))
+    mass_r = np.concatenate([[below], cells])  # `below` joins the first cell's loss g(x_0)...
+    loss_r = np.concatenate([[g[0]], g[1:]])
+    # add side: x ~ N(0, sigma^2), loss -g(x); cell [x_t, x_{t+1}] -> -g(x_t).
+    cells0 = _mixture_cells(x, np.zeros(1), np.ones(1), sigma)
+    above0 = float(_norm_mass(np.array([x[-1] / sigma]), np.array([np.inf]))[0])
+    mass_a = np.concatenate([cells0, [above0]])
+    loss_a = np.concatenate([-g[:-1], [-g[-1]]])
+
+    def pmf(loss: np.ndarray, mass: np.ndarray):
+        k = np.ceil(loss / d - 1e-9).astype(np.int64)
+        k0 = int(k.min())
+        probs_k = np.bincount(k - k0, weights=mass)
+        inf_mass = max(0.0, 1.0 - float(probs_k.sum()))
+        return pld_pmf.DensePLDPmf(d, k0, probs_k, inf_mass, pessimistic_estimate=True)
+
+    return pld_lib.PrivacyLossDistribution(pmf(loss_r, mass_r), pmf(loss_a, mass_a))
+
+
+def epsilon(
+    strategy: Strategy | np.ndarray,
+    noise_std: float,
+    delta: float,
+    sampling_probabilities: float | np.ndarray,
+    *,
+    tail_fraction: float = 0.5,
+    sensitivity_grid: float | None = None,
+    max_components: int = DEFAULT_MAX_COMPONENTS,
+    pld_discretization: float = 1e-3,
+    max_distinct_rows: int = DEFAULT_MAX_DISTINCT_ROWS,
+) -> MMCCResult:
+    """An MMCC upper bound on epsilon at ``delta`` for y = C x + noise_std z (module doc).
+
+    Args:
+      strategy: a Strategy (its Toeplitz coefficients are used when it has them, else its dense
+        C) or a lower-triangular matrix with non-negative entries.
+      noise_std: sigma, the noise standard deviation in units of the per-step contribution bound.
+      delta: the target delta; ``tail_fraction * delta`` pays for the tail bounds.
+      sampling_probabilities: q (Poisson: every step) or a length-n vector p_j (e.g. cyclic
+        Poisson: q on one residue class, 0 elsewhere; the Toeplitz fast path needs a scalar).
+      sensitivity_grid: h, the grid every C_ij is rounded up to; default sigma / 400, coarsened so
+        the largest row sum spans at most 200000 grid points.
+      max_components: each row's sensitivity law is rounded up onto a ladder of about this many
+        points before its PLD is built.
+      pld_discretization: dp-accounting's privacy-loss grid (smaller: tighter and slower).
+      max_distinct_rows: Toeplitz only: rows are grouped into at most this many blocks.
+    """
+    t0 = time.perf_counter()
+    if not (noise_std > 0 and math.isfinite(noise_std)):
+        raise ValueError(f"noise_std must be positive and finite, got {noise_std}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not 0 < tail_fraction < 1:
+        raise ValueError(f"tail_fraction must be in (0, 1), got {tail_fraction}")
+    if not (isinstance(max_components, int) and max_components >= 8):
+        raise ValueError(f"max_components must be an int >= 8, got {max_components!r}")
+    if not (pld_discretization > 0 and math.isfinite(pld_discretization)):
+        raise ValueError(f"pld_discretization must be positive and finite, got {pld_discretization}")
+    coeffs = None
+    dense = None
+    if isinstance(strategy, Strategy):
+        n = strategy.n
+        tc = strategy.toeplitz_coeffs()
+        if tc is not None:
+            coeffs = _toeplitz_coeffs(tc, n)
+        else:
+            dense = check_matrix(strategy.dense(), f"the {strategy.family} strategy's C")
+    else:
+        dense = check_matrix(strategy)
+        n = dense.shape[0]
+    probs = np.broadcast_to(np.asarray(sampling_probabilities, np.float64), (n,)).copy()
+    if np.any(~np.isfinite(probs)) or np.any(probs < 0) or np.any(probs > 1):
+        raise ValueError(f"sampling probabilities must be in [0, 1], got {sampling_probabilities!r}")
+    scalar_q = np.ndim(sampling_probabilities) == 0
+    if coeffs is not None and not scalar_q:
+        dense = _toeplitz_dense(coeffs, n)
+        coeffs = None
+    cmax = float(coeffs.max() if coeffs is not None else dense.max())  # type: ignore[union-attr]
+    if cmax <= 0:
+        raise ValueError("C is zero: nothing is released")
+    row_sum = float(coeffs.sum() if coeffs is not None else dense.sum(axis=1).max())  # type: ignore[union-attr]
+    if sensitivity_grid is None:
+        h = max(noise_std / _GRID_PER_SIGMA, row_sum / _MAX_GRID)
+    else:
+        h = float(sensitivity_grid)
+        if not (h > 0 and math.isfinite(h)):
+            raise ValueError(f"sensitivity_grid must be positive and finite, got {sensitivity_grid}")
+    units = _grid_units(coeffs if coeffs is not None else np.asarray(dense), h)
+    bins = int(units.sum() if coeffs is not None else units.sum(axis=1).max()) + 1
+    tail_delta = tail_fraction * delta
+    sigma2 = noise_std**2
+    if coeffs is not None:
+        rows = _toeplitz_rows(coeffs, units, float(probs[0]), sigma2, tail_delta, bins, h, max_distinct_rows)
+    else:
+        rows = _dense_rows(dense, units, probs, sigma2, tail_delta, bins, h)  # type: ignore[arg-type]
+    pld = None
+    for dist, count in rows:
+        sens, pr = dist.components(max_components)
+        one = mixture_pld(noise_std, sens, pr, pld_discretization)
+        one = one.self_compose(count) if count > 1 else one
+        pld = one if pld is None else pld.compose(one)
+    assert pld is not None
+    eps = float(pld.get_epsilon_for_delta(delta - tail_delta))
+    return MMCCResult(epsilon=eps, delta=delta, tail_delta=tail_delta, noise_std=float(noise_std), n=n,
+                      rows_priced=len(rows), sensitivity_grid=h, max_components=max_components,
+                      pld_discretization=pld_discretization,
+                      toeplitz=coeffs is not None, seconds=time.perf_counter() - t0)
+
+
+def _toeplitz_dense(c: np.ndarray, n: int) -> np.ndarray:
+    idx = np.arange(n)
+    lag = idx[:, None] - idx[None, :]
+    return np.where(lag >= 0, c[np.clip(lag, 0, n - 1)], 0.0)
+
+
+def _grid_units(w: np.ndarray, h: float) -> np.ndarray:
+    """w / h rounded up (pessimistic: k h >= w exactly in floating point), as ints."""
+    w = np.asarray(w, np.float64)
+    k = np.ceil(w / h)
+    k = k + (k * h < w)
+    return k.astype(np.int64)
+
+
+def _dense_rows(c: np.ndarray, units: np.ndarray, probs: np.ndarray, sigma2: float, tail_delta: float, bins: int,
+                h: float) -> list[tuple[_RowDistribution, int]]:
+    """Every row's dominating S_i for a general C (eps_j from full columns, lambda >= 1)."""
+    n = c.shape[0]
+    # Pairs (i, j), j < i, whose tail event is bounded: those with p_j > 0 and a non-zero column
+    # below row j somewhere before row i (an upper count is fine: it only lowers delta_1).
+    active = probs > 0
+    pairs = int(np.sum((n - 1 - np.arange(n))[active]))
+    log_inv = math.log(max(pairs, 1) / tail_delta)
+    gram = c.T @ c
+    eps = np.zeros(n)
+    for j in np.flatnonzero(active):
+        eps[j] = _chernoff_eps(gram[j] / sigma2, probs, gram[j, j] / sigma2, log_inv, _LAMBDAS_MONOTONE)
+    pt = _conditional_prob(probs, eps)
+    rows = []
+    for i in range(n):
+        dist = _RowDistribution(bins, h)
+        dist.add(int(units[i, i]), float(probs[i]))
+        for j in np.flatnonzero((units[i, :i] > 0) & (pt[:i] > 0)):
+            dist.add(int(units[i, j]), float(pt[j]))
+        rows.append(dist)
+    return _merge_equal(rows)
+
+
+def _merge_equal(rows: list[_RowDistribution]) -> list[tuple[_RowDistribution, int]]:
+    out: dict[bytes, list] = {}
+    for r in rows:
+        k = r.key()
+        if k in out:
+            out[k][1] += 1
+        else:
+            out[k] = [r, 1]
+    return [(r, cnt) for r, cnt in out.values()]
+
+
+def toeplitz_lag_gram(c: np.ndarray) -> np.ndarray:
+    """S[t, r] = sum_{u <= r} c_u c_{u + t} (0 where u + t >= n): the truncated autocorrelations
+    from which every lag's Gram weights are read (module doc)."""
+    n = c.size
+    s = np.zeros((n, n))
+    for t in range(n):
+        s[t, : n - t] = np.cumsum(c[: n - t] * c[t:])
+    return s
+
+
+def _toeplitz_rows(c: np.ndarray, units: np.ndarray, q: float, sigma2: float, tail_delta: float, bins: int, h: float,
+                   max_distinct_rows: int) -> list[tuple[_RowDistribution, int]]:
+    """Toeplitz C under Poisson sampling: pt by lag, S_i built incrementally, rows in blocks."""
+    n = c.size
+    pairs = n * (n - 1) // 2
+    log_inv = math.log(max(pairs, 1) / tail_delta)
+    s = toeplitz_lag_gram(c)
+    probs_all = np.full(n, q)
+    pt = np.zeros(n)
+    pt[0] = q
+    for k in range(1, n):
+        # Column j = i - k restricted to rows j..i-1 holds c_0..c_{k-1}. Its Gram weight with column
+        # l = j + m (rows < i): m in [0, k): S[m, k - 1 - m]; l = j - t, t >= 1 (at most n - 1 - k
+        # older columns, the worst row): S[t, k - 1].
+        m = np.arange(k)
+        w_new = s[m, k - 1 - m]
+        t = np.arange(1, n - k)
+        w_old = s[t, k - 1] if t.size else np.zeros(0)
+        w = np.concatenate([w_new, w_old]) / sigma2
+        eps = _chernoff_eps(w, probs_all[: w.size], s[0, k - 1] / sigma2, log_inv, _LAMBDAS)
+        pt[k] = _conditional_prob(q, eps)
+    ends = _block_ends(n, max_distinct_rows)
+    rows: list[tuple[_RowDistribution, int]] = []
+    dist = _RowDistribution(bins, h)
+    start = 0
+    for end in ends:  # rows start..end, priced as row `end` (row i is dominated by any later row)
+        for k in range(start, end + 1):
+            dist.add(int(units[k]), float(pt[k]))
+        rows.append((_copy(dist), end + 1 - start))
+        start = end + 1
+    return rows
+
+
+def _copy(d: _RowDistribution) -> _RowDistribution:
+    out = _RowDistribution(d.pmf.size, d.h)
+    out.pmf = d.pmf.copy()
+    out.top = d.top
+    return out
+
+
+def _block_ends(n: int, m: int) -> list[int]:
+    """Last rows of at most m blocks covering 0..n-1: every row alone while n <= m, else the first
+    rows alone and later blocks growing geometrically (late rows differ little)."""
+    if not (isinstance(m, int) and m >= 1):
+        raise ValueError(f"max_distinct_rows must be a positive int, got {m!r}")
+    if n <= m:
+        return list(range(n))
+    ends = np.unique(np.round(np.geomspace(1, n, m)).astype(np.int64) - 1)
+    ends = [int(e) for e in ends if 0 <= e < n]
+    if ends[-1] != n - 1:
+        ends.append(n - 1)
+    return ends
