@@ -22,5 +22,5 @@ def test_buffers_match_the_requested_count(tmp_path):
     assert [e["name"] for e in index.entries(folder, buffers=4)] == ["a-blt4"]
     assert [e["name"] for e in index.entries(folder, buffers=2)] == ["a-blt2"]
     assert [e["name"] for e in index.entries(folder, buffers=3)] == ["old-blt3"]  # stored count
-    assert [e["name"] for e in index.entries(folder, kept_buffers=2)] == ["a-blt4", "a-blt2"]
+    assert sorted(e["name"] for e in index.entries(folder, kept_buffers=2)) == ["a-blt2", "a-blt4"]
     assert [e["name"] for e in index.entries(folder, requested_buffers=4)] == ["a-blt4"]
