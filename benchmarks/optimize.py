@@ -11,6 +11,9 @@ jax-privacy is not an mfnoise dependency; the benchmark runs it from its own vir
     /work/bench-venv/bin/pip install jax-privacy==2.0.0
     /work/bench-venv/bin/pip install -e /work/main     # mfnoise, to score its strategies
 
+2.0.0 is the newest jax-privacy on the package index; it has no optimize_banded_inverse_toeplitz, so
+the inverse-toeplitz (BISR) rows compose its 2.0.0 functions as that later function does.
+
 Usage:
 
     .venv/bin/python benchmarks/optimize.py              # every row (jax-privacy takes many minutes)
