@@ -88,6 +88,8 @@ class MonteCarloEstimate:
       epsilon, delta: the fixed parameter (the other is None).
       noise_multiplier: z, the mechanism's noise multiplier (mfnoise's convention).
       bins: b, steps per epoch.
+      directions: for a delta estimate, (name, value, lower, upper) of each direction: "add",
+        delta_{P||Q}, and "remove", delta_{Q||P} (each at the same failure split); () for epsilon.
       method: the estimator, with its paper.
 
     ``float(estimate)`` raises TypeError: take ``.upper`` (or ``.value``) explicitly.
@@ -106,6 +108,7 @@ class MonteCarloEstimate:
     delta: float | None
     noise_multiplier: float
     bins: int
+    directions: tuple[tuple[str, float, float, float], ...] = ()
     method: str = METHOD
 
     def __float__(self) -> float:
@@ -173,6 +176,7 @@ def delta_estimate(
         quantity="delta", value=value, lower=lower, upper=upper, failure_probability=1.0 - confidence,
         samples=int(samples), seed=int(seed), epsilon=float(epsilon), delta=None,
         noise_multiplier=float(noise_multiplier), bins=participation.min_sep,
+        directions=losses.directions_at(float(epsilon)),
     )
 
 
@@ -252,21 +256,31 @@ class _LossSamples:
         remove = float(np.mean(-np.expm1(np.minimum(eps + self.negative, 0.0))))
         return add, remove
 
-    def delta_at(self, eps: float) -> tuple[float, float, float]:
-        """(estimate, lower, upper) of delta(eps) = max(delta_{P||Q}, delta_{Q||P})."""
+    def bound(self, eps: float, which: Literal["mean", "lower", "upper"]) -> float:
+        """The estimate, lower or upper confidence bound of delta(eps) = max(delta_{P||Q}, delta_{Q||P})."""
         add, remove = self._integrand_means(eps)
+        if which == "mean":
+            return max(add, remove)
         m, q = self.positive.size, self.beta / 4
-        lower = max(kl_lower(add, m, q), kl_lower(remove, m, q))
-        upper = max(kl_upper(add, m, q), kl_upper(remove, m, q))
-        return max(add, remove), lower, upper
+        side = kl_upper if which == "upper" else kl_lower
+        return max(side(add, m, q), side(remove, m, q))
+
+    def directions_at(self, eps: float) -> tuple[tuple[str, float, float, float], ...]:
+        """("add", mean, lower, upper) for delta_{P||Q}(eps) and the same, "remove", for delta_{Q||P}."""
+        m, q = self.positive.size, self.beta / 4
+        return tuple((name, x, kl_lower(x, m, q), kl_upper(x, m, q))
+                     for name, x in zip(("add", "remove"), self._integrand_means(eps)))
+
+    def delta_at(self, eps: float) -> tuple[float, float, float]:
+        """(estimate, lower, upper) of delta(eps)."""
+        return self.bound(eps, "mean"), self.bound(eps, "lower"), self.bound(eps, "upper")
 
     def epsilon_for(self, delta: float, which: Literal["mean", "lower", "upper"]) -> float:
         """inf{eps >= 0 : bound(eps) <= delta} for the estimate, lower or upper bound on delta(eps)
         (each non-increasing in eps); inf when even the largest eps gives more than delta."""
-        pick = {"mean": 0, "lower": 1, "upper": 2}[which]
 
         def f(eps: float) -> float:
-            return self.delta_at(eps)[pick]
+            return self.bound(eps, which)
 
         if f(0.0) <= delta:
             return 0.0
@@ -275,14 +289,12 @@ class _LossSamples:
         if f(hi) > delta:
             return math.inf
         lo = 0.0
-        for _ in range(200):  # bisection to float resolution (f is monotone, not smooth)
+        while hi - lo > 1e-9 * max(1.0, hi):  # bisection (f is monotone, not smooth): ~35 steps
             mid = 0.5 * (lo + hi)
             if f(mid) <= delta:
                 hi = mid
             else:
                 lo = mid
-            if hi - lo <= 1e-12 * max(1.0, hi):
-                break
         return hi  # f(hi) <= delta: never below the crossing
 
 
@@ -323,14 +335,12 @@ def kl_upper(mean: float, m: int, beta: float) -> float:
     if mean >= 1 or _kl(mean, 1.0) <= target:
         return 1.0
     lo, hi = mean, 1.0
-    for _ in range(200):
+    while hi - lo > 1e-12 * hi:  # KL(mean || mu) increases in mu >= mean
         mid = 0.5 * (lo + hi)
         if _kl(mean, mid) <= target:
             lo = mid
         else:
             hi = mid
-        if hi - lo <= 1e-15 * max(hi, 1e-300):
-            break
     return hi  # rounding outward: an upper bound stays one
 
 
