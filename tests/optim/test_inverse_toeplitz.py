@@ -147,6 +147,7 @@ def test_optimized_coefficients_that_are_not_monotone_against_brute_force():
     n = 10
     p = Participation.epochs(n, 5)
     s, res = mfnoise.optimize("prefix", p, "inverse-toeplitz", bands=6, progress=False)
+    assert isinstance(s, InverseToeplitz)
     c = np.linalg.inv(_dense_inverse(s.inverse_coeffs, n))
     assert not sens_lib.is_nonneg_nonincreasing(c[:, 0])
     truth = sensitivity_bounds(c, p)
@@ -189,6 +190,8 @@ def test_registered_and_checks_its_arguments():
     with pytest.raises(ValueError, match="init"):
         it.problem(w, p, bands=3, init=np.array([0.0, 1.0]))
     prob = it.problem(w, p, bands=3, init=np.array([2.0, -1.0, 0.5, 9.0]))
-    np.testing.assert_allclose(prob.to_strategy(prob.x0).inverse_coeffs, [1.0, -0.5, 0.25])
+    start = prob.to_strategy(prob.x0)
+    assert isinstance(start, InverseToeplitz)
+    np.testing.assert_allclose(start.inverse_coeffs, [1.0, -0.5, 0.25])
     with pytest.raises(ValueError, match="Toeplitz workload"):
         it.problem(mfnoise.workloads.parse("momentum:0.9:warmup-cosine:4", 16), p, bands=3)
