@@ -62,6 +62,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -74,6 +75,8 @@ from mfnoise.training.batching import sampling_probability
 
 ACCOUNTANTS = ("pld", "rdp")
 SAMPLINGS = ("none", "cyclic-poisson")
+# Every sampling name epsilon / calibrate / explain accept (the agreed names; see ``explain``).
+ROUTED_SAMPLINGS = ("none", "cyclic-poisson", "poisson", "balls-in-bins", "b-min-sep")
 # dp-accounting's default PLD grid: the finest grid used unless the caller asks for another.
 PLD_DISCRETIZATION = 1e-4
 # Grid-point budgets of one PLD evaluation (module doc). The requested grid is kept while it fits
@@ -367,8 +370,16 @@ def _mechanism(
                 if s.n != p.n:
                     raise ValueError(f"the {s.family} strategy has n={s.n} but the participation has n={p.n}")
         return None
+    if sampling == "poisson":
+        return _poisson_amplification(participation, dataset_size=dataset_size, batch_size=batch_size,
+                                      strategy=strategy, bands=bands)
+    if sampling in ("balls-in-bins", "b-min-sep"):
+        raise ValueError(
+            f"sampling={sampling!r} has no dp-accounting event: {_refusal(sampling)}; explain(...) reports what "
+            f"applies"
+        )
     if sampling != "cyclic-poisson":
-        raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
+        raise ValueError(f"unknown sampling {sampling!r}; expected one of {ROUTED_SAMPLINGS}")
     if participation is None or dataset_size is None or batch_size is None:
         raise ValueError("sampling='cyclic-poisson' needs the participation, dataset_size and batch_size")
     return amplification(participation, dataset_size=dataset_size, batch_size=batch_size, strategy=strategy,
@@ -423,6 +434,9 @@ def epsilon(
     event needs a coarser grid to fit in memory; either way an upper bound on epsilon).
     """
     _check_delta(delta)
+    if event_kwargs.get("sampling", "none") in _ROUTED_ONLY:
+        return explain(noise_multiplier, delta, participation, accountant=accountant,
+                       pld_discretization=pld_discretization, **_provable_only(event_kwargs)).epsilon
     event = dp_event(noise_multiplier, participation, **event_kwargs)
     return _event_epsilon(event, delta, accountant=accountant, pld_discretization=pld_discretization)
 
@@ -457,6 +471,11 @@ def calibrate(
     make_acc = make_accountant(accountant, pld_discretization=pld_discretization)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    if event_kwargs.get("sampling", "none") in _ROUTED_ONLY:
+        mmcc_options = event_kwargs.pop("mmcc_options", None)
+        return _calibrate_routed(target, delta, participation, accountant=accountant,
+                                 pld_discretization=pld_discretization, tol=tol, mmcc_options=mmcc_options,
+                                 event_kwargs=_provable_only(event_kwargs))
     make = _event_maker(participation, **event_kwargs)
 
     def eps_of(z: float, acc: Callable[[], dp_accounting.PrivacyAccountant]) -> float:
@@ -537,3 +556,294 @@ def _check_delta(delta: float) -> None:
 def _check_discretization(d: float) -> None:
     if not (d > 0 and math.isfinite(d)):
         raise ValueError(f"pld_discretization must be positive and finite, got {d}")
+
+
+# -- routing from the strategy: which theorem prices which (strategy, sampling) -----------------
+PAPERS = {
+    "gaussian": "Multi-Epoch Matrix Factorization Mechanisms for Private Machine Learning (Choquette-Choo et al. "
+                "2023, arXiv:2211.06530)",
+    "amplified-bandmf": "(Amplified) Banded Matrix Factorization: A unified approach to private training "
+                        "(Choquette-Choo et al. 2023, arXiv:2306.08153)",
+    "poisson-dpsgd": "Deep Learning with Differential Privacy (Abadi et al. 2016), priced by dp-accounting's PLD "
+                     "(PoissonSampledDpEvent)",
+    "mmcc": "Privacy Amplification for Matrix Mechanisms (Choquette-Choo, Ganesh, Steinke, Thakurta, ICLR 2024, "
+            "arXiv:2310.15526)",
+    "balls-in-bins-monte-carlo": "Near Exact Privacy Amplification for Matrix Mechanisms (Choquette-Choo et al. "
+                                 "2024); Balls-and-Bins Sampling for DP-SGD (Chua et al. 2025)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Accounting:
+    """What priced a mechanism: ``epsilon`` at ``delta`` for ``noise_multiplier``, by ``theorem``
+    (a key of ``PAPERS``) from ``paper``. ``provable`` is False only for a Monte Carlo estimate
+    (balls-in-bins), whose ``detail`` then holds the estimate with its confidence statement."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sampling: str
+    theorem: str
+    paper: str
+    provable: bool
+    seconds: float
+    detail: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    """The accountant a (strategy, sampling) pair goes to: ``kind`` in {"gaussian", "amplified",
+    "mmcc", "monte-carlo"}; ``amp`` for "amplified"; ``strategy``, ``sigma_scale`` (noise std per unit
+    of noise multiplier, in clip-norm units) and ``q`` for "mmcc"."""
+
+    kind: str
+    theorem: str
+    amp: Amplification | None = None
+    strategy: Strategy | None = None
+    sigma_scale: float = 1.0
+    q: float = 0.0
+    participation: Participation | None = None
+
+
+def _refusal(sampling: str) -> str:
+    if sampling == "balls-in-bins":
+        return ("no provable accountant here covers balls-in-bins sampling; its Monte Carlo estimate (an estimate "
+                "with a stated failure probability, not a bound) is reported by explain(..., sampling='balls-in-bins', "
+                "samples=..., seed=...) with provable=False")
+    return ("no accountant here implements b-min-sep sampling (arXiv:2602.09338): its theorem is not implemented, "
+            "so it is refused rather than priced by a theorem that does not cover it")
+
+
+def _is_diagonal(strategy: Strategy) -> bool:
+    """C is diagonal (one band): its rounds are independent whatever the sampling."""
+    if strategy.bands is not None:
+        return strategy.bands <= 1
+    c = strategy.toeplitz_coeffs()
+    if c is not None:
+        return not np.any(np.asarray(c, np.float64)[1:])
+    return False
+
+
+def _check_poisson(participation: Participation | None, dataset_size: int | None,
+                   batch_size: int | None) -> Participation:
+    if participation is None or dataset_size is None or batch_size is None:
+        raise ValueError("sampling='poisson' needs the participation, dataset_size and batch_size")
+    p = check_participation(participation)
+    if p.min_sep != 1 or p.reachable_participations < p.n:
+        raise ValueError(
+            f"sampling='poisson' samples every step independently, so one example can take part in all n={p.n} "
+            f"steps: the schema must be Participation(n, n, 1) (the noise is scaled by sens(C, p) for it), got "
+            f"max_participations={p.max_participations}, min_sep={p.min_sep}. A sampler that retires examples "
+            f"after k participations breaks the independence the Poisson theorems assume"
+        )
+    return p
+
+
+def _poisson_amplification(participation, *, dataset_size, batch_size, strategy, bands) -> Amplification:
+    """Poisson sampling of a diagonal C: amplified BandMF with min_sep = 1, i.e. n independent
+    Poisson-subsampled Gaussians (C = I: DP-SGD)."""
+    p = _check_poisson(participation, dataset_size, batch_size)
+    s = _as_strategy(strategy) if strategy is not None else None
+    if s is not None and not _is_diagonal(s):
+        raise ValueError(
+            f"sampling='poisson' with a non-diagonal {s.family} strategy is priced by MMCC, which is not a "
+            f"dp-accounting event: use epsilon / calibrate / explain (they route to it)"
+        )
+    return amplification(p, dataset_size=dataset_size, batch_size=batch_size, strategy=strategy, bands=bands)
+
+
+def _nonneg_problem(strategy: Strategy) -> str | None:
+    """Why MMCC cannot take this C (None when it can): it needs C >= 0 entrywise."""
+    c = strategy.toeplitz_coeffs()
+    if c is not None:
+        c = np.asarray(c, np.float64)
+        if np.any(c < 0):
+            k = int(np.argmax(c < 0))
+            return f"its Toeplitz coefficient c_{k} = {c[k]:.6g} is negative"
+        return None
+    try:
+        dense = strategy.dense()
+    except ValueError as e:
+        return f"its dense C is needed to check the entries' signs and is refused ({e})"
+    if np.any(dense < 0):
+        i, j = np.argwhere(dense < 0)[0]
+        return f"its C[{i}, {j}] = {dense[i, j]:.6g} is negative"
+    return None
+
+
+def _route(participation: Participation | None, *, sampling: str = "none", dataset_size: int | None = None,
+           batch_size: int | None = None, strategy: StrategyLike | None = None,
+           bands: int | None = None) -> _Route:
+    """The accountant for (strategy, sampling), asked of the strategy; a refusal raised with why."""
+    if sampling not in ROUTED_SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; expected one of {ROUTED_SAMPLINGS}")
+    if sampling in ("balls-in-bins", "b-min-sep"):
+        if sampling == "b-min-sep":
+            raise ValueError(_refusal(sampling))
+        if strategy is None or participation is None:
+            raise ValueError("sampling='balls-in-bins' needs the strategy and the participation")
+        return _Route("monte-carlo", "balls-in-bins-monte-carlo", strategy=_as_strategy(strategy),
+                      participation=check_participation(participation))
+    if sampling in ("none", "cyclic-poisson"):
+        amp = _mechanism(participation, sampling=sampling, dataset_size=dataset_size,  # type: ignore[arg-type]
+                         batch_size=batch_size, strategy=strategy, bands=bands)
+        if amp is None:
+            return _Route("gaussian", "gaussian")
+        s = _as_strategy(strategy) if strategy is not None else None
+        return _Route("amplified", "poisson-dpsgd" if s is not None and s.is_identity else "amplified-bandmf",
+                      amp=amp)
+    # poisson
+    p = _check_poisson(participation, dataset_size, batch_size)
+    if bands is not None:
+        raise ValueError(f"sampling='poisson' takes the strategy, not bands={bands!r}")
+    if strategy is None:
+        raise ValueError("sampling='poisson' needs the strategy (identity for DP-SGD is mfnoise.Identity(n))")
+    s = _as_strategy(strategy)
+    if s.n != p.n:
+        raise ValueError(f"the {s.family} strategy has n={s.n} but the participation has n={p.n}")
+    if _is_diagonal(s):
+        amp = amplification(p, dataset_size=dataset_size, batch_size=batch_size,  # type: ignore[arg-type]
+                            strategy=s)
+        return _Route("amplified", "poisson-dpsgd", amp=amp)
+    why = _nonneg_problem(s)
+    if why is not None:
+        raise ValueError(
+            f"no theorem here covers Poisson sampling of this {s.family} strategy: {why}. MMCC (arXiv:2310.15526) "
+            f"needs C >= 0 entrywise (its bound on the posterior of a participation and the monotone row "
+            f"sensitivity hold only then), and Poisson DP-SGD needs a diagonal C; use sampling='none'"
+        )
+    sens = float(s.sensitivity(p).value)
+    margin = 1.0 if _runs_exactly_in_float32(s) else COLUMN_NORM_MARGIN
+    q = sampling_probability(dataset_size, batch_size, 1)  # type: ignore[arg-type]
+    return _Route("mmcc", "mmcc", strategy=s, sigma_scale=sens / margin, q=q, participation=p)
+
+
+def _route_epsilon(route: _Route, noise_multiplier: float, delta: float, *, accountant: AccountantName,
+                   pld_discretization: float, mmcc_options: dict | None = None) -> tuple[float, dict]:
+    """(epsilon, detail) of a provable route."""
+    if route.kind == "gaussian":
+        ev = dp_accounting.GaussianDpEvent(noise_multiplier)
+        return _event_epsilon(ev, delta, accountant=accountant, pld_discretization=pld_discretization), {}
+    if route.kind == "amplified":
+        assert route.amp is not None
+        ev = _amplified_event(noise_multiplier, route.amp)
+        return (_event_epsilon(ev, delta, accountant=accountant, pld_discretization=pld_discretization),
+                route.amp.to_dict())
+    if route.kind == "mmcc":
+        from mfnoise.training import mmcc
+
+        assert route.strategy is not None
+        if noise_multiplier == 0:
+            return math.inf, {}
+        res = mmcc.epsilon(route.strategy, noise_multiplier * route.sigma_scale, delta, route.q,
+                           **(mmcc_options or {}))
+        return res.epsilon, res.to_dict()
+    raise ValueError(f"sampling priced by {route.theorem} has no provable epsilon: {_refusal('balls-in-bins')}")
+
+
+# Samplings epsilon / calibrate send through ``explain``'s routing (the others keep their event path).
+_ROUTED_ONLY = ("poisson", "balls-in-bins", "b-min-sep")
+
+
+def _provable_only(event_kwargs: dict) -> dict:
+    """epsilon / calibrate return provable numbers only: a balls-in-bins estimate is refused there."""
+    if event_kwargs.get("sampling") == "balls-in-bins":
+        raise ValueError(f"epsilon and calibrate return provable bounds only: {_refusal('balls-in-bins')}")
+    return event_kwargs
+
+
+def explain(
+    noise_multiplier: float,
+    delta: float,
+    participation: Participation | None = None,
+    *,
+    accountant: AccountantName = "pld",
+    pld_discretization: float = PLD_DISCRETIZATION,
+    samples: int | None = None,
+    seed: int | None = None,
+    confidence: float = 0.95,
+    mmcc_options: dict | None = None,
+    **event_kwargs: Any,
+) -> Accounting:
+    """epsilon at ``delta`` with the theorem that gave it (``Accounting``), routed as ``epsilon`` routes.
+
+    Routing, from the strategy itself: sampling="none": one Gaussian mechanism. "cyclic-poisson":
+    amplified BandMF (bands <= min_sep, asked of ``strategy.bands``); refused otherwise.
+    "poisson" (schema Participation(n, n, 1)): a diagonal C (C = I: DP-SGD) is n independent
+    Poisson-subsampled Gaussians, priced by dp-accounting as such; any other C with non-negative
+    entries goes to MMCC (``mfnoise.training.mmcc``); a negative entry is refused.
+    "balls-in-bins": the Monte Carlo estimator (``mfnoise.training.balls_in_bins.epsilon_estimate``,
+    needs ``samples`` and ``seed``), reported with provable=False and its confidence statement in
+    ``detail``: an estimate, never a bound. "b-min-sep": refused (no theorem implemented here).
+    """
+    t0 = time.perf_counter()
+    _check_delta(delta)
+    if not noise_multiplier >= 0 or not math.isfinite(noise_multiplier):
+        raise ValueError(f"noise_multiplier must be non-negative and finite, got {noise_multiplier}")
+    sampling = event_kwargs.get("sampling", "none")
+    route = _route(participation, **event_kwargs)
+    if route.kind == "monte-carlo":
+        if samples is None or seed is None:
+            raise ValueError("the balls-in-bins Monte Carlo estimate needs samples=<int> and seed=<int>")
+        from mfnoise.training import balls_in_bins
+
+        assert route.strategy is not None and route.participation is not None
+        est = balls_in_bins.epsilon_estimate(route.strategy, route.participation, noise_multiplier, delta,
+                                             samples=samples, seed=seed, confidence=confidence)
+        detail = dataclasses.asdict(est) if dataclasses.is_dataclass(est) else {"estimate": repr(est)}
+        return Accounting(epsilon=float(est.value), delta=delta, noise_multiplier=float(noise_multiplier),
+                          sampling=sampling, theorem=route.theorem, paper=PAPERS[route.theorem], provable=False,
+                          seconds=time.perf_counter() - t0, detail=detail)
+    eps, detail = _route_epsilon(route, noise_multiplier, delta, accountant=accountant,
+                                 pld_discretization=pld_discretization, mmcc_options=mmcc_options)
+    return Accounting(epsilon=float(eps), delta=delta, noise_multiplier=float(noise_multiplier), sampling=sampling,
+                      theorem=route.theorem, paper=PAPERS[route.theorem], provable=True,
+                      seconds=time.perf_counter() - t0, detail=detail)
+
+
+def _calibrate_routed(target: float, delta: float, participation: Participation | None, *,
+                      accountant: AccountantName, pld_discretization: float, tol: float,
+                      mmcc_options: dict | None, event_kwargs: dict) -> float:
+    """calibrate for the routed samplings: dp-accounting's search for an event, else (MMCC) a
+    bisection in z, one-sided: the z returned is priced <= target by the same accountant."""
+    route = _route(participation, **event_kwargs)
+    if route.kind == "monte-carlo":
+        raise ValueError(f"calibrate returns provable noise multipliers only: {_refusal('balls-in-bins')}")
+    if route.kind == "amplified":
+        assert route.amp is not None
+        p = check_participation(participation)  # type: ignore[arg-type]
+        p1 = Participation(p.n, p.n, 1) if event_kwargs.get("sampling") == "poisson" else p
+        kwargs = {k: v for k, v in event_kwargs.items() if k != "sampling"}
+        kwargs["sampling"] = "cyclic-poisson" if event_kwargs.get("sampling") == "poisson" else kwargs.get(
+            "sampling", "cyclic-poisson")
+        return calibrate(target, delta, p1, accountant=accountant, pld_discretization=pld_discretization,
+                         tol=tol, **kwargs)
+
+    def eps_of(z: float) -> float:
+        return _route_epsilon(route, z, delta, accountant=accountant, pld_discretization=pld_discretization,
+                              mmcc_options=mmcc_options)[0]
+
+    # Without amplification the same C needs z_none (one Gaussian); MMCC's z is normally below it.
+    hi = calibrate(target, delta, accountant=accountant, pld_discretization=pld_discretization)
+    for _ in range(40):
+        if eps_of(hi) <= target:
+            break
+        hi *= 1.5
+    else:
+        raise ValueError(f"no noise multiplier found with MMCC epsilon <= {target}")
+    lo = hi / 2.0
+    while eps_of(lo) <= target:
+        hi, lo = lo, lo / 2.0
+        if lo < _MIN_NOISE_MULTIPLIER:
+            raise ValueError(f"no noise multiplier >= {_MIN_NOISE_MULTIPLIER} reaches epsilon={target}")
+    rel = max(tol, 1e-3)  # each MMCC evaluation is expensive; z within 0.1% (one-sided: hi is kept)
+    while hi - lo > rel * hi:
+        mid = math.sqrt(lo * hi)
+        if eps_of(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return float(hi)
