@@ -21,9 +21,10 @@ x_c the 0/1 indicator of {c, c + b, ...}. The privacy loss of an output y is
 
 which depends on y only through u = M y (M the b×n matrix of rows m_c): with y = m_{c*} + sigma w
 (under P, c* uniform) or y = sigma w (under Q), u is Gaussian with covariance sigma^2 G, G = M M^T
-the b×b Gram of the modes. So each sample costs O(b^2) after one O(n^2 b / b) = O(n^2) pass over C
-(O(n b) per bin for banded and Toeplitz C). The hockey-stick divergences are expectations of
-[0, 1]-valued integrands:
+the b×b Gram of the modes. So each sample costs O(b^2) (a b×b matrix-vector product and a
+log-sum-exp over b) after one pass over C to form the modes: O(n^2) from the dense C, O(n^2 / b)
+per bin from the columns of a Toeplitz C, O(n bands) in all for a banded one. The hockey-stick
+divergences are expectations of [0, 1]-valued integrands:
 
     delta_{P||Q}(eps) = E_{y~P}[(1 - e^{eps - L(y)})_+],   delta_{Q||P}(eps) = E_{y~Q}[(1 - e^{eps + L(y)})_+],
 
@@ -44,10 +45,12 @@ delta = 1e-6 needs well over 1e7 samples, and a count too small gives ``upper = 
 What it is not. An estimate is a statement about a random procedure: with probability at most
 ``failure_probability`` the true value lies outside [lower, upper]. Reporting ``upper`` as a DP
 guarantee makes the whole pipeline (estimate, then train) (eps, delta)-DP only with that caveat
-(the paper discusses it, and "Sampling-Free Privacy Accounting for Matrix Mechanisms under Random
-Allocation", Schuchardt & Kalinin 2026, arXiv:2601.21636, gives sampling-free Renyi-divergence
-bounds for this setting: not implemented here). ``MonteCarloEstimate`` therefore refuses float()
-and arithmetic, so it cannot be mixed silently with provable bounds. A provable (unamplified)
+(the paper discusses it). Provable bounds: "Sampling-Free Privacy Accounting for Matrix Mechanisms
+under Random Allocation" (Schuchardt & Kalinin 2026, arXiv:2601.21636) gives sampling-free bounds
+(Renyi divergence by dynamic programming, and conditional composition) for random allocation of
+k steps out of n, of which one-epoch balls-in-bins is k = 1; they are not implemented here, and we
+found no provable amplified bound for the multi-epoch cycled bins above. ``MonteCarloEstimate``
+therefore refuses float() and arithmetic, so it cannot be mixed silently with provable bounds. A provable (unamplified)
 bound for the same run is the plain Gaussian mechanism with noise multiplier z
 (``accounting.epsilon(z, delta)``): it holds for any batches that honour p.
 

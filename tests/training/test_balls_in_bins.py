@@ -94,6 +94,8 @@ CASES = {
     "identity-1-epoch": (mfnoise.Identity(2), epochs(2, 1), 1.0),
     # C = I, 3 epochs: the same pair (the k repeats add up coherently, sens = sqrt(k))
     "identity-3-epochs": (mfnoise.Identity(6), epochs(6, 3), 1.0),
+    # b does not divide n: bin 0 takes part 3 times, bin 1 twice
+    "identity-uneven": (mfnoise.Identity(5), epochs(5, 2), 0.8),
     # banded Toeplitz (Toeplitz path of mode_gram), correlated modes
     "toeplitz": (Toeplitz(np.array([1.0, 0.6, 0.3]), 6), epochs(6, 3), 1.2),
     # BLT (dense path), every column coupled
@@ -140,6 +142,15 @@ def test_epsilon_estimate_brackets_the_reference():
     assert est.quantity == "epsilon" and est.delta == delta
     assert est.lower <= truth <= est.upper, (est, truth)
     assert abs(est.value - truth) < 0.1 * truth
+
+
+def test_noise_dtype_accounts_for_the_realised_strategy():
+    """With noise_dtype the estimate is of C' = realised(dtype) with noise z * noise_sensitivity: for a
+    Toeplitz C rounded to float32 it agrees with the float64 reference within the stated interval."""
+    strategy, p, z = CASES["toeplitz"]
+    truth = reference_delta(dense_gram(strategy, p, z), 0.5)
+    est = bb.delta_estimate(strategy, p, z, 0.5, samples=40_000, seed=5, confidence=0.99, noise_dtype=np.float32)
+    assert est.lower <= truth <= est.upper
 
 
 def test_one_bin_is_the_gaussian_mechanism():
