@@ -60,7 +60,7 @@ def rows_for(dataset: int, batch: int, epochs: int, eps: float, delta: float, mm
         s = closed_forms.bsr(n, b)
         p = Participation(n, -(-n // b), b, cyclic=True)
         try:
-            z, sec = _timed(lambda: accounting.calibrate(
+            z, sec = _timed(lambda p=p, s=s: accounting.calibrate(
                 eps, delta, p, sampling="cyclic-poisson", dataset_size=dataset, batch_size=batch, strategy=s))
         except ValueError:
             continue
@@ -93,7 +93,8 @@ def main() -> None:
     if a.quick:
         dataset, batch, epochs_list, eps_list, bands_grid = 5120, 512, [2], [2.0, 8.0], [1, 2, 5]
     else:
-        dataset, batch, epochs_list, eps_list, bands_grid = 60000, 512, [10, 50], [1.0, 2.0, 4.0, 8.0], [1, 2, 4, 8, 16, 32, 64]
+        dataset, batch, epochs_list = 60000, 512, [10, 50]
+        eps_list, bands_grid = [1.0, 2.0, 4.0, 8.0], [1, 2, 4, 8, 16, 32, 64]
     delta = 1e-5
     rows = []
     for epochs in epochs_list:
