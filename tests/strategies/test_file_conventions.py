@@ -168,7 +168,7 @@ def _options(parser: argparse.ArgumentParser, prefix: str = ""):
             yield prefix, action
 
 
-OUTPUT_FLAGS = {("optimize", "--out"), ("library build", "--out"), ("demo", "--plot")}
+OUTPUT_FLAGS = {("optimize", "--out"), ("library build", "--out"), ("plan", "--out"), ("demo", "--plot")}
 
 
 def test_every_output_flag_is_covered_here():
@@ -215,3 +215,18 @@ def test_cli_library_build_out(tmp_path, capsys, monkeypatch, umask):
         assert cli.main([*argv, str(tmp_path / "lib")]) == 0
         assert json.loads(capsys.readouterr().out)["ok"]
         assert _mode(tmp_path / "lib" / library.INDEX_NAME) == 0o644
+
+
+def test_cli_plan_out(tmp_path, capsys, monkeypatch, umask):
+    umask(0o022)
+    import mfnoise.planning
+
+    argv = ["plan", "--epsilon", "8", "--delta", "1e-5", "--dataset-size", "200", "--batch-size", "20",
+            "--epochs", "2", "--mechanism", "dp-sgd", "--sampling", "cyclic", "--json", "--out"]
+    with monkeypatch.context() as m:
+        m.setattr(mfnoise.planning, "plan", _never)
+        _refused(capsys, [*argv, str(tmp_path / "typo" / "plan.json")], str(tmp_path / "typo"))
+    assert cli.main([*argv, str(tmp_path / "plan.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["out"] == str(tmp_path / "plan.json") and _mode(out["out"]) == 0o644
+    assert mfnoise.planning.load(out["out"]).fingerprint == out["fingerprint"]
