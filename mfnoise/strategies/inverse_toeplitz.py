@@ -4,11 +4,16 @@ BISR (banded inverse square root, "Banded Square Root Matrix Factorization for D
 Private Model Training", Kalinin & Lampert 2024, arXiv:2405.13763) is of this kind. C itself is a
 full Toeplitz matrix (the series reciprocal of r), so ``bands`` is None; ``inverse_bands`` is the
 length of r, and the noise C^{-1} W streams from the last inverse_bands - 1 inputs w.
+
+Under cyclic participation C's sensitivity has a closed form wherever c = 1 / r is non-negative,
+monotone or not (``cyclic_sensitivity_squared``); optimized coefficients
+(``mfnoise.optim.inverse_toeplitz``) are often non-negative but not monotone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -21,6 +26,52 @@ from mfnoise.core.workloads import check_n
 from mfnoise.strategies import registry
 from mfnoise.strategies.base import Strategy, StreamTable, as_float64, round_to
 from mfnoise.strategies.toeplitz import majorant_bound, toeplitz_sensitivity
+
+
+def cyclic_sensitivity_squared(c: Any, p: Participation, xp: Any = np) -> Any:
+    """sum_{i, j in P_s} (C^T C)[i, j] for every cyclic pattern P_s = {s, s + b, ...} ∩ [0, n), s in [0, b).
+
+    C is the n×n lower-triangular Toeplitz matrix of ``c`` (shape (n,)), b = ``p.min_sep``; returns
+    shape (b,). With S_d[l] = sum_{l' <= l} c_{l'} c_{l'+d}, (C^T C)[i, j] = S_{j-i}[n-1-j] for
+    j >= i, and the pairs of one pattern have j - i = q b, q = 0..m-1 (m = ceil(n / b)), so
+
+        F_s = sum_q (2 - [q = 0]) sum_{j = s + q b + a b < n} S_{q b}[n-1-j],     O(m n) in all.
+
+    ``xp`` is numpy or jax.numpy (the optimizer's loss differentiates it). What it gives:
+
+    * c >= 0: C^T C >= 0, so every u_t equal is the worst choice and a pattern's subsets sum less:
+      sens(C, p)^2 = max_s F_s exactly (docs/design.md, "The mathematics"), for any c >= 0, monotone
+      or not (cyclic schemas only: a min-sep schema has other patterns).
+    * any c: with |C| the Toeplitz matrix of |c|, |C^T C| <= |C|^T |C| entrywise, so
+      sens(C, p)^2 <= max_P sum_P |C^T C| <= max_s F_s(|c|) (the bound of
+      ``cyclic_sensitivity``).
+    """
+    n, b = p.n, p.min_sep
+    m = -(-n // b)
+    total = xp.zeros(b)
+    for q in range(m):
+        d = q * b
+        s = xp.cumsum(c[: n - d] * c[d:])
+        # v[j - d] = S_d[n-1-j] for j in [d, n), zero-padded to m b - d entries; d is a multiple of b,
+        # so the column of the reshape is j mod b = s.
+        v = xp.concatenate([s[::-1], xp.zeros(m * b - n)])
+        contrib = v.reshape(-1, b).sum(axis=0)
+        total = total + (contrib if q == 0 else 2.0 * contrib)
+    return total
+
+
+def cyclic_sensitivity(c: np.ndarray, p: Participation) -> sens_lib.Sensitivity:
+    """sens(C, p) for a cyclic schema and a Toeplitz C with first column ``c`` (shape (n,)):
+    sqrt(max_s F_s(|c|)) (``cyclic_sensitivity_squared``), exact when c >= 0, else a proven upper
+    bound (exact=False)."""
+    if not p.cyclic:
+        raise ValueError(f"cyclic_sensitivity needs a cyclic participation schema, got {p.kind}")
+    c = np.asarray(c, np.float64)
+    if c.shape != (p.n,):
+        raise ValueError(f"c has shape {c.shape}, expected ({p.n},)")
+    nonneg = bool(np.all(c >= 0))
+    value = math.sqrt(float(np.max(cyclic_sensitivity_squared(np.abs(c), p))))
+    return sens_lib.Sensitivity(value, nonneg, "cyclic-toeplitz-nonneg" if nonneg else "cyclic-toeplitz-abs")
 
 
 @registry.family
@@ -59,24 +110,33 @@ class InverseToeplitz(Strategy):
         return series.apply(self.inverse_coeffs, z)
 
     def sensitivity(self, p: Participation) -> sens_lib.Sensitivity:
-        """sens(C, p) from C's coefficients c = 1 / r (``strategies.toeplitz.toeplitz_sensitivity``).
+        """sens(C, p) from C's coefficients c = 1 / r.
 
         Exact where a proof applies: one reachable participation (the first column's norm, any
-        signs), or c non-negative and non-increasing (the closed form, worst pattern
-        {0, b, 2b, ...}); the closed form is never applied to other coefficients. Otherwise a
-        proven upper bound, exact=False: the majorant bound sens(E, p), E the Toeplitz matrix of
-        e_j = max_{l >= j} |c_l| (the bound the optimizer's loss minimises), or, for small n, the
-        dense routine where it is smaller. Where the generic routine would refuse (n too large
-        for the dense routine and the majorant bound more than ``MAJORANT_SLACK`` above a lower
-        bound), the majorant bound is returned: it is proven for any coefficients, so optimized
-        strategies (``mfnoise.optim.inverse_toeplitz``) always have a sensitivity.
+        signs); a cyclic schema and c >= 0 (``cyclic_sensitivity``: C^T C >= 0, every cyclic
+        pattern summed, monotone or not); c non-negative and non-increasing (the closed form,
+        worst pattern {0, b, 2b, ...}; ``strategies.toeplitz.toeplitz_sensitivity``). The closed
+        form is never applied to other coefficients. Otherwise a proven upper bound, exact=False,
+        the smallest of: the cyclic |c| bound (cyclic schemas), the majorant bound sens(E, p), E the
+        Toeplitz matrix of e_j = max_{l >= j} |c_l|, and, for small n, the dense routine. These
+        include the bound the optimizer's loss minimises, so the sensitivity reported for an
+        optimized strategy is never above its loss's. Where the generic routine would refuse (n
+        too large for the dense routine and the majorant bound more than ``MAJORANT_SLACK`` above a
+        lower bound), the other bounds are returned: they are proven for any coefficients, so
+        every strategy of this family has a sensitivity.
         """
         self._check_participation(p)
         c = self.toeplitz_coeffs()
+        cyclic = None
+        if p.cyclic and p.reachable_participations > 1:
+            cyclic = cyclic_sensitivity(c, p)
+            if cyclic.exact:
+                return cyclic
         try:
-            return toeplitz_sensitivity(self, c, p)
+            other = toeplitz_sensitivity(self, c, p)
         except ValueError:
-            return majorant_bound(c, p)[0]
+            other = majorant_bound(c, p)[0]
+        return cyclic if cyclic is not None and cyclic.value < other.value else other
 
     def stream_table(self, dtype: Any) -> StreamTable:
         """One "input" row: C^{-1}[t, t - j] = r_j, rounded to dtype."""
