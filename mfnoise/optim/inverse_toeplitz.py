@@ -22,11 +22,11 @@ bound that is exact on the strategies where the closed form applies:
 
 * One reachable participation: sens^2 = ||C[:, 0]||^2 = sum_{j<n} c_j^2 (the column norms
   sum_{j<n-t} c_j^2 decrease in t), exact for any signs.
-* Several participations, cyclic schema: sens^2 <= max_s F_s(|c|), F_s the sum of |C|^T |C| over
-  the cyclic pattern {s, s + b, ...} (``strategies.inverse_toeplitz.cyclic_sensitivity_squared``,
-  O(m n)): |C^T C| <= |C|^T |C| entrywise. Exact wherever c >= 0 (then C^T C >= 0), monotone or
-  not; optima are typically non-negative but not monotone (n = 1024, 4 epochs, 16 bands: c jumps
-  up at lag 15), where the majorant below is loose and its kinks stop L-BFGS-B 1.5% short.
+* Several participations, cyclic schema: sens^2 <= max_s F_s, F_s the sum of |X| = |C^T C| over
+  the cyclic pattern {s, s + b, ...} (``strategies.inverse_toeplitz.cyclic_pattern_sums``,
+  O(m n)). Exact wherever X is non-negative on the worst pattern, so wherever c >= 0, monotone or
+  not; optima are often non-negative but not monotone (n = 1024, 4 epochs, 16 bands: c jumps up
+  at lag 15), where the majorant below is loose and its kinks stopped L-BFGS-B 1.5% short.
 * Several participations, min-sep schema: C is full (bands > min_sep), and the closed form
   (``core.sensitivity.toeplitz``, worst pattern {0, b, 2b, ...}) holds only when c is
   non-negative and non-increasing, which optimized coefficients need not be. The loss uses the
@@ -73,7 +73,7 @@ from mfnoise.optim.toeplitz import (
     workload_coeffs,
 )
 from mfnoise.strategies import closed_forms
-from mfnoise.strategies.inverse_toeplitz import InverseToeplitz, cyclic_sensitivity_squared
+from mfnoise.strategies.inverse_toeplitz import InverseToeplitz, cyclic_pattern_sums
 
 DEFAULT_MAX_BANDS = 64
 
@@ -131,7 +131,7 @@ def problem(workload: Workload, participation: Participation, *, objective: obje
         err2 = jnp.sum(jnp.asarray(weights) * b * b)
         c = decoder_coeffs(jnp.asarray(e0), r, n)
         if kind == "cyclic":
-            sens2 = jnp.max(cyclic_sensitivity_squared(jnp.abs(c), p, jnp))
+            sens2 = jnp.max(cyclic_pattern_sums(c, p, jnp, jnp.abs))
         elif kind == "majorant":
             sens2 = _monotone_sensitivity_squared(jax.lax.cummax(jnp.abs(c), reverse=True), p)
         else:

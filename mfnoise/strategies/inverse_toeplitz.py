@@ -5,15 +5,17 @@ Private Model Training", Kalinin & Lampert 2024, arXiv:2405.13763) is of this ki
 full Toeplitz matrix (the series reciprocal of r), so ``bands`` is None; ``inverse_bands`` is the
 length of r, and the noise C^{-1} W streams from the last inverse_bands - 1 inputs w.
 
-Under cyclic participation C's sensitivity has a closed form wherever c = 1 / r is non-negative,
-monotone or not (``cyclic_sensitivity_squared``); optimized coefficients
-(``mfnoise.optim.inverse_toeplitz``) are often non-negative but not monotone.
+Under cyclic participation C's sensitivity is computed in O(m n) over every cyclic pattern
+(``cyclic_sensitivity``): exact wherever X = C^T C is non-negative on the worst pattern (so wherever
+c = 1 / r >= 0, monotone or not), else the proven bound sum |X|; optimized coefficients
+(``mfnoise.optim.inverse_toeplitz``) are often not monotone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,33 +30,33 @@ from mfnoise.strategies.base import Strategy, StreamTable, as_float64, round_to
 from mfnoise.strategies.toeplitz import majorant_bound, toeplitz_sensitivity
 
 
-def cyclic_sensitivity_squared(c: Any, p: Participation, xp: Any = np) -> Any:
-    """sum_{i, j in P_s} (C^T C)[i, j] for every cyclic pattern P_s = {s, s + b, ...} ∩ [0, n), s in [0, b).
+def cyclic_pattern_sums(c: Any, p: Participation, xp: Any = np, term: Callable[[Any], Any] | None = None) -> Any:
+    """sum_{i, j in P_s} term((C^T C)[i, j]) for every cyclic pattern P_s = {s, s + b, ...} ∩ [0, n), s < b.
 
     C is the n×n lower-triangular Toeplitz matrix of ``c`` (shape (n,)), b = ``p.min_sep``; returns
-    shape (b,). With S_d[l] = sum_{l' <= l} c_{l'} c_{l'+d}, (C^T C)[i, j] = S_{j-i}[n-1-j] for
-    j >= i, and the pairs of one pattern have j - i = q b, q = 0..m-1 (m = ceil(n / b)), so
+    shape (b,); ``term`` applies to each entry (None: the entry itself; ``xp.abs``: |X|). With
+    S_d[l] = sum_{l' <= l} c_{l'} c_{l'+d}, X = C^T C has X[i, j] = S_{j-i}[n-1-j] for j >= i, and
+    the pairs of one pattern have j - i = q b, q = 0..m-1 (m = ceil(n / b)), so
 
-        F_s = sum_q (2 - [q = 0]) sum_{j = s + q b + a b < n} S_{q b}[n-1-j],     O(m n) in all.
+        F_s = sum_q (2 - [q = 0]) sum_{j = s + q b + a b < n} term(S_{q b}[n-1-j]),     O(m n) in all.
 
-    ``xp`` is numpy or jax.numpy (the optimizer's loss differentiates it). What it gives:
-
-    * c >= 0: C^T C >= 0, so every u_t equal is the worst choice and a pattern's subsets sum less:
-      sens(C, p)^2 = max_s F_s exactly (docs/design.md, "The mathematics"), for any c >= 0, monotone
-      or not (cyclic schemas only: a min-sep schema has other patterns).
-    * any c: with |C| the Toeplitz matrix of |c|, |C^T C| <= |C|^T |C| entrywise, so
-      sens(C, p)^2 <= max_P sum_P |C^T C| <= max_s F_s(|c|) (the bound of
-      ``cyclic_sensitivity``).
+    ``xp`` is numpy or jax.numpy (the optimizer's loss differentiates it). With term = |.|,
+    sens(C, p)^2 <= max_s F_s (docs/design.md, "The mathematics": sens^2 <= max_P sum_P |X|, and a
+    subset of a pattern sums less), with equality when the block of X on the maximising pattern is
+    non-negative (every u_t equal), e.g. wherever c >= 0 (then X >= 0), monotone or not. Cyclic
+    schemas only: a min-sep schema has other patterns.
     """
     n, b = p.n, p.min_sep
     m = -(-n // b)
     total = xp.zeros(b)
     for q in range(m):
         d = q * b
-        s = xp.cumsum(c[: n - d] * c[d:])
+        sums = xp.cumsum(c[: n - d] * c[d:])
+        if term is not None:
+            sums = term(sums)
         # v[j - d] = S_d[n-1-j] for j in [d, n), zero-padded to m b - d entries; d is a multiple of b,
         # so the column of the reshape is j mod b = s.
-        v = xp.concatenate([s[::-1], xp.zeros(m * b - n)])
+        v = xp.concatenate([sums[::-1], xp.zeros(m * b - n)])
         contrib = v.reshape(-1, b).sum(axis=0)
         total = total + (contrib if q == 0 else 2.0 * contrib)
     return total
@@ -62,16 +64,18 @@ def cyclic_sensitivity_squared(c: Any, p: Participation, xp: Any = np) -> Any:
 
 def cyclic_sensitivity(c: np.ndarray, p: Participation) -> sens_lib.Sensitivity:
     """sens(C, p) for a cyclic schema and a Toeplitz C with first column ``c`` (shape (n,)):
-    sqrt(max_s F_s(|c|)) (``cyclic_sensitivity_squared``), exact when c >= 0, else a proven upper
-    bound (exact=False)."""
+    sqrt(max_s sum_{P_s} |X|) (``cyclic_pattern_sums``), exact when X has no negative entry on the
+    maximising pattern (so wherever c >= 0), else that proven upper bound (exact=False)."""
     if not p.cyclic:
         raise ValueError(f"cyclic_sensitivity needs a cyclic participation schema, got {p.kind}")
     c = np.asarray(c, np.float64)
     if c.shape != (p.n,):
         raise ValueError(f"c has shape {c.shape}, expected ({p.n},)")
-    nonneg = bool(np.all(c >= 0))
-    value = math.sqrt(float(np.max(cyclic_sensitivity_squared(np.abs(c), p))))
-    return sens_lib.Sensitivity(value, nonneg, "cyclic-toeplitz-nonneg" if nonneg else "cyclic-toeplitz-abs")
+    sums = cyclic_pattern_sums(c, p, np, np.abs)
+    worst = int(np.argmax(sums))
+    exact = bool(cyclic_pattern_sums(c, p, np, lambda v: np.minimum(v, 0.0))[worst] == 0.0)
+    return sens_lib.Sensitivity(math.sqrt(float(sums[worst])), exact,
+                                "cyclic-toeplitz" if exact else "cyclic-toeplitz-abs-bound")
 
 
 @registry.family
@@ -113,11 +117,12 @@ class InverseToeplitz(Strategy):
         """sens(C, p) from C's coefficients c = 1 / r.
 
         Exact where a proof applies: one reachable participation (the first column's norm, any
-        signs); a cyclic schema and c >= 0 (``cyclic_sensitivity``: C^T C >= 0, every cyclic
-        pattern summed, monotone or not); c non-negative and non-increasing (the closed form,
+        signs); a cyclic schema and X = C^T C non-negative on the worst pattern, e.g. c >= 0
+        (``cyclic_sensitivity``, every cyclic pattern summed, monotone or not); c non-negative
+        and non-increasing (the closed form,
         worst pattern {0, b, 2b, ...}; ``strategies.toeplitz.toeplitz_sensitivity``). The closed
         form is never applied to other coefficients. Otherwise a proven upper bound, exact=False,
-        the smallest of: the cyclic |c| bound (cyclic schemas), the majorant bound sens(E, p), E the
+        the smallest of: the cyclic sum |X| bound (cyclic schemas), the majorant bound sens(E, p), E the
         Toeplitz matrix of e_j = max_{l >= j} |c_l|, and, for small n, the dense routine. These
         include the bound the optimizer's loss minimises, so the sensitivity reported for an
         optimized strategy is never above its loss's. Where the generic routine would refuse (n

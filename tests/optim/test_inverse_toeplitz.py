@@ -24,7 +24,7 @@ from mfnoise.core import sensitivity as sens_lib
 from mfnoise.optim import inverse_toeplitz as it
 from mfnoise.optim import problem as problems
 from mfnoise.strategies import closed_forms, error
-from mfnoise.strategies.inverse_toeplitz import InverseToeplitz, cyclic_sensitivity, cyclic_sensitivity_squared
+from mfnoise.strategies.inverse_toeplitz import InverseToeplitz, cyclic_pattern_sums, cyclic_sensitivity
 from tests.conftest import momentum_matrix, prefix_matrix, sensitivity_bounds, toeplitz_matrix
 
 SCHEMAS = [
@@ -60,9 +60,9 @@ def _loss(prob, r: np.ndarray) -> float:
 def test_loss_is_the_dense_formula(schema, bands, objective, workload, seed):
     """exp(loss) = S * ||A C^{-1}||_F / sqrt(n) (rmse) or S * max_i ||(A C^{-1})[i, :]|| (max), with
     C^{-1} dense from r; S = sens(C, p) when one participation is reachable; under a cyclic schema
-    sens(|C|, p), |C| the Toeplitz matrix of |c|; under min-sep the majorant sens(E, p), E >= 0
-    Toeplitz of e_j = max_{l>=j} |c_l|; both brute-forced over every pattern (|C|^T |C|, E^T E >= 0,
-    so the |X| sum is exact); and S >= the brute-force lower bound on sens(C, p)."""
+    S^2 = max_P sum_P |C^T C| over every pattern; under min-sep the majorant sens(E, p), E >= 0
+    Toeplitz of e_j = max_{l>=j} |c_l|, brute-forced over every pattern (E^T E >= 0, so the |X| sum
+    is exact); and S >= the brute-force lower bound on sens(C, p)."""
     kind, n, k, b, _ = schema
     p = _participation(kind, n, k, b)
     rng = np.random.default_rng(seed)
@@ -73,15 +73,12 @@ def test_loss_is_the_dense_formula(schema, bands, objective, workload, seed):
     c = np.linalg.inv(cinv)
     bmat = a @ cinv
     truth = sensitivity_bounds(c, p)
-    if p.reachable_participations == 1:
+    if p.reachable_participations == 1 or p.cyclic:
         s2 = truth["upper"]
     else:
-        if p.cyclic:
-            e = np.abs(c[:, 0])
-        else:
-            e = np.maximum.accumulate(np.abs(c[:, 0])[::-1])[::-1]
+        e = np.maximum.accumulate(np.abs(c[:, 0])[::-1])[::-1]
         s2 = sensitivity_bounds(toeplitz_matrix(e, n), p)["upper"]
-        assert s2 >= truth["lower"] * (1 - 1e-12)
+    assert s2 >= truth["lower"] * (1 - 1e-12)
     rows = np.einsum("ij,ij->i", bmat, bmat)
     err = math.sqrt(rows.sum() / n) if objective == "rmse" else math.sqrt(rows.max())
     prob = it.problem(w, p, objective=objective, bands=bands)
@@ -108,15 +105,19 @@ def test_loss_is_exact_at_the_closed_form_bisr():
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 13), b=st.integers(1, 13), seed=st.integers(0, 2**31 - 1))
 def test_cyclic_pattern_sums_are_the_dense_sums(n, b, seed):
-    """F_s = sum over i, j in {s, s + b, ...} ∩ [0, n) of (C^T C)[i, j], for any signs, numpy and jax.numpy."""
+    """F_s = sum over i, j in {s, s + b, ...} ∩ [0, n) of term((C^T C)[i, j]), for any signs: the
+    entries, their absolute values and their negative parts; numpy and jax.numpy."""
     b = min(b, n)
     p = Participation(n, -(-n // b), b, cyclic=True)
     c = np.random.default_rng(seed).normal(size=n)
     x = toeplitz_matrix(c, n).T @ toeplitz_matrix(c, n)
-    want = [x[np.ix_(range(s, n, b), range(s, n, b))].sum() for s in range(b)]
-    np.testing.assert_allclose(cyclic_sensitivity_squared(c, p), want, rtol=1e-12, atol=1e-12)
+    for term in (None, np.abs, lambda v: np.minimum(v, 0.0)):
+        tx = x if term is None else term(x)
+        want = [tx[np.ix_(range(s, n, b), range(s, n, b))].sum() for s in range(b)]
+        np.testing.assert_allclose(cyclic_pattern_sums(c, p, np, term), want, rtol=1e-12, atol=1e-12)
+    want = [np.abs(x[np.ix_(range(s, n, b), range(s, n, b))]).sum() for s in range(b)]
     with jax.enable_x64(True):
-        got = np.asarray(cyclic_sensitivity_squared(jax.numpy.asarray(c), p, jax.numpy))
+        got = np.asarray(cyclic_pattern_sums(jax.numpy.asarray(c), p, jax.numpy, jax.numpy.abs))
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -138,7 +139,7 @@ def test_sensitivity_exact_for_nonnegative_coefficients_under_cyclic_participati
     truth = sensitivity_bounds(c, p)
     assert truth["nonneg"]
     got = s.sensitivity(p)
-    assert got.exact and got.method == "cyclic-toeplitz-nonneg"
+    assert got.exact and got.method == "cyclic-toeplitz"
     assert got.value ** 2 == pytest.approx(truth["lower"], rel=1e-12)
     assert cyclic_sensitivity(c[:, 0], p).value == pytest.approx(got.value, rel=1e-15)
 
@@ -171,13 +172,15 @@ def test_sensitivity_never_below_brute_force(r, schema):
     assert got.value ** 2 >= truth["lower"] * (1 - 1e-12)
     if got.exact:
         assert got.value ** 2 == pytest.approx(truth["lower"], rel=1e-9)
+    if p.cyclic:  # never looser than max_P sum_P |C^T C|
+        assert got.value ** 2 <= truth["upper"] * (1 + 1e-12)
 
 
 @pytest.mark.parametrize("cyclic", [False, True])
 def test_sensitivity_falls_back_to_the_proven_bounds(monkeypatch, cyclic):
     """Where the dense routine is refused (large n) and the majorant bound is loose: under min-sep
-    the majorant bound, under a cyclic schema the smaller of it and the |c| bound sens(|C|, p)
-    (both proven for any coefficients), never below the truth."""
+    the majorant bound, under a cyclic schema the smaller of it and max_P sum_P |C^T C| (both
+    proven for any coefficients), never below the truth."""
     n = 9
     p = Participation.epochs(n, 3) if cyclic else Participation(n, 3, 3)
     s = InverseToeplitz(NOT_MONOTONE[0], n)
@@ -192,7 +195,7 @@ def test_sensitivity_falls_back_to_the_proven_bounds(monkeypatch, cyclic):
     e = np.maximum.accumulate(np.abs(c[:, 0])[::-1])[::-1]
     bounds = {"toeplitz-abs-majorant": sensitivity_bounds(toeplitz_matrix(e, n), p)["upper"]}
     if cyclic:
-        bounds["cyclic-toeplitz-abs"] = sensitivity_bounds(toeplitz_matrix(np.abs(c[:, 0]), n), p)["upper"]
+        bounds["cyclic-toeplitz-abs-bound"] = sensitivity_bounds(c, p)["upper"]
     assert not got.exact and got.method == min(bounds, key=bounds.__getitem__)
     assert got.value ** 2 == pytest.approx(min(bounds.values()), rel=1e-12)
     assert got.value ** 2 >= sensitivity_bounds(c, p)["lower"]
