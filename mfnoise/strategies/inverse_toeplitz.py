@@ -116,32 +116,28 @@ class InverseToeplitz(Strategy):
     def sensitivity(self, p: Participation) -> sens_lib.Sensitivity:
         """sens(C, p) from C's coefficients c = 1 / r.
 
-        Exact where a proof applies: one reachable participation (the first column's norm, any
-        signs); a cyclic schema and X = C^T C non-negative on the worst pattern, e.g. c >= 0
-        (``cyclic_sensitivity``, every cyclic pattern summed, monotone or not); c non-negative
-        and non-increasing (the closed form,
-        worst pattern {0, b, 2b, ...}; ``strategies.toeplitz.toeplitz_sensitivity``). The closed
-        form is never applied to other coefficients. Otherwise a proven upper bound, exact=False,
-        the smallest of: the cyclic sum |X| bound (cyclic schemas), the majorant bound sens(E, p), E the
-        Toeplitz matrix of e_j = max_{l >= j} |c_l|, and, for small n, the dense routine. These
-        include the bound the optimizer's loss minimises, so the sensitivity reported for an
-        optimized strategy is never above its loss's. Where the generic routine would refuse (n
-        too large for the dense routine and the majorant bound more than ``MAJORANT_SLACK`` above a
-        lower bound), the other bounds are returned: they are proven for any coefficients, so
-        every strategy of this family has a sensitivity.
+        Several participations under a cyclic schema: ``cyclic_sensitivity``, max over the
+        cyclic patterns of sum |C^T C| in O(m n), exact when C^T C is non-negative on the worst
+        pattern (e.g. c >= 0, monotone or not), else that proven bound (exact=False); it is the
+        bound the optimizer's loss minimises, and never above the majorant bound below or the
+        dense routine's (the same sum). Otherwise (``strategies.toeplitz.toeplitz_sensitivity``):
+        exact for one reachable participation (the first column's norm, any signs) or c
+        non-negative and non-increasing (the closed form, worst pattern {0, b, 2b, ...}, never
+        applied to other coefficients); else a proven upper bound, exact=False: the majorant bound
+        sens(E, p), E the Toeplitz matrix of e_j = max_{l >= j} |c_l| (the min-sep loss's), or, for
+        small n, the dense routine where it is smaller. Where that routine would refuse (n too
+        large for the dense routine and the majorant bound more than ``MAJORANT_SLACK`` above a
+        lower bound), the majorant bound is returned: it is proven for any coefficients, so every
+        strategy of this family has a sensitivity.
         """
         self._check_participation(p)
         c = self.toeplitz_coeffs()
-        cyclic = None
         if p.cyclic and p.reachable_participations > 1:
-            cyclic = cyclic_sensitivity(c, p)
-            if cyclic.exact:
-                return cyclic
+            return cyclic_sensitivity(c, p)
         try:
-            other = toeplitz_sensitivity(self, c, p)
+            return toeplitz_sensitivity(self, c, p)
         except ValueError:
-            other = majorant_bound(c, p)[0]
-        return cyclic if cyclic is not None and cyclic.value < other.value else other
+            return majorant_bound(c, p)[0]
 
     def stream_table(self, dtype: Any) -> StreamTable:
         """One "input" row: C^{-1}[t, t - j] = r_j, rounded to dtype."""
