@@ -308,7 +308,10 @@ def mixture_pld(sigma: float, sens: np.ndarray, probs: np.ndarray, d: float, *, 
     loss_a = np.concatenate([-g[:-1], [-g[-1]]])
 
     def pmf(loss: np.ndarray, mass: np.ndarray):
-        k = np.ceil(loss / d - 1e-9).astype(np.int64)
+        # Round up, never down: a loss k d below the true one would be optimistic (a float
+        # quotient just above an integer must not be pulled back onto it).
+        k = np.ceil(loss / d)
+        k = (k + (k * d < loss)).astype(np.int64)
         k0 = int(k.min())
         probs_k = np.bincount(k - k0, weights=mass)
         inf_mass = max(0.0, 1.0 - float(probs_k.sum()))
@@ -346,6 +349,66 @@ def epsilon(
       max_distinct_rows: Toeplitz only: rows are grouped into at most this many blocks.
     """
     t0 = time.perf_counter()
+    if not (pld_discretization > 0 and math.isfinite(pld_discretization)):
+        raise ValueError(f"pld_discretization must be positive and finite, got {pld_discretization}")
+    bounds = row_bounds(strategy, noise_std, delta, sampling_probabilities, tail_fraction=tail_fraction,
+                        sensitivity_grid=sensitivity_grid, max_components=max_components,
+                        max_distinct_rows=max_distinct_rows)
+    pld = None
+    for b in bounds.rows:
+        one = mixture_pld(noise_std, b.sensitivities, b.probabilities, pld_discretization)
+        one = one.self_compose(b.count) if b.count > 1 else one
+        pld = one if pld is None else pld.compose(one)
+    assert pld is not None
+    eps = float(pld.get_epsilon_for_delta(delta - bounds.tail_delta))
+    return MMCCResult(epsilon=eps, delta=delta, tail_delta=bounds.tail_delta, noise_std=float(noise_std),
+                      n=bounds.n, rows_priced=len(bounds.rows), sensitivity_grid=bounds.sensitivity_grid,
+                      max_components=max_components, pld_discretization=pld_discretization,
+                      toeplitz=bounds.toeplitz, seconds=time.perf_counter() - t0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBound:
+    """Rows ``first``..``last`` of the release: each one's conditional law given the rows before it
+    is dominated (on the good event) by the mixture of N(s_m, sigma^2) with weights w_m against
+    N(0, sigma^2), (s_m, w_m) = (``sensitivities``, ``probabilities``)."""
+
+    first: int
+    last: int
+    sensitivities: np.ndarray
+    probabilities: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBounds:
+    """What MMCC composes: the dominating row mechanisms covering rows 0..n-1 in order, and the
+    tail delta their good events cost; ``pt`` the conditional sampling bounds (module doc, step 2):
+    by lag k = i - j (``pt[0]`` = q) on the Toeplitz path, by column j otherwise."""
+
+    n: int
+    rows: list[RowBound]
+    tail_delta: float
+    sensitivity_grid: float
+    toeplitz: bool
+    pt: np.ndarray
+
+
+def row_bounds(
+    strategy: Strategy | np.ndarray,
+    noise_std: float,
+    delta: float,
+    sampling_probabilities: float | np.ndarray,
+    *,
+    tail_fraction: float = 0.5,
+    sensitivity_grid: float | None = None,
+    max_components: int = DEFAULT_MAX_COMPONENTS,
+    max_distinct_rows: int = DEFAULT_MAX_DISTINCT_ROWS,
+) -> RowBounds:
+    """The per-row dominating mixtures ``epsilon`` composes (arguments as there)."""
     if not (noise_std > 0 and math.isfinite(noise_std)):
         raise ValueError(f"noise_std must be positive and finite, got {noise_std}")
     if not 0 < delta < 1:
@@ -354,8 +417,6 @@ def epsilon(
         raise ValueError(f"tail_fraction must be in (0, 1), got {tail_fraction}")
     if not (isinstance(max_components, int) and max_components >= 8):
         raise ValueError(f"max_components must be an int >= 8, got {max_components!r}")
-    if not (pld_discretization > 0 and math.isfinite(pld_discretization)):
-        raise ValueError(f"pld_discretization must be positive and finite, got {pld_discretization}")
     coeffs = None
     dense = None
     if isinstance(strategy, Strategy):
@@ -390,21 +451,16 @@ def epsilon(
     tail_delta = tail_fraction * delta
     sigma2 = noise_std**2
     if coeffs is not None:
-        rows = _toeplitz_rows(coeffs, units, float(probs[0]), sigma2, tail_delta, bins, h, max_distinct_rows)
+        pt = lag_probabilities(coeffs, float(probs[0]), sigma2, tail_delta)
+        rows = _toeplitz_rows(units, pt, bins, h, max_distinct_rows)
     else:
-        rows = _dense_rows(dense, units, probs, sigma2, tail_delta, bins, h)  # type: ignore[arg-type]
-    pld = None
-    for dist, count in rows:
+        pt = column_probabilities(dense, probs, sigma2, tail_delta)  # type: ignore[arg-type]
+        rows = _dense_rows(units, probs, pt, bins, h)
+    out = []
+    for first, last, dist in rows:
         sens, pr = dist.components(max_components)
-        one = mixture_pld(noise_std, sens, pr, pld_discretization)
-        one = one.self_compose(count) if count > 1 else one
-        pld = one if pld is None else pld.compose(one)
-    assert pld is not None
-    eps = float(pld.get_epsilon_for_delta(delta - tail_delta))
-    return MMCCResult(epsilon=eps, delta=delta, tail_delta=tail_delta, noise_std=float(noise_std), n=n,
-                      rows_priced=len(rows), sensitivity_grid=h, max_components=max_components,
-                      pld_discretization=pld_discretization,
-                      toeplitz=coeffs is not None, seconds=time.perf_counter() - t0)
+        out.append(RowBound(first, last, sens, pr))
+    return RowBounds(n=n, rows=out, tail_delta=tail_delta, sensitivity_grid=h, toeplitz=coeffs is not None, pt=pt)
 
 
 def _toeplitz_dense(c: np.ndarray, n: int) -> np.ndarray:
@@ -421,12 +477,11 @@ def _grid_units(w: np.ndarray, h: float) -> np.ndarray:
     return k.astype(np.int64)
 
 
-def _dense_rows(c: np.ndarray, units: np.ndarray, probs: np.ndarray, sigma2: float, tail_delta: float, bins: int,
-                h: float) -> list[tuple[_RowDistribution, int]]:
-    """Every row's dominating S_i for a general C (eps_j from full columns, lambda >= 1)."""
+def column_probabilities(c: np.ndarray, probs: np.ndarray, sigma2: float, tail_delta: float) -> np.ndarray:
+    """pt_j for a general C (module doc, steps 2 and 4): one eps_j per column from the full column
+    (lambda >= 1, so it bounds the tail of L_ij for every row i), at delta_1 = tail_delta / (the
+    number of pairs (i, j), j < i, p_j > 0)."""
     n = c.shape[0]
-    # Pairs (i, j), j < i, whose tail event is bounded: those with p_j > 0 and a non-zero column
-    # below row j somewhere before row i (an upper count is fine: it only lowers delta_1).
     active = probs > 0
     pairs = int(np.sum((n - 1 - np.arange(n))[active]))
     log_inv = math.log(max(pairs, 1) / tail_delta)
@@ -434,7 +489,13 @@ def _dense_rows(c: np.ndarray, units: np.ndarray, probs: np.ndarray, sigma2: flo
     eps = np.zeros(n)
     for j in np.flatnonzero(active):
         eps[j] = _chernoff_eps(gram[j] / sigma2, probs, gram[j, j] / sigma2, log_inv, _LAMBDAS_MONOTONE)
-    pt = _conditional_prob(probs, eps)
+    return _conditional_prob(probs, eps)
+
+
+def _dense_rows(units: np.ndarray, probs: np.ndarray, pt: np.ndarray, bins: int,
+                h: float) -> list[tuple[int, int, _RowDistribution]]:
+    """Every row's dominating S_i for a general C; rows with the same law merged (in order)."""
+    n = units.shape[0]
     rows = []
     for i in range(n):
         dist = _RowDistribution(bins, h)
@@ -445,15 +506,16 @@ def _dense_rows(c: np.ndarray, units: np.ndarray, probs: np.ndarray, sigma2: flo
     return _merge_equal(rows)
 
 
-def _merge_equal(rows: list[_RowDistribution]) -> list[tuple[_RowDistribution, int]]:
-    out: dict[bytes, list] = {}
-    for r in rows:
-        k = r.key()
-        if k in out:
-            out[k][1] += 1
+def _merge_equal(rows: list[_RowDistribution]) -> list[tuple[int, int, _RowDistribution]]:
+    """Consecutive rows with the same law become one block (composition is order-free, but blocks
+    of consecutive rows keep ``RowBound``'s first..last meaningful)."""
+    out: list[tuple[int, int, _RowDistribution]] = []
+    for i, r in enumerate(rows):
+        if out and out[-1][2].key() == r.key():
+            out[-1] = (out[-1][0], i, out[-1][2])
         else:
-            out[k] = [r, 1]
-    return [(r, cnt) for r, cnt in out.values()]
+            out.append((i, i, r))
+    return out
 
 
 def toeplitz_lag_gram(c: np.ndarray) -> np.ndarray:
@@ -466,9 +528,9 @@ def toeplitz_lag_gram(c: np.ndarray) -> np.ndarray:
     return s
 
 
-def _toeplitz_rows(c: np.ndarray, units: np.ndarray, q: float, sigma2: float, tail_delta: float, bins: int, h: float,
-                   max_distinct_rows: int) -> list[tuple[_RowDistribution, int]]:
-    """Toeplitz C under Poisson sampling: pt by lag, S_i built incrementally, rows in blocks."""
+def lag_probabilities(c: np.ndarray, q: float, sigma2: float, tail_delta: float) -> np.ndarray:
+    """Toeplitz C under Poisson sampling: pt[k] bounds P(x_{i-k} = 1 | y_{<i}, x_{-(i-k)}) for every
+    row i on the good event (pt[0] = q: x_i is independent of y_{<i}); delta_1 = tail_delta / (n (n - 1) / 2)."""
     n = c.size
     pairs = n * (n - 1) // 2
     log_inv = math.log(max(pairs, 1) / tail_delta)
@@ -479,7 +541,7 @@ def _toeplitz_rows(c: np.ndarray, units: np.ndarray, q: float, sigma2: float, ta
     for k in range(1, n):
         # Column j = i - k restricted to rows j..i-1 holds c_0..c_{k-1}. Its Gram weight with column
         # l = j + m (rows < i): m in [0, k): S[m, k - 1 - m]; l = j - t, t >= 1 (at most n - 1 - k
-        # older columns, the worst row): S[t, k - 1].
+        # older columns, the worst row; a missing column only drops a term >= 0): S[t, k - 1].
         m = np.arange(k)
         w_new = s[m, k - 1 - m]
         t = np.arange(1, n - k)
@@ -487,14 +549,21 @@ def _toeplitz_rows(c: np.ndarray, units: np.ndarray, q: float, sigma2: float, ta
         w = np.concatenate([w_new, w_old]) / sigma2
         eps = _chernoff_eps(w, probs_all[: w.size], s[0, k - 1] / sigma2, log_inv, _LAMBDAS)
         pt[k] = _conditional_prob(q, eps)
+    return pt
+
+
+def _toeplitz_rows(units: np.ndarray, pt: np.ndarray, bins: int, h: float,
+                   max_distinct_rows: int) -> list[tuple[int, int, _RowDistribution]]:
+    """S_i = sum_{k <= i} c_k B_k, B_k ~ Bernoulli(pt[k]), built incrementally; rows in blocks."""
+    n = units.size
     ends = _block_ends(n, max_distinct_rows)
-    rows: list[tuple[_RowDistribution, int]] = []
+    rows: list[tuple[int, int, _RowDistribution]] = []
     dist = _RowDistribution(bins, h)
     start = 0
     for end in ends:  # rows start..end, priced as row `end` (row i is dominated by any later row)
         for k in range(start, end + 1):
             dist.add(int(units[k]), float(pt[k]))
-        rows.append((_copy(dist), end + 1 - start))
+        rows.append((start, end, _copy(dist)))
         start = end + 1
     return rows
 
