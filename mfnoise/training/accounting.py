@@ -449,6 +449,7 @@ def calibrate(
     accountant: AccountantName = "pld",
     pld_discretization: float = PLD_DISCRETIZATION,
     tol: float = 1e-6,
+    guess: float | None = None,
     **event_kwargs,
 ) -> float:
     """The smallest noise multiplier z (within tol, never below it) whose mechanism is
@@ -460,6 +461,10 @@ def calibrate(
     ``dp_accounting.calibrate_dp_mechanism`` runs inside an explicit bracket [lo, hi] with the
     accountant of ``make_accountant`` (for PLD, the grid each z needs: bounded memory at any
     epsilon). The tolerance used is min(tol, 1e-5 lo), relative for small z.
+
+    ``guess``: z from a cheaper accountant (``mfnoise.plan``'s RDP screen on fewer orders); with
+    PLD it replaces the RDP search as the search's start (grown until an upper end, as RDP's z is),
+    with RDP it starts the bracket. Either way the search and the one-sided check are the same.
 
     Keyword arguments besides the accountant's go to ``dp_event``: ``sampling``,
     ``dataset_size``, ``batch_size``, ``strategy`` (a Strategy or a strategy file).
@@ -481,10 +486,15 @@ def calibrate(
     def eps_of(z: float, acc: Callable[[], dp_accounting.PrivacyAccountant]) -> float:
         return float(acc().compose(make(z)).get_epsilon(delta))
 
+    if guess is not None and not (guess > 0 and math.isfinite(guess)):
+        raise ValueError(f"guess must be a positive finite noise multiplier, got {guess!r}")
     rdp = dp_accounting.rdp.RdpAccountant
-    with _quiet_rdp() if accountant == "pld" else contextlib.nullcontext():
-        lo, hi = _bracket(lambda z: eps_of(z, rdp) > target, 1.0, target)
-        z = _search(rdp, make, target, delta, lo, hi, tol)
+    if guess is not None and accountant == "pld":
+        z = float(guess)
+    else:
+        with _quiet_rdp() if accountant == "pld" else contextlib.nullcontext():
+            lo, hi = _bracket(lambda z: eps_of(z, rdp) > target, 1.0 if guess is None else float(guess), target)
+            z = _search(rdp, make, target, delta, lo, hi, tol)
     if accountant == "pld":
         # z_rdp is an upper end unless a coarse grid prices PLD above RDP (then grow it); PLD's z
         # lies below it, found by stepping down.
