@@ -13,7 +13,8 @@ DESCRIPTION = """Choose the mechanism with the least noise in the training traje
 
 Compares DP-SGD and BandMF with cyclic Poisson sampling (amplified) and DP-SGD, BandMF, BLT, banded
 Toeplitz and BISR with fixed cyclic batches; prints the chosen plan (achieved epsilon, noise
-multiplier, assumptions, the paper behind each accounting step) and the table of candidates.
+multiplier, assumptions, the paper behind each accounting step) and the table of candidates;
+it takes seconds, and says on stderr what it is doing once it has lasted 2 s (--quiet: not).
 --out writes the plan (strategy included); load it with mfnoise.planning.load(path)."""
 
 
@@ -35,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimize-seconds", type=float, default=20.0,
                         help="time budget of the strategy optimizer over all candidates that need it")
     parser.add_argument("--out", default=None, help="write the plan as JSON to this file")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress on stderr (by default it says what it is doing once it has lasted 2 s)")
 
 
 def _count(name: str, value: float | None) -> int | None:
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 optimizer="sgd" if args.momentum is None else ("momentum", args.momentum),
                 params=_count("params", args.params), memory_budget=args.memory_budget, mechanism=args.mechanism,
                 sampling=args.sampling, accountant=args.accountant, l2_clip_norm=args.clip,
-                optimize_seconds=args.optimize_seconds)
+                optimize_seconds=args.optimize_seconds, progress=False if args.quiet else None)
     out = {"fingerprint": made.fingerprint, **summary(made),
            "candidates": [c.to_dict() for c in made.candidates], "report": made.report()}
     if args.out is not None:

@@ -17,20 +17,29 @@ Candidates (docs/design.md, "Plan"), for n steps of batches of about ``batch_siz
   ``optimize_seconds``), BISR (closed form).
 
 Each candidate is scored by the noise it puts into the training trajectory A G at this (epsilon,
-delta): trajectory rmse = z * sens(C, p) * ||A C^{-1}||_F / sqrt(n) (``strategies.error.evaluate``
-gives it at z = 1), A the workload the optimizer implies. Fixed cyclic candidates share one z;
-amplified ones are ranked with RDP-calibrated z (fast) and the best ``PRICED`` of them are then
-calibrated with the plan's accountant; the plan is the lowest trajectory rmse among candidates
-priced by that accountant whose noise state (``state_arrays`` parameter-sized float32 arrays) fits
-``memory_budget``.
+delta): trajectory rmse = z * sens(C, p) * ||A C^{-1}||_F / sqrt(n) (``strategies.error.decoder_norms``
+gives ||A C^{-1}||_F once per strategy, ``sensitivity`` once per schema), A the workload the
+optimizer implies. Fixed cyclic candidates share one z, calibrated once (one Gaussian mechanism,
+whatever C is). Amplified ones are ranked by z calibrated with dp-accounting's RDP accountant on
+the integer orders ``SCREEN_ORDERS`` ("rdp-screen"); the best ``PRICED`` of them, and any other within
+``SCREEN_MARGIN`` of the best score, are then calibrated by the plan's accountant, the PLD search
+starting from the screened z. The plan is the lowest trajectory rmse among candidates priced by
+that accountant whose noise state (``state_arrays`` parameter-sized float32 arrays) fits
+``memory_budget``; its epsilon is recomputed by that accountant for its own sampling (``Plan``).
+
+Speed (benchmarks/plan.py): the RDP screen, one calibration per shared z and one decoder norm per
+strategy keep ``mfnoise plan`` for 60000 examples, batch 512, 20 epochs to seconds; progress goes
+to stderr once a plan has lasted ``PROGRESS_DELAY`` seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -39,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from mfnoise.core import workloads
-from mfnoise.core.participation import EpochsWarning, Participation
+from mfnoise.core.participation import EpochsWarning, Participation, check_participation
 from mfnoise.core.workloads import Workload
 from mfnoise.library.recommend import state_bytes
 from mfnoise.planning.plans import SAMPLINGS, Candidate, Plan
@@ -54,7 +63,20 @@ BLT_BUFFERS = (2, 4)
 TOEPLITZ_BANDS = (16,)
 BISR_BANDS = (4, 16, 64)
 FIXED_BANDS = (4, 16, 64)  # BandMF under fixed cyclic batches, and min_sep itself
-PRICED = 2  # amplified candidates priced by the plan's accountant after the RDP ranking
+PRICED = 1  # amplified candidates priced by the plan's accountant after the RDP ranking, besides the margin's
+# The RDP screen's orders: the integer orders of dp-accounting's default list (DEFAULT_RDP_ORDERS
+# without 1.1, 1.2, ..., 10.9, whose series cost ~90% of an evaluation). Fewer orders only raise
+# epsilon, so the screened z is at least the default list's: by under 0.5% at epsilon <= 8, ~4% at 16.
+SCREEN_ORDERS = (*range(2, 64), 128, 256, 512, 1024)
+# The screened z over PLD's varies across band counts by at most 1.7% where measured (1.047 for one
+# band to 1.064 for 64 at epsilon 4, 60000 examples, batch 512, 20 epochs; spreads of 1.1% at
+# epsilon 1, 1.3% at 16, 1.0% for the README's plan). A candidate screened more than this factor
+# above the best overtakes it under PLD only if its ratio exceeds the best's by more than that, so
+# every amplified candidate within it of the best screened score is priced by the plan's accountant.
+SCREEN_MARGIN = 1.03
+# Relative tolerance of a screened z (ranking only; priced z keep accounting.calibrate's tolerance).
+SCREEN_RTOL = 1e-4
+PROGRESS_DELAY = 2.0  # seconds before the plan says on stderr what it is doing
 OPTIMIZE_SECONDS = 20.0
 # The PLD grid: 10x dp-accounting's default (1e-4). Every grid gives an upper bound on epsilon; this
 # one calibrates z within ~0.05% of the finer grid's (0.0225386 vs 0.0225285 for 60000 examples,
@@ -169,6 +191,12 @@ def _optimized(w: Workload, p: Participation, family: str, key: str, size: int,
 def _specs(w: Workload, p: Participation, dataset_size: int, batch_size: int, optimize_seconds: float) -> list[_Spec]:
     n, b = p.n, p.min_sep
     proxy = _toeplitz_proxy(w)
+
+    @functools.cache
+    def closed_bsr(bands: int) -> tuple[Strategy, str]:
+        # one object per band count, so its decoder norm is computed once for both samplings
+        return bsr(n, bands, proxy), f"closed form bsr(bands={bands})"
+
     specs: list[_Spec] = []
     # amplified: min_sep = bands groups, each sampled with q = batch_size * bands / dataset_size <= 1
     # bands = b (q close to 1) is fixed cyclic BandMF with b bands, listed below
@@ -181,7 +209,7 @@ def _specs(w: Workload, p: Participation, dataset_size: int, batch_size: int, op
                                lambda: (Identity(n), "C = I, Poisson sampling")))
         else:
             specs.append(_Spec("bandmf", "cyclic-poisson", "banded", bands, None, pa, bands - 1,
-                               lambda bands=bands: (bsr(n, bands, proxy), f"closed form bsr(bands={bands})")))
+                               lambda bands=bands: closed_bsr(bands)))
     for mech, why in (("blt", "a BLT is not banded"), ("bisr", "BISR's C is not banded")):
         specs.append(_Spec(mech, "cyclic-poisson", None, None, None, p, 0, None,
                            dropped=f"amplification does not apply: {why}"))
@@ -191,7 +219,7 @@ def _specs(w: Workload, p: Participation, dataset_size: int, batch_size: int, op
         if bands > 1:
             specs.append(_Spec("bandmf", "cyclic", "banded", bands, None, p, bands - 1,
                                lambda bands=bands: _library_entry(w, p, "banded", "bands", bands)
-                               or (bsr(n, bands, proxy), f"closed form bsr(bands={bands})")))
+                               or closed_bsr(bands)))
     optimized = [("blt", "buffers", d) for d in BLT_BUFFERS if d < n] + \
                 [("toeplitz", "bands", s) for s in TOEPLITZ_BANDS if s <= b]
     share = optimize_seconds / max(1, len(optimized))
@@ -222,6 +250,7 @@ def plan(
     l2_clip_norm: float = 1.0,
     pld_discretization: float = PLD_DISCRETIZATION,
     optimize_seconds: float = OPTIMIZE_SECONDS,
+    progress: bool | Callable[[str], None] | None = None,
 ) -> Plan:
     """The (epsilon, delta)-DP plan with the least noise in the training trajectory (module doc).
 
@@ -236,6 +265,8 @@ def plan(
       mechanism: "auto" or one of ``MECHANISMS``; sampling: "auto" or one of ``SAMPLINGS``.
       accountant: "pld" (tight) or "rdp"; l2_clip_norm: the per-example clip norm.
       optimize_seconds: the optimizer's time budget over all candidates that need it.
+      progress: None (default) says on stderr what the plan is doing once it has lasted
+        ``PROGRESS_DELAY`` seconds; True from the start; False never; a callable gets each line.
 
     Returns a ``Plan`` (verified on construction); ``plan.candidates`` lists what was compared.
     """
@@ -264,7 +295,8 @@ def plan(
     w = workload_for(optimizer, p.n)
     with _quiet_absl():
         return _choose(epsilon, delta, d, m, p, w, params, memory_budget, mechanism, sampling, accountant,
-                       float(l2_clip_norm), float(pld_discretization), float(optimize_seconds))
+                       float(l2_clip_norm), float(pld_discretization), float(optimize_seconds),
+                       _Progress(progress))
 
 
 @contextlib.contextmanager
@@ -281,20 +313,26 @@ def _quiet_absl() -> Iterator[None]:
 
 def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: Workload, params: int | None,
             memory_budget: float | None, mechanism: str, sampling: str, accountant: str, l2_clip_norm: float,
-            pld_discretization: float, optimize_seconds: float) -> Plan:
+            pld_discretization: float, optimize_seconds: float, say: _Progress) -> Plan:
     acc: Any = accountant
 
-    def calibrate(schema: Participation, spec_sampling: str, strategy: Strategy, how: Any) -> float:
+    def calibrate(schema: Participation, spec_sampling: str, strategy: Strategy, how: Any,
+                  guess: float | None = None) -> float:
         kwargs: dict[str, Any] = {"accountant": how, "pld_discretization": pld_discretization}
         if spec_sampling == "cyclic-poisson":
             kwargs.update(sampling="cyclic-poisson", dataset_size=d, batch_size=m, strategy=strategy)
+        if guess is not None:
+            kwargs["guess"] = guess
         return accounting.calibrate(epsilon, delta, schema, **kwargs)
 
     rows: list[dict[str, Any]] = []
     built: dict[int, tuple[Strategy, Participation]] = {}
+    norms: dict[int, tuple[Strategy, float]] = {}  # id(strategy) -> (strategy, ||A C^{-1}||_F^2)
     fixed_z: dict[str, float] = {}
     rising: list[float] = []  # the amplified candidates' scores, in order of bands
-    for i, spec in enumerate(_specs(w, p, d, m, optimize_seconds)):
+    screened_z: list[float] = []  # the last screened z: the next band count's search starts near it
+    specs = _specs(w, p, d, m, optimize_seconds)
+    for i, spec in enumerate(specs):
         row: dict[str, Any] = {
             "mechanism": spec.mechanism, "sampling": spec.sampling, "family": spec.family, "bands": spec.bands,
             "buffers": spec.buffers, "min_sep": spec.participation.min_sep, "state_arrays": spec.state_arrays,
@@ -314,6 +352,7 @@ def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: W
             continue
         try:
             t0 = time.perf_counter()
+            say(f"candidate {i + 1}/{len(specs)}: {_label(spec)}: building the strategy and its error")
             strategy, source = spec.build()
             row["source"] = source
             row["state_arrays"] = strategy.state_arrays()
@@ -321,15 +360,21 @@ def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: W
             if memory_budget is not None and nbytes is not None and nbytes > memory_budget:
                 row["dropped"] = f"memory: {nbytes:.3g} B of noise state > budget {memory_budget:.3g} B"
                 continue
-            row["rmse"] = float(_evaluate(strategy, w, spec.participation)["rmse"])
+            row["rmse"] = _rmse(strategy, w, spec.participation, norms)
             if spec.sampling == "cyclic":
                 if "z" not in fixed_z:
+                    say(f"calibrating the noise of fixed cyclic batches ({accountant}, one Gaussian mechanism)")
                     fixed_z["z"] = calibrate(p, "cyclic", strategy, acc)
                 row["noise_multiplier"], row["accountant"] = fixed_z["z"], accountant
+            elif accountant == "pld":
+                say(f"candidate {i + 1}/{len(specs)}: {_label(spec)}: screening its noise by RDP")
+                z = _screen(epsilon, delta, spec.participation, strategy, d, m,
+                            guess=2.0 * screened_z[-1] if screened_z else 1.0)
+                screened_z.append(z)
+                row["noise_multiplier"], row["accountant"] = z, "rdp-screen"
             else:
-                how = "rdp" if accountant == "pld" else accountant
-                row["noise_multiplier"] = calibrate(spec.participation, "cyclic-poisson", strategy, how)
-                row["accountant"] = "rdp-screen" if accountant == "pld" else accountant
+                row["noise_multiplier"] = calibrate(spec.participation, "cyclic-poisson", strategy, acc)
+                row["accountant"] = accountant
             row["trajectory_rmse"] = row["noise_multiplier"] * row["rmse"]
             if spec.sampling == "cyclic-poisson":
                 rising.append(row["trajectory_rmse"])
@@ -339,12 +384,13 @@ def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: W
             built[i] = (strategy, spec.participation)
         except Exception as e:  # a candidate that cannot be built or priced is listed with why, not fatal
             row["dropped"] = f"{type(e).__name__}: {e}".split("\n")[0][:200]
-    # the best amplified candidates by the RDP ranking, priced by the plan's accountant
-    screened = sorted((i for i, r in enumerate(rows) if r.get("accountant") == "rdp-screen"),
-                      key=lambda i: rows[i]["trajectory_rmse"])
-    for i in screened[:PRICED]:
+    # the best amplified candidates by the RDP screen (and any within SCREEN_MARGIN of the best),
+    # priced by the plan's accountant, its search starting from the screened z
+    for i in _finalists(rows):
         strategy, schema = built[i]
-        rows[i]["noise_multiplier"] = calibrate(schema, "cyclic-poisson", strategy, acc)
+        say(f"pricing {_label(specs[i])} by the {accountant.upper()} accountant")
+        rows[i]["noise_multiplier"] = calibrate(schema, "cyclic-poisson", strategy, acc,
+                                                guess=rows[i]["noise_multiplier"])
         rows[i]["accountant"] = accountant
         rows[i]["trajectory_rmse"] = rows[i]["noise_multiplier"] * rows[i]["rmse"]
     eligible = [i for i, r in enumerate(rows) if r["dropped"] is None and r.get("accountant") == accountant]
@@ -359,6 +405,7 @@ def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: W
     spec_sampling = chosen["sampling"]
     kwargs: dict[str, Any] = {"sampling": "none"} if spec_sampling == "cyclic" else {
         "sampling": "cyclic-poisson", "dataset_size": d, "batch_size": m}
+    say(f"chose {_label(specs[best])}; computing its epsilon ({accountant}) and checking the plan")
     achieved = accounting.epsilon(chosen["noise_multiplier"], delta, schema, accountant=acc,
                                   pld_discretization=pld_discretization, strategy=strategy, **kwargs)
     return Plan(strategy=strategy, participation=schema, noise_multiplier=chosen["noise_multiplier"],
@@ -368,9 +415,68 @@ def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: W
                 source=chosen.get("source", ""), candidates=candidates)
 
 
-def _evaluate(strategy: Strategy, w: Workload, p: Participation) -> dict:
-    from mfnoise.strategies.error import evaluate
+def _finalists(rows: list[dict[str, Any]]) -> list[int]:
+    """The screened rows to price: the ``PRICED`` lowest scores and any within ``SCREEN_MARGIN`` of the lowest."""
+    screened = sorted((i for i, r in enumerate(rows) if r.get("accountant") == "rdp-screen"),
+                      key=lambda i: rows[i]["trajectory_rmse"])
+    if not screened:
+        return []
+    bound = SCREEN_MARGIN * rows[screened[0]]["trajectory_rmse"]
+    return [i for k, i in enumerate(screened) if k < PRICED or rows[i]["trajectory_rmse"] <= bound]
 
+
+def _screen(epsilon: float, delta: float, schema: Participation, strategy: Strategy, d: int, m: int,
+            guess: float) -> float:
+    """The amplified candidate's z calibrated by dp-accounting's RDP accountant on ``SCREEN_ORDERS``
+    (relative tolerance ``SCREEN_RTOL``): a ranking, never a plan's noise (module doc)."""
+    import dp_accounting
+
+    make = accounting._event_maker(schema, sampling="cyclic-poisson", dataset_size=d, batch_size=m,
+                                   strategy=strategy)
+
+    def screen_accountant() -> dp_accounting.PrivacyAccountant:
+        return dp_accounting.rdp.RdpAccountant(list(SCREEN_ORDERS))
+
+    def too_small(z: float) -> bool:
+        return screen_accountant().compose(make(z)).get_epsilon(delta) > epsilon
+
+    lo, hi = accounting._bracket(too_small, guess, epsilon)
+    return float(dp_accounting.calibrate_dp_mechanism(
+        screen_accountant, make, epsilon, delta, bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi),
+        tol=SCREEN_RTOL * lo))
+
+
+def _rmse(strategy: Strategy, w: Workload, p: Participation, norms: dict[int, tuple[Strategy, float]]) -> float:
+    """sens(C, p) * ||A C^{-1}||_F / sqrt(n), as ``strategies.error.evaluate`` computes it, with
+    ||A C^{-1}||_F^2 (``decoder_norms``: dense for a banded C) computed once per strategy object:
+    a BSR of the same bands serves the amplified and the fixed cyclic schema."""
+    from mfnoise.strategies.error import decoder_norms
+
+    check_participation(p, strategy.n)
+    if id(strategy) not in norms:
+        norms[id(strategy)] = (strategy, decoder_norms(strategy, w).frobenius_sq)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EpochsWarning)
-        return evaluate(strategy, w, p)
+        sens = strategy.sensitivity(p)
+    return float(sens.value * math.sqrt(norms[id(strategy)][1] / strategy.n))
+
+
+def _label(spec: _Spec) -> str:
+    size = f"{spec.bands} bands" if spec.bands is not None else f"{spec.buffers} buffers"
+    return f"{spec.mechanism} ({spec.sampling}, {size})"
+
+
+class _Progress:
+    """Says what the plan is doing: on stderr once it has lasted ``PROGRESS_DELAY`` s
+    (``progress=None``), from the start (True), never (False), or to a callable."""
+
+    def __init__(self, progress: bool | Callable[[str], None] | None) -> None:
+        self._progress = progress
+        self._start = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        elapsed = time.perf_counter() - self._start
+        if callable(self._progress):
+            self._progress(what)
+        elif self._progress is True or (self._progress is None and elapsed >= PROGRESS_DELAY):
+            print(f"mfnoise.plan [{elapsed:5.1f} s] {what}", file=sys.stderr, flush=True)

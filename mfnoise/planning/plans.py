@@ -55,9 +55,9 @@ class Candidate:
     ``trajectory_rmse`` = noise_multiplier * sens(C, p) * ||A C^{-1}||_F / sqrt(n), the root-mean-
     square noise the mechanism puts into the training trajectory A G (units of the clip norm);
     ``rmse`` is the same at noise multiplier 1. ``accountant`` says what priced
-    ``noise_multiplier`` ("pld", "rdp"; "rdp-screen": RDP, used only to rank amplified candidates,
-    whose best ones are then priced by the plan's accountant). ``dropped`` is why the candidate
-    was not eligible (memory, a theorem that does not apply, ...) or None.
+    ``noise_multiplier`` ("pld", "rdp"; "rdp-screen": RDP on dp-accounting's integer orders, used
+    only to rank amplified candidates, whose best ones are then priced by the plan's accountant).
+    ``dropped`` is why the candidate was not eligible (memory, a theorem that does not apply, ...) or None.
     """
 
     mechanism: str

@@ -21,7 +21,7 @@ def _dense_rmse(c: np.ndarray, a: np.ndarray, p: mfnoise.Participation) -> float
     sens_sq = max(sum(abs(x[i, j]) for i, j in itertools.product(range(r, n, p.min_sep), repeat=2))
                   for r in range(p.min_sep))
     b = a @ np.linalg.inv(c)
-    return math.sqrt(sens_sq) * np.linalg.norm(b) / math.sqrt(n)
+    return math.sqrt(sens_sq) * float(np.linalg.norm(b)) / math.sqrt(n)
 
 
 @pytest.fixture(scope="module")

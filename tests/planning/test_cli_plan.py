@@ -38,3 +38,15 @@ def test_text_and_refusals(tmp_path, capsys):
     assert "--params must be a positive whole number, got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["plan", "--epsilon", "1", "--delta", "1e-5", "--dataset-size", "10", "--batch-size", "5"])
+
+
+def test_progress_goes_to_stderr_unless_quiet(capsys, monkeypatch):
+    from mfnoise.planning import choose
+
+    monkeypatch.setattr(choose, "PROGRESS_DELAY", 0.0)  # as if the plan had already lasted 2 s
+    assert cli_main([*ARGS, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "mfnoise.plan [" in captured.err and "chose dp-sgd" in captured.err
+    assert json.loads(captured.out)["mechanism"] == "dp-sgd"  # stdout stays the JSON object alone
+    assert cli_main([*ARGS, "--json", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
