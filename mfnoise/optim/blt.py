@@ -43,8 +43,15 @@ optimises s active buffers (the others cancelled pairs, exactly no buffer), star
 best point over all rounds is kept, so d buffers are never worse than d - 1 (the paper above grows
 buffers the same way).
 
-The loss is log(objective), objective = max_error or rmse. The final strategy's numbers come from
-mfnoise.strategies.error.evaluate.
+Objectives (mfnoise.optim.objectives). B = A C^{-1} is Toeplitz with first column b, row i is
+b_0..b_i, so with r_i = ||B[i, :]||^2 = sum_{j<=i} b_j^2 every objective is sens^2 sum_j W_j b_j^2:
+* "max" and "last-iterate": W = 1 (the rows grow, so the largest is the last: the same objective,
+  sum_{j<n} b_j^2 = A^T G_n A in closed form);
+* "rmse": W_j = (n - j) / n (A^T H_n A / n in closed form);
+* Weighted(w): W_j = sum_{i>=j} w_i / sum w (``objectives.toeplitz_weights``), summed over the
+  materialised b (O(n d + n log n): the weights are n numbers anyway).
+
+The loss is log(objective). The final strategy's numbers come from mfnoise.strategies.error.evaluate.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ import numpy as np
 
 from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload
+from mfnoise.optim import objectives
 from mfnoise.optim.problem import FAST_COMPILE, Problem, check_arguments, register
 from mfnoise.optim.toeplitz import series_multiply, workload_coeffs
 from mfnoise.strategies.blt import (
@@ -194,20 +202,27 @@ def _params_from_blt(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
     return params_from_log_deltas(np.log1p(-decays))
 
 
-_COMPILER_OPTIONS = {**FAST_COMPILE, "xla_cpu_use_fusion_emitters": False}
+_COMPILER_OPTIONS = {**FAST_COMPILE, "xla_cpu_use_fusion_emitters": False, "xla_cpu_parallel_codegen_split_count": 1}
 """The loss is a few hundred scalar-sized operations: XLA's CPU fusion emitters spend about 5x longer
-compiling them (measured at 8 buffers) than the classic emitters, and the compiled loss runs as fast."""
+compiling them (measured at 8 buffers) than the classic emitters, and the compiled loss runs as fast;
+splitting so small a module for parallel code generation costs more than it saves (about a third of
+the compile's CPU time, n = 10^7, 8 buffers)."""
+
+SUPPORTED_OBJECTIVES = ("rmse", "max", "last-iterate", "weighted")
 
 
 def problem(workload: Workload, participation: Participation, *, objective: str = "rmse",
             bands: int | None = None, buffers: int | None = None, init=None) -> Problem:
     """min over v in R^{2d} of log(objective) for the BLT with d = ``buffers`` (see module docstring).
 
+    ``objective``: "rmse", "max", "last-iterate" (the same objective as "max" here) or a
+    ``mfnoise.optim.objectives.Weighted``.
+
     ``init``: None (log-spaced decays), a parameter vector v of length 2 * buffers, or a BLT
     (its decays must interlace with its inverse's, i.e. omega > 0).
     """
     p = participation
-    n = check_arguments(workload, p, objective)
+    n = check_arguments(workload, p, objective, supported=SUPPORTED_OBJECTIVES)
     if bands is not None:
         raise ValueError("bands applies to banded families, not blt (use buffers)")
     d = DEFAULT_BUFFERS if buffers is None else int(buffers)
@@ -224,9 +239,12 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         v0 = np.asarray(init, np.float64)
         if v0.shape != (2 * d,):
             raise ValueError(f"init has shape {v0.shape}, expected ({2 * d},)")
-    rational = rational_workload(workload)
+    name = objectives.name(objective)
+    # W_j of the module docstring: None for the closed forms ("max" / "last-iterate": W = 1; rmse).
+    step_weights = objectives.toeplitz_weights(objective, n) if name == "weighted" else None
+    rational = rational_workload(workload) if step_weights is None else None
     a = None if rational is not None else workload_coeffs(workload)
-    weighted = objective == "rmse"
+    weighted = name == "rmse"
     sums = power_sums(n, SERIES_TERMS) if weighted else None
 
     def loss(v: jax.Array) -> jax.Array:
@@ -235,12 +253,15 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         if rational is not None:
             amps, eps = decoder_terms(delta, delta_inv, *rational)
             err2 = sum_squares(amps, eps, n, sums, weighted)
+            if weighted:
+                err2 = err2 / n
         else:
             b = _materialized_decoder(delta, delta_inv, jnp.asarray(a), n)
-            w = jnp.arange(n, 0, -1, dtype=b.dtype) if weighted else 1.0
+            if step_weights is not None:
+                w = jnp.asarray(step_weights)
+            else:
+                w = jnp.arange(n, 0, -1, dtype=b.dtype) / n if weighted else 1.0
             err2 = jnp.sum(w * b * b)
-        if weighted:
-            err2 = err2 / n
         return 0.5 * (jnp.log(sens2) + jnp.log(err2))
 
     def to_strategy(v: np.ndarray) -> BLT:
@@ -255,7 +276,7 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         x0=np.asarray(v0, np.float64),
         value_and_grad=jax.value_and_grad(loss),
         to_strategy=to_strategy,
-        name=f"blt(n={n}, buffers={d}, {objective})",
+        name=f"blt(n={n}, buffers={d}, {name})",
         stages=stages,
         next_stage=lambda v, stage: _next_stage(v, stage, d, n),
         objective_from_loss=math.exp,

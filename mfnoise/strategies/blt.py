@@ -182,9 +182,10 @@ def geometric_sums(eps: Any, n: Any, sums: np.ndarray | None = None, weighted: b
     alternating series in L when x is small (no cancellation), else directly.
     """
     xp = _xp(eps)
-    big_l = eps * _psi(eps)
+    psi = _psi(eps)
+    big_l = eps * psi
     x = xp.multiply(n, big_l)
-    g = xp.multiply(n, _phi(x)) * _psi(eps)
+    g = xp.multiply(n, _phi(x)) * psi
     if not weighted:
         return g
     if sums is None:
@@ -195,7 +196,7 @@ def geometric_sums(eps: Any, n: Any, sums: np.ndarray | None = None, weighted: b
     series_sum: Any = 0.0
     for k in range(SERIES_TERMS, 0, -1):  # Horner in L
         series_sum = series_sum * l_small + (-1) ** (k + 1) * sums[k] / math.factorial(k)
-    series_sum = series_sum * _psi(eps)
+    series_sum = series_sum * psi
     eps_safe = xp.where(small, 1.0, eps)
     direct = (n - g) / eps_safe
     return g + xp.where(small, series_sum, direct)
@@ -248,19 +249,25 @@ def sensitivity_squared(omega: Any, delta: Any, p: Participation) -> Any:
     """
     xp = _xp(omega, delta)
     n, b, m = p.n, p.min_sep, p.reachable_participations
-    # Pairs (a b, (a + q) b): lag q b, last row index n - 1 - j, j = (a + q) b.
-    qs = np.concatenate([np.full(m - q, q) for q in range(m)])
-    js = np.concatenate([np.arange(q, m) for q in range(m)]) * b
+    # Pairs (a b, (a + q) b): lag q b, last row index n - 1 - j, j = (a + q) b. The m diagonal pairs
+    # (lag 0: X[j, j] = 1 + omega^T G omega) and the others (weight 2: X = X^T) are summed apart, so
+    # that single participation (m = 1) traces no lag terms (half the loss's graph in optim.blt).
+    pair = pair_eps(delta)
+    diag_count = (n - 1 - np.arange(m) * b).astype(np.float64)
+    g_diag = geometric_sums(pair[None], diag_count[:, None, None])  # (m, d, d)
+    total = m + xp.einsum("i,k,pik->", omega, omega, g_diag)
+    if m == 1:
+        return total
+    qs = np.concatenate([np.full(m - q, q) for q in range(1, m)])
+    js = np.concatenate([np.arange(q, m) for q in range(1, m)]) * b
     lag = (qs * b).astype(np.float64)
     count = (n - 1 - js).astype(np.float64)
-    weights = np.where(qs == 0, 1.0, 2.0)
     log_theta = xp.log1p(-delta)
-    g = geometric_sums(pair_eps(delta)[None], count[:, None, None])  # (P, d, d)
+    g = geometric_sums(pair[None], count[:, None, None])  # (P, d, d)
     theta_lag = xp.exp(lag[:, None] * log_theta[None, :])  # (P, d)
     geo = xp.einsum("i,k,pk,pik->p", omega, omega, theta_lag, g)
-    c_lag = xp.exp(np.maximum(lag - 1.0, 0.0)[:, None] * log_theta[None, :]) @ omega
-    head = xp.where(lag == 0, 1.0, c_lag)
-    return xp.sum(weights * (geo + head))
+    c_lag = xp.exp((lag - 1.0)[:, None] * log_theta[None, :]) @ omega  # c_l, l = lag >= 1
+    return total + 2.0 * xp.sum(geo + c_lag)
 
 
 def rational_workload(workload: Workload) -> tuple[float, np.ndarray] | None:
