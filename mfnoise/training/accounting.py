@@ -616,6 +616,7 @@ class _Route:
     sigma_scale: float = 1.0
     q: float = 0.0
     participation: Participation | None = None
+    priced: Strategy | np.ndarray | None = None  # "mmcc": the C it prices (mmcc.priced_strategy)
 
 
 def _refusal(sampling: str) -> str:
@@ -725,10 +726,15 @@ def _route(participation: Participation | None, *, sampling: str = "none", datas
             f"needs C >= 0 entrywise (its bound on the posterior of a participation and the monotone row "
             f"sensitivity hold only then), and Poisson DP-SGD needs a diagonal C; use sampling='none'"
         )
+    from mfnoise.training import mmcc
+
+    # The noise std is z * noise_sensitivity(p, dtype) >= z * sens(C, p); the generator runs the
+    # rounded C' = s.realised(dtype), so MMCC prices the entrywise maximum of C and its realisations
+    # (mmcc.priced_strategy: the dominating pair is monotone in the entries of C >= 0).
     sens = float(s.sensitivity(p).value)
-    margin = 1.0 if _runs_exactly_in_float32(s) else COLUMN_NORM_MARGIN
     q = sampling_probability(dataset_size, batch_size, 1)  # type: ignore[arg-type]
-    return _Route("mmcc", "mmcc", strategy=s, sigma_scale=sens / margin, q=q, participation=p)
+    return _Route("mmcc", "mmcc", strategy=s, sigma_scale=sens, q=q, participation=p,
+                  priced=mmcc.priced_strategy(s))
 
 
 def _route_epsilon(route: _Route, noise_multiplier: float, delta: float, *, accountant: AccountantName,
@@ -748,7 +754,8 @@ def _route_epsilon(route: _Route, noise_multiplier: float, delta: float, *, acco
         assert route.strategy is not None
         if noise_multiplier == 0:
             return math.inf, {}
-        res = mmcc.epsilon(route.strategy, noise_multiplier * route.sigma_scale, delta, route.q,
+        priced = route.priced if route.priced is not None else route.strategy
+        res = mmcc.epsilon(priced, noise_multiplier * route.sigma_scale, delta, route.q,
                            **(mmcc_options or {}))
         return res.epsilon, res.to_dict()
     raise ValueError(f"sampling priced by {route.theorem} has no provable epsilon: {_refusal('balls-in-bins')}")

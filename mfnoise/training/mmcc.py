@@ -128,16 +128,59 @@ def check_matrix(c: np.ndarray, what: str = "C") -> np.ndarray:
     return c
 
 
-def _toeplitz_coeffs(c: Any, n: int) -> np.ndarray:
+# The dtypes the noise generator runs a correlated strategy in (coarser ones run only C = I).
+REALISED_DTYPES = (np.float32, np.float64)
+
+
+def priced_strategy(strategy: Strategy) -> Strategy | np.ndarray:
+    """The C MMCC prices for a strategy the noise generator runs as C' = ``strategy.realised(dtype)``.
+
+    C' differs from C by rounding (in float32, by ~2^-24 relative for the families here), and the
+    release is C' G + Z, so MMCC must cover C', not C. Its dominating pair is monotone in the
+    entries of C (module doc, "Vector contributions and monotonicity"), so pricing the entrywise
+    maximum C-bar = max(C, C'_float32, C'_float64) covers whichever dtype runs, provided every C'
+    is itself >= 0 (else MMCC's reduction does not apply: refused, naming the entry). Returns the
+    strategy itself when both dtypes run C exactly, a Toeplitz C-bar when every C' is Toeplitz,
+    else the dense C-bar.
+    """
+    from mfnoise.strategies.toeplitz import Toeplitz
+
+    n = strategy.n
+    reals = []
+    for dt in REALISED_DTYPES:
+        try:
+            r = strategy.realised(dt)
+        except ValueError:  # the generator cannot run this strategy in dt at all
+            continue
+        if r is not strategy:
+            reals.append((np.dtype(dt).name, r))
+    if not reals:
+        return strategy
+    tc = strategy.toeplitz_coeffs()
+    if tc is not None and all(r.toeplitz_coeffs() is not None for _, r in reals):
+        c = _toeplitz_coeffs(tc, n)
+        out = c.copy()
+        for name, r in reals:
+            rc = r.toeplitz_coeffs()
+            assert rc is not None
+            out = np.maximum(out, _toeplitz_coeffs(rc, n, f"the {name} realisation's Toeplitz coefficient"))
+        return strategy if np.array_equal(out, c) else Toeplitz(out, n)
+    dense = check_matrix(strategy.dense(), f"the {strategy.family} strategy's C")
+    for name, r in reals:
+        dense = np.maximum(dense, check_matrix(r.dense(), f"the {name} realisation C' of the {strategy.family} C"))
+    return dense
+
+
+def _toeplitz_coeffs(c: Any, n: int, what: str = "the Toeplitz coefficient") -> np.ndarray:
     out = np.zeros(n)
     c = np.asarray(c, np.float64).reshape(-1)[:n]
     out[: c.size] = c
     if not np.all(np.isfinite(out)):
-        raise ValueError("the Toeplitz coefficients of C are not finite")
+        raise ValueError(f"{what}s of C are not finite")
     if np.any(out < 0):
         k = int(np.argmax(out < 0))
         raise ValueError(
-            f"MMCC needs C with non-negative entries, but the Toeplitz coefficient c_{k} = {out[k]:.6g} < 0: the "
+            f"MMCC needs C with non-negative entries, but {what} c_{k} = {out[k]:.6g} < 0: the "
             f"bound on the posterior of a participation drops the other participations' term <c_j, C x_-j>, which "
             f"is >= 0 only for C >= 0; no theorem covers a negative entry"
         )

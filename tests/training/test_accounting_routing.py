@@ -91,3 +91,40 @@ def test_refusals_say_why():
         accounting.calibrate(1.0, 1e-5, p, sampling="balls-in-bins", strategy=mfnoise.Identity(n))
     with pytest.raises(ValueError, match="unknown sampling"):
         accounting.explain(1.0, 1e-5, p, sampling="shuffle")
+
+
+def _rounded_toeplitz(coeffs, n, realised_coeffs):
+    """A Toeplitz strategy whose float32 generator runs other coefficients (as a rounded C' would)."""
+    import dataclasses
+
+    from mfnoise.strategies.toeplitz import Toeplitz
+
+    @dataclasses.dataclass(frozen=True)
+    class Rounded(Toeplitz):
+        def realised(self, dtype):
+            if np.dtype(dtype) == np.float32:
+                return Toeplitz(np.asarray(realised_coeffs, float), n)
+            return self
+
+    return Rounded(np.asarray(coeffs, float), n)
+
+
+def test_mmcc_prices_what_the_generator_runs():
+    """The release is C' G + Z with C' = strategy.realised(dtype): MMCC prices the entrywise maximum
+    of C and C' (its pair is monotone in C's entries), not C with a fixed margin."""
+    from mfnoise.strategies.toeplitz import Toeplitz
+    from mfnoise.training import mmcc
+
+    n, z, delta, d, m = 6, 1.0, 1e-5, 100, 5
+    p = Participation(n, n, 1)
+    c = np.array([1.0, 0.5, 0.375, 0.3125, 0.2734, 0.2461])
+    real = c * np.array([1, 1, 1.3, 1, 0.99, 1])  # one coefficient 30% up, one 1% down
+    s = _rounded_toeplitz(c, n, real)
+    got = accounting.explain(z, delta, p, sampling="poisson", dataset_size=d, batch_size=m, strategy=s)
+    sigma = z * float(s.sensitivity(p).value)
+    expect = mmcc.epsilon(Toeplitz(np.maximum(c, real), n), sigma, delta, m / d)
+    assert expect.toeplitz and got.epsilon == pytest.approx(expect.epsilon, rel=1e-9)
+    assert got.epsilon > mmcc.epsilon(Toeplitz(c, n), sigma, delta, m / d).epsilon
+    neg = _rounded_toeplitz(c, n, c * np.array([1, 1, 1, 1, 1, -1e-9]))
+    with pytest.raises(ValueError, match=r"float32 realisation.*c_5"):
+        accounting.epsilon(z, delta, p, sampling="poisson", dataset_size=d, batch_size=m, strategy=neg)
