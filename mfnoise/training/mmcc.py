@@ -6,16 +6,42 @@ lower-triangular C with non-negative entries.
 {0, 1} says whether the protected example was sampled at step j (independently, with probability
 p_j: p_j = q for Poisson sampling; q on one residue class mod b and 0 elsewhere for cyclic
 Poisson sampling), its clipped gradient contributing at most 1 per step, and sigma the noise
-standard deviation in clip-norm units. For a C with non-negative entries the paper reduces the
-adaptive, vector-valued mechanism to this scalar one (the worst case sends every gradient along
-one unit vector; its Corollary 4.7 replaces a vector mixture of Gaussians by the scalar one of the
-norms). Without the example the release is N(0, sigma^2 I).
+standard deviation in clip-norm units. Without the example the release is N(0, sigma^2 I). This
+scalar pair (P, Q) = (E_x N(C x, sigma^2 I), N(0, sigma^2 I)) is what everything below bounds.
 
-**Conditional composition** (the paper's Theorem 3.1). Row i, given the rows before it, is a
-mixture of Gaussians: y_i | y_{<i} ~ E[N(C_i x, sigma^2) | y_{<i}] against N(0, sigma^2). If on an
-event G_i of y_{<i} that row is dominated by a fixed pair (P_i, Q_i), and the event fails with
-probability at most delta_i under either neighbour, the whole release is dominated by the
-composition of the (P_i, Q_i) up to an additive sum_i delta_i.
+**What is proved here and what is cited.** Given the pair (P, Q), the bound is derived below step
+by step and each step is checked numerically against an independent computation
+(tests/training/test_mmcc.py: the exact n-dimensional release for n = 2, 3; the exact tail of
+every L_ij; the exact posterior law of every row on its good event; the PLD's rounding). That
+(P, Q) dominates the training mechanism, whose contributions are vectors g_j of norm <= 1 chosen
+*adaptively* from the earlier outputs, is the reduction the MMCC paper states for lower-triangular
+C >= 0, and the hypothesis under which "Near Exact Privacy Amplification for Matrix Mechanisms"
+(Choquette-Choo, Ganesh, Haque, Steinke, Thakurta 2024) uses the same pair; it is cited, not
+re-derived here (the paper's text could not be read for this implementation). Re-derived here
+is its non-adaptive part and the monotonicity in C that ``priced_strategy`` uses:
+
+**Vector contributions and monotonicity** (Gaussian comparison). For fixed g_j (||g_j|| <= 1) the
+release is P' = E_x N(M_x, sigma^2 I), M_x = C diag(x) G. Under Q the likelihood ratio is
+R = sum_x w_x exp(U_x - S_xx / 2), U ~ N(0, S), S_xx' = <M_x, M_x'> / sigma^2, and both
+hockey-stick divergences are E_Q phi(R) with phi convex ((r - a)_+ and (1 - a r)_+). Interpolating
+S_t = (1 - t) S + t S-bar, Gaussian integration by parts gives d/dt E phi(R_t) = (1/2)
+sum_xx' (S-bar - S)_xx' E[phi''(R_t) w_x w_x' V_x V_x'] (the terms from the means -S_xx / 2 cancel
+the diagonal ones), V_x = exp(U_x - S_xx / 2) > 0: non-decreasing whenever S-bar >= S entrywise.
+With C >= 0, <M_x, M_x'> = sum_jl (C^T C)_jl x_j x'_l <g_j, g_l> <= <C x, C x'> since C^T C >= 0,
+so P' is dominated by P (every gradient along one unit vector is the worst fixed choice; the
+paper's Corollary 4.7, cited by dp-accounting's mixture-of-Gaussians loss, is the one-row case);
+and 0 <= C <= C-bar entrywise gives <C x, C x'> <= <C-bar x, C-bar x'>: MMCC for C-bar covers C.
+
+**Conditional composition** (the paper's Theorem 3.1; proved here as follows). Row i, given the
+rows before it, is a mixture of Gaussians: y_i | y_{<i} ~ E[N(C_i x, sigma^2) | y_{<i}] against
+N(0, sigma^2). If on an event G_i of y_{<i} that row is dominated by a fixed pair (P_i, Q_i) (for
+every e^eps > 0, both directions), the whole release is dominated by the composition of the
+(P_i, Q_i) up to an additive delta_tail >= sum_i Pr[y_{<i} not in G_i], the probabilities taken
+under P for the remove direction H(P || Q) and under Q for the add direction H(Q || P): replace
+the first distribution's conditionals by the second's from the first failure on; this changes it
+by at most that total variation, and after the switch the two rows agree (trivially dominated),
+so the adaptive composition of dominating pairs ("Optimal Accounting of Differential Privacy via
+Characteristic Function", Zhu, Dong, Wang 2022) applies to the rest.
 
 **The fixed pair of row i**, derived here step by step (the paper's route; each step is an upper
 bound):
@@ -38,14 +64,23 @@ bound):
    1), G = C_{<i}^T C_{<i}, s^2 = G_jj / sigma^2; without it, the sum is absent (stochastically
    smaller). Chernoff: P(L > eps) <= exp(-lambda eps) E exp(lambda L) = exp(-lambda eps + (lambda^2 -
    lambda) s^2 / 2 + sum_l log(1 - p_l + p_l exp(lambda G_jl / sigma^2))); eps_ij is its smallest
-   value over a grid of lambda at P = delta_1, delta_1 = tail_delta / (number of pairs j < i with
-   p_j > 0), a union bound, so sum_i delta_i <= tail_delta under either neighbour.
+   value over a grid of lambda with the bound = delta_1, delta_1 = tail_delta / (number of pairs
+   j < i with p_j > 0), a union bound, so sum_i delta_i <= tail_delta under either neighbour. (Any
+   lambda > 0 gives a valid bound; a general C uses lambda >= 1 so that one eps_j from the full
+   column bounds every row's L_ij, below.)
 
 **Pessimistic discretisation throughout.** Each C_ij is rounded up to a multiple of the
-sensitivity grid h (a stochastically larger S_i); the distribution of S_i is kept on ``bins``
-grid points, any mass beyond going to one component at the row's largest possible sum (larger
-still); dp-accounting's PLD rounds privacy losses up (``pessimistic_estimate``). The result:
-(epsilon, delta)-DP with epsilon = PLD epsilon of the composed rows at delta - tail_delta.
+sensitivity grid h (a stochastically larger S_i); each row's law of S_i is then moved up onto a
+ladder of at most ~``max_components`` points (``_RowDistribution.components``: every grid point
+to the first ladder point at or above it); the row's PLD (``mixture_pld``) gives each cell of its
+output grid the loss at the cell's worse end, rounds it up to the loss grid, and sends the mass
+outside its range to the worse side (beyond it: the infinite loss); dp-accounting composes with
+``pessimistic_estimate`` (truncated tails to the smallest kept loss and to infinity). Moving
+privacy-loss mass up never lowers delta(eps) = E[(1 - e^{eps - L})_+] of one row nor, since that
+is increasing in each independent summand, of their composition. The result: (epsilon,
+delta)-DP with epsilon = PLD epsilon of the composed rows at delta - tail_delta. The release runs
+C' = the strategy's float32 / float64 realisation, not C: ``priced_strategy`` (used by
+``accounting``'s routing) prices the entrywise maximum of C and C' (monotonicity above).
 
 **Structure and cost.** General C: G = C^T C (O(n^3) flops), eps_j from the full columns (for
 lambda >= 1 the Chernoff bound only grows with more rows, entries >= 0, so one eps_j serves every
@@ -74,9 +109,6 @@ from mfnoise.strategies.base import Strategy
 # serve every row, see the module doc).
 _LAMBDAS = np.geomspace(0.02, 400.0, 64)
 _LAMBDAS_MONOTONE = _LAMBDAS[_LAMBDAS >= 1.0]
-# Below this dp-accounting's mixture PLD would see probabilities that do not sum to 1 within
-# math.isclose; mass below it is moved to the largest component (larger sensitivity: pessimistic).
-_MIN_COMPONENT_MASS = 1e-300
 DEFAULT_MAX_COMPONENTS = 64
 # The sensitivity grid h defaults to sigma / this (and is coarsened so a row's grid stays <= _MAX_GRID).
 _GRID_PER_SIGMA = 400

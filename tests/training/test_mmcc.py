@@ -142,7 +142,8 @@ def _exact_deltas(c: np.ndarray, q: float, sigma: float, eps: float, points: int
     n = c.shape[0]
     xs, logw = _outcomes(n, q)
     means = xs @ c.T
-    axes = [np.linspace(-9 * sigma, means[:, r].max() + 9 * sigma, points) for r in range(n)]
+    axes = [np.linspace(min(means[:, r].min(), 0) - 9 * sigma, means[:, r].max() + 9 * sigma, points)
+            for r in range(n)]
     dv = float(np.prod([a[1] - a[0] for a in axes]))
     y = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, n)
     q0 = np.exp(-0.5 * (y**2).sum(1) / sigma**2) / (2 * math.pi * sigma**2) ** (n / 2)
@@ -168,6 +169,20 @@ def test_epsilon_holds_for_the_exact_release(c, q, sigma, delta, points):
     unamplified = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4).compose(
         dp_accounting.GaussianDpEvent(sigma / float(np.linalg.norm(c.sum(axis=1))))).get_epsilon(delta)
     assert r.epsilon < unamplified
+
+
+def test_aligned_contributions_are_the_worst_and_larger_entries_dominate():
+    """The Gaussian comparison in mmcc's module doc: with C >= 0, contributions of opposite signs
+    (C diag(+-1): one example's gradients pointing opposite ways) and an entrywise smaller C
+    (a realisation C' <= C-bar) never have larger hockey-stick divergences than C itself, in either
+    direction and for e^eps below and above 1 (exact 2-dimensional quadrature)."""
+    c, q, sigma = np.array([[1.0, 0.0], [0.8, 1.0]]), 0.3, 1.0
+    for eps in (-0.3, 0.0, 0.5, 1.0, 2.0):
+        ref = _exact_deltas(c, q, sigma, eps, 601)
+        for other in (c @ np.diag([1.0, -1.0]), c @ np.diag([-1.0, 1.0]), c * np.array([[0.9, 0], [0.5, 1.0]])):
+            got = _exact_deltas(other, q, sigma, eps, 601)
+            assert got[0] <= ref[0] + 1e-9 and got[1] <= ref[1] + 1e-9, (eps, other, got, ref)
+        assert ref[0] > 1e-3  # a real divergence is being compared
 
 
 def test_identity_is_tight_against_the_exact_release():
