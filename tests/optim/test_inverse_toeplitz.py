@@ -24,13 +24,20 @@ from mfnoise.core import sensitivity as sens_lib
 from mfnoise.optim import inverse_toeplitz as it
 from mfnoise.optim import problem as problems
 from mfnoise.strategies import closed_forms, error
-from mfnoise.strategies.inverse_toeplitz import InverseToeplitz, cyclic_pattern_sums, cyclic_sensitivity
+from mfnoise.strategies.inverse_toeplitz import (
+    InverseToeplitz,
+    cyclic_pattern_sums,
+    cyclic_sensitivity,
+    separated_bound_squared,
+    separated_sensitivity,
+)
 from tests.conftest import momentum_matrix, prefix_matrix, sensitivity_bounds, toeplitz_matrix
 
 SCHEMAS = [
     ("single", 8, 1, 1, False),
     ("cyclic", 8, 2, 4, True),
     ("cyclic", 9, 3, 3, True),
+    ("cyclic", 10, 4, 3, True),  # b does not divide n: patterns of 4, 3 and 3 steps
     ("min-sep", 8, 3, 2, False),
 ]
 
@@ -39,13 +46,24 @@ def _participation(kind: str, n: int, k: int, b: int) -> Participation:
     if kind == "single":
         return Participation.single(n)
     if kind == "cyclic":
-        return Participation.epochs(n, k)
+        return Participation(n, k, b, cyclic=True)
     return Participation(n=n, max_participations=k, min_sep=b)
 
 
 def _dense_inverse(r: np.ndarray, n: int) -> np.ndarray:
     """C^{-1} from r, and C by a dense solve (independent of the series routines)."""
     return toeplitz_matrix(r, n)
+
+
+def _separated_bound_dense(c: np.ndarray, p: Participation) -> float:
+    """The min-sep loss's bound from dense matrices: sum over the pattern P* = {0, b, ..., (m-1) b}
+    of X[i, i] (X = C^T C) and, for i < j, 2 (E^T |C|)[i, j] = 2 sum_{r >= j} e_{r-i} |c_{r-j}|."""
+    n, b, m = p.n, p.min_sep, p.reachable_participations
+    e = np.maximum.accumulate(np.abs(c)[::-1])[::-1]
+    cm, em = toeplitz_matrix(c, n), toeplitz_matrix(e, n)
+    x, y = cm.T @ cm, em.T @ np.abs(cm)
+    star = [a * b for a in range(m)]
+    return float(sum(x[i, i] for i in star) + 2 * sum(y[i, j] for i in star for j in star if i < j))
 
 
 def _loss(prob, r: np.ndarray) -> float:
@@ -60,9 +78,9 @@ def _loss(prob, r: np.ndarray) -> float:
 def test_loss_is_the_dense_formula(schema, bands, objective, workload, seed):
     """exp(loss) = S * ||A C^{-1}||_F / sqrt(n) (rmse) or S * max_i ||(A C^{-1})[i, :]|| (max), with
     C^{-1} dense from r; S = sens(C, p) when one participation is reachable; under a cyclic schema
-    S^2 = max_P sum_P |C^T C| over every pattern; under min-sep the majorant sens(E, p), E >= 0
-    Toeplitz of e_j = max_{l>=j} |c_l|, brute-forced over every pattern (E^T E >= 0, so the |X| sum
-    is exact); and S >= the brute-force lower bound on sens(C, p)."""
+    S^2 = max_P sum_P |C^T C| over every pattern; under min-sep the bound of
+    ``_separated_bound_dense``, at least max_P sum_P |C^T C| over every pattern (brute force); and
+    S >= the brute-force lower bound on sens(C, p)."""
     kind, n, k, b, _ = schema
     p = _participation(kind, n, k, b)
     rng = np.random.default_rng(seed)
@@ -76,8 +94,8 @@ def test_loss_is_the_dense_formula(schema, bands, objective, workload, seed):
     if p.reachable_participations == 1 or p.cyclic:
         s2 = truth["upper"]
     else:
-        e = np.maximum.accumulate(np.abs(c[:, 0])[::-1])[::-1]
-        s2 = sensitivity_bounds(toeplitz_matrix(e, n), p)["upper"]
+        s2 = _separated_bound_dense(c[:, 0], p)
+        assert s2 >= truth["upper"] * (1 - 1e-12)
     assert s2 >= truth["lower"] * (1 - 1e-12)
     rows = np.einsum("ij,ij->i", bmat, bmat)
     err = math.sqrt(rows.sum() / n) if objective == "rmse" else math.sqrt(rows.max())
@@ -119,6 +137,31 @@ def test_cyclic_pattern_sums_are_the_dense_sums(n, b, seed):
     with jax.enable_x64(True):
         got = np.asarray(cyclic_pattern_sums(jax.numpy.asarray(c), p, jax.numpy, jax.numpy.abs))
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 9), k=st.integers(2, 4), b=st.integers(1, 4), nonneg_tail=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_separated_bound_against_brute_force(n, k, b, nonneg_tail, seed):
+    """Any c: the bound is the dense formula and at least max_P sum_P |C^T C| over every min-sep
+    pattern; c >= 0 with c[b:] non-increasing (any head): exact, equal to brute force; numpy = jax."""
+    b = min(b, n - 1)
+    p = Participation(n, k, b)
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=n)
+    if nonneg_tail:
+        c = rng.uniform(0, 2, n)
+        c[b:] = np.sort(c[b:])[::-1]
+    got = separated_bound_squared(c, p)
+    assert got == pytest.approx(_separated_bound_dense(c, p), rel=1e-12)
+    truth = sensitivity_bounds(toeplitz_matrix(c, n), p)
+    assert got >= truth["upper"] * (1 - 1e-12)
+    sens = separated_sensitivity(c, p)
+    assert sens.exact == (nonneg_tail or (bool(np.all(c >= 0)) and bool(np.all(np.diff(c[b:]) <= 0))))
+    if sens.exact:
+        assert got == pytest.approx(truth["lower"], rel=1e-12)
+    with jax.enable_x64(True):
+        assert float(separated_bound_squared(jax.numpy.asarray(c), p, jax.numpy)) == pytest.approx(got, rel=1e-12)
 
 
 NONNEG_NOT_MONOTONE = [
@@ -179,8 +222,8 @@ def test_sensitivity_never_below_brute_force(r, schema):
 @pytest.mark.parametrize("cyclic", [False, True])
 def test_sensitivity_falls_back_to_the_proven_bounds(monkeypatch, cyclic):
     """Where the dense routine is refused (large n) and the majorant bound is loose: under min-sep
-    the majorant bound, under a cyclic schema max_P sum_P |C^T C| (never above the majorant); both
-    proven for any coefficients, never below the truth."""
+    the separated bound, under a cyclic schema max_P sum_P |C^T C|; both proven for any
+    coefficients, below the majorant and never below the truth."""
     n = 9
     p = Participation.epochs(n, 3) if cyclic else Participation(n, 3, 3)
     s = InverseToeplitz(NOT_MONOTONE[0], n)
@@ -199,10 +242,10 @@ def test_sensitivity_falls_back_to_the_proven_bounds(monkeypatch, cyclic):
     if cyclic:
         assert got.method == "cyclic-toeplitz-abs-bound"
         assert got.value ** 2 == pytest.approx(truth["upper"], rel=1e-12)
-        assert got.value ** 2 < majorant
     else:
-        assert got.method == "toeplitz-abs-majorant"
-        assert got.value ** 2 == pytest.approx(majorant, rel=1e-12)
+        assert got.method == "toeplitz-tail-envelope-bound"
+        assert got.value ** 2 == pytest.approx(_separated_bound_dense(c[:, 0], p), rel=1e-12)
+    assert got.value ** 2 < majorant
     assert got.value ** 2 >= truth["lower"]
 
 
