@@ -7,9 +7,9 @@ import math
 import shlex
 import sys
 
-from mfnoise.cli import schema
+from mfnoise.cli import format_table, schema
 from mfnoise.core import workloads
-from mfnoise.optim import objectives, problem
+from mfnoise.optim import objectives, problem, solver
 from mfnoise.strategies import io
 
 _FAMILIES = problem.families()
@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="strategy file to write (.npz appended if missing); its folder must exist")
     parser.add_argument("--method", choices=["scipy", "optax"], default="scipy",
                         help="quasi-Newton method: scipy L-BFGS-B (default) or optax.lbfgs")
-    parser.add_argument("--tol", type=float, default=1e-12, help="stop at this relative loss decrease")
+    parser.add_argument("--tol", type=float, default=solver.DEFAULT_TOL,
+                        help="stop a start once the objective fell by at most this, relative, over the last "
+                             f"{solver.TOL_WINDOW} iterations (default %(default)g: below the 6 digits reported)")
     parser.add_argument("--max-iterations", type=int, default=20_000, help="safety limit on iterations")
     parser.add_argument("--max-seconds", type=float, help="stop after this many seconds (keeps the best so far)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -79,8 +81,10 @@ def command_line(args: argparse.Namespace) -> str:
     for flag, value in (("--bands", args.bands), ("--buffers", args.buffers)):
         if value is not None:
             parts += [flag, str(value)]
-    parts += ["--workload", args.workload, "--objective", args.objective, "--method", args.method,
-              "--out", args.out]
+    parts += ["--workload", args.workload, "--objective", args.objective, "--method", args.method]
+    if args.tol != solver.DEFAULT_TOL:
+        parts += ["--tol", repr(args.tol)]
+    parts += ["--out", args.out]
     return shlex.join(parts)
 
 
@@ -127,9 +131,24 @@ def run(args: argparse.Namespace) -> dict:
         "iterations": result.iterations,
         "converged": result.converged,
         "stopped": result.stopped,
+        "tol": result.tol,
+        "tol_window": result.tol_window,
+        "stops": dict(result.stops),
         "seconds": result.seconds,
         "path": path,
     }
+    if result.buffers_requested is not None:
+        out.update(buffers_requested=result.buffers_requested, buffers_kept=result.buffers_kept,
+                   buffers_message=result.buffers_message)
+    out["summary"] = result.summary()
     # the dense dual certifies its result: rmse >= dual_bound for every strategy of the family
     out.update({k: v for k, v in result.details.items() if k in ("formulation", "dual_bound", "duality_gap")})
     return out
+
+
+def format_text(result: dict) -> str:
+    """The run's summary (``OptimizeResult.summary``: the strategy, its exact errors, how the run
+    stopped and on which tolerance, and the buffers note when fewer were kept), then the table of
+    the remaining entries."""
+    rest = {k: v for k, v in result.items() if k not in ("summary", "buffers_message")}
+    return f"{result['summary']}\n\n{format_table(rest)}"

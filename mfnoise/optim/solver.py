@@ -51,7 +51,6 @@ from typing import Any, NamedTuple, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 
 from mfnoise.core.participation import Participation
 from mfnoise.core.workloads import Workload, parse
@@ -217,6 +216,10 @@ def optimize(
             if method == "scipy":
                 # L-BFGS-B's BLAS calls are on vectors of the parameters' size: one thread (set once
                 # for the run; threadpoolctl's library scan costs ~1 ms, per start it was 5% of a BLT run).
+                # scipy.optimize is loaded first: threadpoolctl limits only the BLAS libraries already
+                # loaded, and with scipy's own OpenBLAS threaded a BLT run took 3-10x the CPU time.
+                import scipy.optimize  # noqa: F401
+
                 with single_threaded_blas():
                     run = _run_staged(_scipy_stage, prob, _jitted(prob), **kw)
             else:
@@ -393,6 +396,8 @@ def _report_iteration(history, bar, tracker, callback, start, max_seconds, v, x,
 def _scipy_stage(fun, x0, tracker, history, bar, bounds, *, window, tol, gtol, max_iterations, max_seconds,
                  callback, start) -> tuple[str, bool]:
     """One L-BFGS-B run from x0; returns (why it stopped, converged)."""
+    import scipy.optimize  # here, not at module level: the CLI reads DEFAULT_TOL without loading scipy
+
     stopped = None
 
     def f(x):
