@@ -21,6 +21,13 @@ Usage:
     .venv/bin/python benchmarks/optimize.py --only bt-4096 blt-max-1e6-b5
     .venv/bin/python benchmarks/optimize.py --device gpu # the same table on a GPU (JAX_PLATFORMS=cuda)
 
+The blt-closed-* rows (BLT, max error, 8 buffers, n = 10^7 and 10^9; closed-form losses) run instead
+against the previous tree's O(n) BLT path: ``git archive OLD_REV`` (``--old-rev``, default 77cb97d,
+the tree before the closed forms) unpacked into a temporary folder and put first on PYTHONPATH for
+its worker, the same benchmark worker, same interpreter, same run (its loss and seconds sit in the
+baseline columns, and ``old_loss_ratio`` / ``old_speedup`` in the JSON). At 10^9 the old path is
+not run: it materialises arrays of length n (8 GB each).
+
 Columns: loss (rmse or max_error of the objective), seconds (wall time of the optimize call:
 tracing, compiling, iterating and, for mfnoise, the final exact evaluation), peak RSS of the
 process (MB), and mfnoise / jax-privacy ratios of loss and time.
@@ -42,7 +49,7 @@ RESULTS = os.path.join(HERE, "results", "optimize.json")
 DEFAULT_BASELINE_PYTHON = "/work/bench-venv/bin/python"
 
 # name: (family, n, schema, size, objective, target text, jax-privacy runs?, quick n)
-# schema: ("epochs", k) or ("single",) ; size: bands or buffers.
+# schema: ("epochs", k), ("min-sep", k) (min_sep n // k) or ("single",) ; size: bands or buffers.
 ROWS = {
     "bt-4096": dict(family="toeplitz", n=4096, schema=("epochs", 4), bands=64, objective="rmse",
                     target="rmse <= jax-privacy's 13.5179, time <= 1/10 of jax-privacy's", quick_n=1024),
@@ -76,6 +83,9 @@ ROWS = {
     "bisr-1024-e4-b16": dict(family="inverse-toeplitz", n=1024, schema=("epochs", 4), bands=16, objective="rmse",
                              target="rmse <= jax-privacy's (optimized BISR), both scored exactly", quick_n=512,
                              baseline_steps=100),
+    "bisr-1024-ms4-b16": dict(family="inverse-toeplitz", n=1024, schema=("min-sep", 4), bands=16, objective="rmse",
+                              target="rmse <= jax-privacy's under min-sep (its formula is the same for both schemas)",
+                              quick_n=512, baseline_steps=100),
     "bisr-2048-e16-b32": dict(family="inverse-toeplitz", n=2048, schema=("epochs", 16), bands=32, objective="rmse",
                               target="rmse <= jax-privacy's; its own loss (closed-form sensitivity) vs the truth",
                               quick_n=512, baseline_steps=100),
@@ -87,6 +97,14 @@ ROWS = {
     "dense-1024-e4-optax": dict(family="dense", n=1024, schema=("epochs", 4), objective="rmse", method="optax",
                                 baseline=False, target="method comparison (optax.lbfgs)", quick_n=128),
 }
+ROWS.update({
+    "blt-closed-1e7-b8": dict(family="blt", n=10**7, schema=("single",), buffers=8, objective="max", baseline=False,
+                              old=True, quick_n=10**6,
+                              target="< 1 s inside optimize (issue 16); max_error within 1e-6 of the O(n) path's"),
+    "blt-closed-1e9-b8": dict(family="blt", n=10**9, schema=("single",), buffers=8, objective="max", baseline=False,
+                              quick_n=10**8, target="works (the O(n) path would need 8 GB arrays: not run)"),
+})
+DEFAULT_OLD_REV = "77cb97d"
 REFERENCE = {  # closed-form sqrt-Toeplitz max_error (single participation, prefix sum)
     10**4: 3.99801, 10**6: 5.46389, 10**7: 6.19683,
 }
@@ -96,6 +114,8 @@ REFERENCE = {  # closed-form sqrt-Toeplitz max_error (single participation, pref
 def _participation(row, n):
     from mfnoise import Participation
 
+    if row["schema"][0] == "min-sep":  # k participations at least n // k apart (not only the cyclic patterns)
+        return Participation(n, row["schema"][1], n // row["schema"][1])
     return Participation.single(n) if row["schema"][0] == "single" else Participation.epochs(n, row["schema"][1])
 
 
@@ -118,14 +138,15 @@ def worker_mfnoise(row, n) -> dict:
         mfnoise.workloads.prefix_sum(n), p, row["family"], bands=row.get("bands"), buffers=row.get("buffers"),
         objective=row["objective"], method=row.get("method", "scipy"), progress=False)
     seconds = time.perf_counter() - start
-    out = {"seconds": seconds, "iterations": result.iterations, "converged": result.converged,
-           "stopped": result.stopped, **strategy.params()}
+    # result[key] reads an OptimizeResult and the dict report of older trees (the --old-rev worker) alike
+    out = {"seconds": seconds, "iterations": result["iterations"], "converged": result["converged"],
+           "stopped": result["stopped"], "mfnoise_path": os.path.dirname(mfnoise.__file__), **strategy.params()}
     # the dense dual's certificate: its lower bound on the optimal rmse and the relative gap to it
-    out.update({key: result.details[key] for key in ("formulation", "dual_bound", "duality_gap",
-                                                     "final_relative_change") if key in result.details})
-    out.update(compile_seconds=result.compile_seconds, evaluations=result.evaluations)
+    out.update({key: result[key] for key in ("formulation", "dual_bound", "duality_gap",
+                                             "final_relative_change") if key in result})
+    out.update(compile_seconds=result.get("compile_seconds"), evaluations=result["evaluations"])
     out.update(_score(strategy, row, n))
-    assert abs(out["loss"] / (result.rmse if row["objective"] == "rmse" else result.max_error) - 1) < 1e-12
+    assert abs(out["loss"] / (result["rmse"] if row["objective"] == "rmse" else result["max_error"]) - 1) < 1e-12
     return out
 
 
@@ -205,9 +226,11 @@ def _worker_main(argv) -> None:
 
 
 # -- driver ---------------------------------------------------------------------------------------
-def run_worker(python, row_name, impl, n, full, device, timeout) -> dict:
+def run_worker(python, row_name, impl, n, full, device, timeout, pythonpath=None) -> dict:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cuda" if device == "gpu" else "cpu"
+    if pythonpath:  # another tree's mfnoise first on the path (the --old-rev rows)
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, *filter(None, [env.get("PYTHONPATH")])])
     cmd = [python, os.path.abspath(__file__), "--worker", row_name, impl, str(n), "full" if full else "quick"]
     start = time.perf_counter()
     try:
@@ -232,6 +255,8 @@ def main(argv=None) -> int:
                         help="also run jax-privacy where it needs many minutes (banded-4096: ~9 GB; dense-1024-e4)")
     parser.add_argument("--baseline-python", default=DEFAULT_BASELINE_PYTHON,
                         help="python of the venv with jax-privacy 2.0.0 (default %(default)s)")
+    parser.add_argument("--old-rev", default=DEFAULT_OLD_REV,
+                        help="git revision whose mfnoise the blt-closed-* rows run against (default %(default)s)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     parser.add_argument("--out", default=RESULTS)
@@ -273,6 +298,16 @@ def main(argv=None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {name} n={n}: jax-privacy ...", file=sys.stderr, flush=True)
             entry["jax_privacy"] = run_worker(args.baseline_python, name, "jax-privacy", n, full, args.device,
                                               args.timeout)
+        if row.get("old") and not args.no_baseline:
+            print(f"[{time.strftime('%H:%M:%S')}] {name} n={n}: mfnoise {args.old_rev} ...", file=sys.stderr,
+                  flush=True)
+            entry["old_rev"] = args.old_rev
+            entry["old"] = run_worker(sys.executable, name, "mfnoise", n, full, args.device, args.timeout,
+                                      pythonpath=_old_tree(args.old_rev))
+            o, m = entry["old"], entry["mfnoise"]
+            if "loss" in o and "loss" in m:
+                entry["old_loss_ratio"] = m["loss"] / o["loss"]
+                entry["old_speedup"] = o["seconds"] / m["seconds"]
         m, j = entry["mfnoise"], entry.get("jax_privacy")
         if j and "loss" in j and "loss" in m:
             entry["loss_ratio"] = m["loss"] / j["loss"]
@@ -289,6 +324,25 @@ def main(argv=None) -> int:
     print(_table(results))
     print(f"\n{machine['machine']}, load average at end {machine['load_average_at_end']}; wrote {args.out}")
     return 0
+
+
+_OLD_TREES: dict = {}
+
+
+def _old_tree(rev: str) -> str:
+    """A folder holding ``git archive rev`` of this checkout (made once per run)."""
+    if rev not in _OLD_TREES:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix=f"mfnoise-{rev}-")
+        atexit.register(shutil.rmtree, folder, True)
+        root = os.path.dirname(HERE)  # git archive run in benchmarks/ would archive that folder only
+        archive = subprocess.run(["git", "-C", root, "archive", rev], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+        _OLD_TREES[rev] = folder
+    return _OLD_TREES[rev]
 
 
 def _write(args, previous, results) -> dict:
@@ -313,7 +367,8 @@ def _table(entries, header=True) -> str:
                      "| loss ratio | speedup | vs sqrt-Toeplitz | target |")
         lines.append("|" + "---|" * 14)
     for e in entries:
-        m, j = e["mfnoise"], e.get("jax_privacy") or {}
+        # the blt-closed-* rows: the previous tree (--old-rev) in the baseline columns
+        m, j = e["mfnoise"], e.get("jax_privacy") or e.get("old") or {}
         size = f"bands={e['bands']}" if e.get("bands") else (f"buffers={e['buffers']}" if e.get("buffers") else "")
         if m.get("buffers") is not None and m.get("buffers") != e.get("buffers"):
             size += f" (uses {m['buffers']})"
@@ -322,7 +377,8 @@ def _table(entries, header=True) -> str:
             f"| {e['row']} | {e['n']} | {size} | {e['objective']} | {_fmt(m.get('loss'), '.6f') or m.get('error')} "
             f"| {_fmt(m.get('seconds'), '.2f')} | {_fmt(m.get('peak_mb'), '.0f')} "
             f"| {_fmt(j.get('loss'), '.6f') or j.get('error', '')} | {_fmt(j.get('seconds'), '.2f')} "
-            f"| {_fmt(j.get('peak_mb'), '.0f')} | {_fmt(e.get('loss_ratio'), '.6f')} | {_fmt(e.get('speedup'), '.1f')} "
+            f"| {_fmt(j.get('peak_mb'), '.0f')} | {_fmt(e.get('loss_ratio', e.get('old_loss_ratio')), '.9f')} "
+            f"| {_fmt(e.get('speedup', e.get('old_speedup')), '.1f')} "
             f"| {'' if vs is None else f'{100 * vs:+.3f}%'} | {e['target']} |")
     return "\n".join(lines)
 
