@@ -728,10 +728,12 @@ def _route(participation: Participation | None, *, sampling: str = "none", datas
         )
     from mfnoise.training import mmcc
 
-    # The noise std is z * noise_sensitivity(p, dtype) >= z * sens(C, p); the generator runs the
-    # rounded C' = s.realised(dtype), so MMCC prices the entrywise maximum of C and its realisations
+    # The noise std is z * noise_sensitivity(p, dtype) >= z * sens(C, p), sens(C, p) = ||C 1|| for
+    # C >= 0 and p = Participation(n, n, 1) (mmcc.all_steps_sensitivity: O(n^2), where the generic
+    # s.sensitivity(p) took 122 s for a banded C at n = 2000); the generator runs the rounded
+    # C' = s.realised(dtype), so MMCC prices the entrywise maximum of C and its realisations
     # (mmcc.priced_strategy: the dominating pair is monotone in the entries of C >= 0).
-    sens = float(s.sensitivity(p).value)
+    sens = mmcc.all_steps_sensitivity(s)
     q = sampling_probability(dataset_size, batch_size, 1)  # type: ignore[arg-type]
     return _Route("mmcc", "mmcc", strategy=s, sigma_scale=sens, q=q, participation=p,
                   priced=mmcc.priced_strategy(s))

@@ -203,6 +203,22 @@ def priced_strategy(strategy: Strategy) -> Strategy | np.ndarray:
     return dense
 
 
+def all_steps_sensitivity(strategy: Strategy) -> float:
+    """sens(C, Participation(n, n, 1)) for C >= 0, from C itself: ||C 1||.
+
+    Every pattern x in {0, 1}^n has 0 <= C x <= C 1 entrywise, so max_x ||C x|| = ||C 1|| (O(n)
+    from Toeplitz coefficients, O(n^2) from a dense C, where a strategy's generic sensitivity over
+    all 2^n patterns can take minutes). Lowered by 1e-12 relative so that float rounding never
+    puts it above the value the noise is scaled by (pricing less noise is the safe side).
+    """
+    tc = strategy.toeplitz_coeffs()
+    if tc is not None:
+        row_sums = np.cumsum(_toeplitz_coeffs(tc, strategy.n))
+    else:
+        row_sums = check_matrix(strategy.dense(), f"the {strategy.family} strategy's C").sum(axis=1)
+    return float(np.linalg.norm(row_sums)) * (1.0 - 1e-12)
+
+
 def _toeplitz_coeffs(c: Any, n: int, what: str = "the Toeplitz coefficient") -> np.ndarray:
     out = np.zeros(n)
     c = np.asarray(c, np.float64).reshape(-1)[:n]

@@ -128,3 +128,18 @@ def test_mmcc_prices_what_the_generator_runs():
     neg = _rounded_toeplitz(c, n, c * np.array([1, 1, 1, 1, 1, -1e-9]))
     with pytest.raises(ValueError, match=r"float32 realisation.*c_5"):
         accounting.epsilon(z, delta, p, sampling="poisson", dataset_size=d, batch_size=m, strategy=neg)
+
+
+def test_all_steps_sensitivity_is_the_strategys_from_below():
+    """MMCC's noise scale ||C 1|| (C >= 0) equals each family's own sens(C, Participation(n, n, 1))
+    to rounding, never above it."""
+    from mfnoise.strategies.blt import BLT
+    from mfnoise.training import mmcc
+
+    n = 40
+    p = Participation(n, n, 1)
+    for s in (closed_forms.bsr(n, 6), closed_forms.bisr(n, 4), closed_forms.sqrt_toeplitz(n),
+              BLT(theta=np.array([0.99, 0.6]), omega=np.array([0.1, 0.2]), n=n), Dense(np.tril(np.ones((n, n))))):
+        own = float(s.sensitivity(p).value)
+        got = mmcc.all_steps_sensitivity(s)
+        assert own * (1 - 1e-10) <= got <= own, (s.family, got, own)
