@@ -211,7 +211,7 @@ the compile's CPU time, n = 10^7, 8 buffers)."""
 SUPPORTED_OBJECTIVES = ("rmse", "max", "last-iterate", "weighted")
 
 
-def problem(workload: Workload, participation: Participation, *, objective: str = "rmse",
+def problem(workload: Workload, participation: Participation, *, objective: objectives.Objective = "rmse",
             bands: int | None = None, buffers: int | None = None, init=None) -> Problem:
     """min over v in R^{2d} of log(objective) for the BLT with d = ``buffers`` (see module docstring).
 
@@ -274,7 +274,7 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
 
     return Problem(
         x0=np.asarray(v0, np.float64),
-        value_and_grad=jax.value_and_grad(loss),
+        value_and_grad=_flat_value_and_grad(loss),
         to_strategy=to_strategy,
         name=f"blt(n={n}, buffers={d}, {name})",
         stages=stages,
@@ -283,6 +283,22 @@ def problem(workload: Workload, participation: Participation, *, objective: str 
         extra_report=extra_report,
         cpu_compiler_options=_COMPILER_OPTIONS,
     )
+
+
+def _flat_value_and_grad(loss):
+    """jax.value_and_grad(loss), differentiated through loss's jaxpr.
+
+    The loss is a few hundred jnp operations, each an (inlined) jit of its own: differentiating the
+    Python function linearizes every one of those calls, differentiating its traced jaxpr (primitives
+    only) does not, which cuts the first call's tracing by about a quarter (0.26 -> 0.19 s of CPU,
+    n = 10^7, 8 buffers; the compiled function and its values are the same)."""
+    from jax.extend.core import jaxpr_as_fun
+
+    def value_and_grad(v):
+        flat = jaxpr_as_fun(jax.make_jaxpr(loss)(v))
+        return jax.value_and_grad(lambda u: flat(u)[0])(v)
+
+    return value_and_grad
 
 
 def _blt_from_params(v: np.ndarray, n: int) -> tuple[BLT, int, int]:

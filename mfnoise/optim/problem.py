@@ -134,7 +134,7 @@ def single_threaded_blas() -> Iterator[None]:
 class ProblemBuilder(Protocol):
     """What a family registers: the builder of its problem."""
 
-    def __call__(self, workload: Workload, participation: Participation, *, objective: str = ...,
+    def __call__(self, workload: Workload, participation: Participation, *, objective: objectives.Objective = ...,
                  bands: int | None = ..., buffers: int | None = ..., init: Any = ...) -> Problem: ...
 
 

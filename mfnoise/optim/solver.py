@@ -26,9 +26,11 @@ quasi-Newton method minimises it, whatever the family:
   or stall where they began (a new buffer that cancels), and need not each be run to ``tol``; the
   screen only has to rank them. The best ``POLISH_STARTS`` end points of all starts (each start's
   own best point) are then polished at ``tol`` over ``TOL_WINDOW``, so that two optima closer than
-  the screen can resolve are both run to ``tol``; the result is the best point seen. (BLT, n = 10^7,
-  8 buffers, max error: 1986 iterations over 72 starts screened at 1e-6 over 10 iterations before,
-  about half as many now, the same optimum to 1e-9; benchmarks/README.md.)
+  the screen can resolve are both run to ``tol``, each restarted (a fresh curvature memory) while a
+  restart still gains more than ``tol``; the result is the best point seen. (BLT, n = 10^7, 8
+  buffers, max error: 1986 iterations with every start screened at 1e-6 over 10 iterations, 1612
+  now; on nine BLT problems the optima are within 1e-7 relative of that screen's, some lower; a
+  screen at 1e-4 over 5 iterations cost 1211 but was 5e-6 worse on one: benchmarks/README.md.)
 * Progress: a tqdm bar on stderr (loss, iteration) once a run has lasted ``progress_delay``
   seconds; ``callback(Progress)`` after every iteration (return True to stop); Ctrl-C stops the
   run and keeps the best strategy found so far (``OptimizeResult.interrupted``).
@@ -152,7 +154,7 @@ def optimize(
     *,
     bands: int | None = None,
     buffers: int | None = None,
-    objective: str = "rmse",
+    objective: objectives.Objective = "rmse",
     init: Any = None,
     method: str = "scipy",
     tol: float = DEFAULT_TOL,
@@ -272,11 +274,42 @@ def optimize(
     return strategy, dataclasses.replace(result, details=details, seconds=time.perf_counter() - start)
 
 
-def _progress_bar(prob: Problem, progress: bool | None, delay: float):
-    from tqdm.auto import tqdm
+def _progress_bar(prob: Problem, progress: bool | None, delay: float) -> _LazyBar:
+    return _LazyBar(prob.name or "optimize", progress, delay)
 
-    return tqdm(desc=prob.name or "optimize", unit="it", file=sys.stderr, leave=False,
-                disable=progress is False, delay=0.0 if progress else delay, dynamic_ncols=True)
+
+class _LazyBar:
+    """A tqdm bar on stderr created only once it is shown: at once for progress=True, after ``delay``
+    seconds for None, never for False (importing tqdm and making a bar cost more than a small run's
+    iterations)."""
+
+    def __init__(self, desc: str, progress: bool | None, delay: float) -> None:
+        self.desc, self.progress, self.delay = desc, progress, delay
+        self.start = time.perf_counter()
+        self.count = 0
+        self.bar: Any = None
+
+    def _shown(self) -> bool:
+        if self.bar is None and self.progress is not False and (
+                self.progress or time.perf_counter() - self.start >= self.delay):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc=self.desc, unit="it", file=sys.stderr, leave=False, initial=self.count,
+                            dynamic_ncols=True)
+        return self.bar is not None
+
+    def update(self, k: int) -> None:
+        if self._shown():  # created with initial = the iterations before this one
+            self.bar.update(k)
+        self.count += k
+
+    def set_postfix(self, **kw: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(**kw)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _jitted(prob: Problem) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:

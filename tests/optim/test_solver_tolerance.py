@@ -40,3 +40,22 @@ def test_the_default_tolerance_is_reported():
 def test_a_bad_tolerance_is_refused_by_name(tol):
     with pytest.raises(ValueError, match="tol"):
         mfnoise.optimize("prefix", Participation(16, 1, 16), "toeplitz", bands=2, tol=tol, progress=False)
+
+
+def test_the_progress_bar_counts_every_iteration_once_shown(capsys):
+    never = solver._LazyBar("never", False, 0.0)
+    for _ in range(5):
+        never.update(1)
+    assert never.bar is None  # progress=False: no tqdm bar at all
+    late = solver._LazyBar("late", None, 3600.0)
+    late.update(1)
+    assert late.bar is None  # not shown before the delay
+    late.delay = 0.0
+    late.update(1)
+    late.set_postfix(loss="1")
+    assert late.bar is not None and late.bar.n == 2  # created with the earlier iteration counted
+    late.close()
+    shown = solver._LazyBar("shown", True, 3600.0)
+    shown.update(1)
+    assert shown.bar is not None and shown.bar.n == 1
+    shown.close()
