@@ -7,14 +7,21 @@ calling the mfnoise code it is used to check (only the constructors of the strat
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
 import math
 import os
+import pathlib
+import sys
+from types import ModuleType
 
 # Multi-threaded BLAS is far slower than one thread on the small matrices here when the cores are
 # shared (as by pytest-xdist or parallel jobs); the user's explicit setting wins.
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+# Keras reads its backend once, at its first import: the front-end tests (tests/frontends) need JAX's.
+if "keras" not in sys.modules:
+    os.environ["KERAS_BACKEND"] = "jax"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -292,3 +299,29 @@ def make_strategy(family: str, n: int, rng: np.random.Generator, bands: int | No
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# -- the front-end tests (tests/frontends): one small plan, and the examples/ scripts ------------------
+# (Here, not in a tests/frontends/conftest.py: a second module named conftest would shadow this one for
+# every `from conftest import ...` in the suite.)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATASET, BATCH, EPOCHS = 512, 32, 2  # 16 steps an epoch, 32 in all
+
+
+@pytest.fixture(scope="session")
+def small_plan():
+    """BandMF on fixed cyclic batches, built once per session."""
+    return mfnoise.plan(8.0, 1e-5, dataset_size=DATASET, batch_size=BATCH, epochs=EPOCHS, mechanism="bandmf",
+                        sampling="cyclic", optimizer=("momentum", 0.9))
+
+
+def load_example(name: str) -> ModuleType:
+    """examples/<name>.py as a module (the examples folder is not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
