@@ -15,6 +15,18 @@ Candidates (docs/design.md, "Plan"), for n steps of batches of about ``batch_siz
   arXiv:2211.06530): DP-SGD (C = I), BandMF (BSR with bands <= min_sep), BLT and banded Toeplitz
   (a library entry when the library holds this workload, n and schema, else the optimizer within
   ``optimize_seconds``), BISR (closed form).
+* ``sampling="poisson"`` (amplified, every step samples each example with q = batch_size /
+  dataset_size, schema Participation(n, n, 1)): BLT, banded Toeplitz and BISR (the same strategies
+  as under fixed cyclic batches) priced by MMCC ("Privacy Amplification for Matrix Mechanisms",
+  Choquette-Choo, Ganesh, Steinke, Thakurta, ICLR 2024, arXiv:2310.15526) through
+  ``accounting.calibrate(sampling="poisson", strategy=...)``, which refuses a C with a negative entry
+  (the row is listed with the reason). MMCC is expensive (minutes per calibration at n ~ 2000), so
+  these candidates are evaluated only when ``mmcc_cost(n)``, a measured estimate of one calibration,
+  fits ``amplification_seconds``; otherwise they are listed as "not evaluated", with the cost and the
+  budget that would include them. DP-SGD under Poisson sampling is the one-band cyclic-Poisson
+  candidate (the same mechanism), and BandMF stays with cyclic Poisson (amplified BandMF is exact).
+  Balls-in-bins is not a candidate: its only accountant here is a Monte Carlo estimate
+  (``balls_in_bins.epsilon_estimate``, provable=False), and a plan's epsilon must be a proven bound.
 
 Each candidate is scored by the noise it puts into the training trajectory A G at this (epsilon,
 delta): trajectory rmse = z * sens(C, p) * ||A C^{-1}||_F / sqrt(n) (``strategies.error.decoder_norms``
@@ -82,6 +94,23 @@ OPTIMIZE_SECONDS = 20.0
 # one calibrates z within ~0.05% of the finer grid's (0.0225386 vs 0.0225285 for 60000 examples,
 # batch 512, 20 epochs, epsilon 2) in a fraction of its time.
 PLD_DISCRETIZATION = 1e-3
+POISSON_MECHANISMS = ("blt", "toeplitz", "bisr")  # priced by MMCC under Poisson sampling
+# Seconds of MMCC accounting the plan may spend per Poisson candidate (one calibration each): the
+# default keeps `mfnoise plan` at 60000 examples / batch 512 / 20 epochs (n = 2340) to seconds by
+# listing them as not evaluated there; small n (a few hundred steps) fits.
+AMPLIFICATION_SECONDS = 10.0
+# mmcc_cost's model, fitted to calibrations measured on this 2-core machine under the load of other work
+# (accounting.calibrate(epsilon 2, delta 1e-6, sampling="poisson", strategy=bisr(n, 16)) at q = 512 / 60000:
+# n = 234, 194 s (z = 0.085); bisr(n, 4) at q = 64 / 2000, epsilon 2: n = 20, 60 s; n = 100, 146 s): one
+# evaluation of a Toeplitz C (BLT, BISR, banded Toeplitz: mmcc's Toeplitz path) costs about
+# MMCC_EVAL_BASE + MMCC_EVAL_PER_ROW * rows + MMCC_EVAL_PER_N2 * n^2 seconds at the small noise
+# multipliers a calibration visits, rows = min(n, mmcc.DEFAULT_MAX_DISTINCT_ROWS) mixture PLDs, n^2 the
+# lag Gram; a calibration takes about MMCC_EVALS evaluations (bracket and bisection to 0.1%). At n = 2340
+# it gives ~350 s. An estimate for deciding what to evaluate, never part of a guarantee.
+MMCC_EVAL_BASE = 1.0
+MMCC_EVAL_PER_ROW = 0.08
+MMCC_EVAL_PER_N2 = 2e-7
+MMCC_EVALS = 20
 
 
 @dataclasses.dataclass
@@ -188,6 +217,16 @@ def _optimized(w: Workload, p: Participation, family: str, key: str, size: int,
     return strategy, f"optimize(family={family!r}, {key}={size}): {how}, {result.seconds:.1f} s"
 
 
+def mmcc_cost(n: int) -> float:
+    """Estimated seconds of one MMCC calibration (``accounting.calibrate(sampling="poisson")``) of a
+    Toeplitz C with n steps at MMCC's default options (the model's constants above: a measured
+    estimate on this machine, not a bound; the plan uses it only to decide what to evaluate)."""
+    from mfnoise.training.mmcc import DEFAULT_MAX_DISTINCT_ROWS
+
+    rows = min(n, DEFAULT_MAX_DISTINCT_ROWS)
+    return MMCC_EVALS * (MMCC_EVAL_BASE + MMCC_EVAL_PER_ROW * rows + MMCC_EVAL_PER_N2 * n * n)
+
+
 def _specs(w: Workload, p: Participation, dataset_size: int, batch_size: int, optimize_seconds: float) -> list[_Spec]:
     n, b = p.n, p.min_sep
     proxy = _toeplitz_proxy(w)
@@ -223,14 +262,31 @@ def _specs(w: Workload, p: Participation, dataset_size: int, batch_size: int, op
     optimized = [("blt", "buffers", d) for d in BLT_BUFFERS if d < n] + \
                 [("toeplitz", "bands", s) for s in TOEPLITZ_BANDS if s <= b]
     share = optimize_seconds / max(1, len(optimized))
+
+    @functools.cache
+    def optimized_strategy(family: str, key: str, size: int) -> tuple[Strategy, str]:
+        # optimized once for the fixed cyclic schema and shared with its Poisson candidate: any C is
+        # valid under any schema, only its sensitivity (and so its score) is the schema's
+        return _optimized(w, p, family, key, size, share)
+
+    @functools.cache
+    def closed_bisr(bands: int) -> tuple[Strategy, str]:
+        return bisr(n, bands, proxy), f"closed form bisr(bands={bands})"
+
+    poisson: list[_Spec] = []
+    p_all = Participation(n, n, 1)  # Poisson sampling: any example may take part in every step
     for family, key, size in optimized:
-        specs.append(_Spec(family, "cyclic", family, size if key == "bands" else None,
-                           size if key == "buffers" else None, p, size if key == "buffers" else size - 1,
-                           lambda family=family, key=key, size=size: _optimized(w, p, family, key, size, share)))
+        for spec_sampling, schema in (("cyclic", p), ("poisson", p_all)):
+            (specs if spec_sampling == "cyclic" else poisson).append(_Spec(
+                family, spec_sampling, family, size if key == "bands" else None, size if key == "buffers" else None,
+                schema, size if key == "buffers" else size - 1,
+                lambda family=family, key=key, size=size: optimized_strategy(family, key, size)))
     for bands in [s for s in BISR_BANDS if s <= n]:
-        specs.append(_Spec("bisr", "cyclic", "inverse-toeplitz", bands, None, p, bands - 1,
-                           lambda bands=bands: (bisr(n, bands, proxy), f"closed form bisr(bands={bands})")))
-    return specs
+        for spec_sampling, schema in (("cyclic", p), ("poisson", p_all)):
+            (specs if spec_sampling == "cyclic" else poisson).append(_Spec(
+                "bisr", spec_sampling, "inverse-toeplitz", bands, None, schema, bands - 1,
+                lambda bands=bands: closed_bisr(bands)))
+    return specs + poisson
 
 
 def plan(
@@ -250,6 +306,8 @@ def plan(
     l2_clip_norm: float = 1.0,
     pld_discretization: float = PLD_DISCRETIZATION,
     optimize_seconds: float = OPTIMIZE_SECONDS,
+    amplification_seconds: float = AMPLIFICATION_SECONDS,
+    mmcc_options: dict | None = None,
     progress: bool | Callable[[str], None] | None = None,
 ) -> Plan:
     """The (epsilon, delta)-DP plan with the least noise in the training trajectory (module doc).
@@ -265,6 +323,11 @@ def plan(
       mechanism: "auto" or one of ``MECHANISMS``; sampling: "auto" or one of ``SAMPLINGS``.
       accountant: "pld" (tight) or "rdp"; l2_clip_norm: the per-example clip norm.
       optimize_seconds: the optimizer's time budget over all candidates that need it.
+      amplification_seconds: the MMCC accounting one Poisson candidate may cost (``mmcc_cost(n)``,
+        estimated): those over it are listed as not evaluated, with the budget that includes them.
+      mmcc_options: keywords of ``mfnoise.training.mmcc.epsilon`` (``pld_discretization``,
+        ``max_components``, ...) for the Poisson candidates; every choice gives an upper bound, coarser
+        ones a looser and cheaper one. The plan keeps them (``Plan.mmcc_options``) and re-prices with them.
       progress: None (default) says on stderr what the plan is doing once it has lasted
         ``PROGRESS_DELAY`` seconds; True from the start; False never; a callable gets each line.
 
@@ -291,12 +354,16 @@ def plan(
             raise ValueError(f"memory_budget must be non-negative bytes, got {memory_budget!r}")
     if not (l2_clip_norm > 0 and math.isfinite(l2_clip_norm)):
         raise ValueError(f"l2_clip_norm must be positive and finite, got {l2_clip_norm!r}")
+    if not amplification_seconds >= 0:
+        raise ValueError(f"amplification_seconds must be non-negative seconds, got {amplification_seconds!r}")
+    if mmcc_options is not None and not isinstance(mmcc_options, dict):
+        raise ValueError(f"mmcc_options must be a dict of mmcc.epsilon's keywords, got {mmcc_options!r}")
     p = _schema(d, m, epochs, steps)
     w = workload_for(optimizer, p.n)
     with _quiet_absl():
         return _choose(epsilon, delta, d, m, p, w, params, memory_budget, mechanism, sampling, accountant,
                        float(l2_clip_norm), float(pld_discretization), float(optimize_seconds),
-                       _Progress(progress))
+                       _Progress(progress), float(amplification_seconds), dict(mmcc_options or {}))
 
 
 @contextlib.contextmanager
@@ -313,14 +380,17 @@ def _quiet_absl() -> Iterator[None]:
 
 def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: Workload, params: int | None,
             memory_budget: float | None, mechanism: str, sampling: str, accountant: str, l2_clip_norm: float,
-            pld_discretization: float, optimize_seconds: float, say: _Progress) -> Plan:
+            pld_discretization: float, optimize_seconds: float, say: _Progress, amplification_seconds: float,
+            mmcc_options: dict) -> Plan:
     acc: Any = accountant
 
     def calibrate(schema: Participation, spec_sampling: str, strategy: Strategy, how: Any,
                   guess: float | None = None) -> float:
         kwargs: dict[str, Any] = {"accountant": how, "pld_discretization": pld_discretization}
-        if spec_sampling == "cyclic-poisson":
-            kwargs.update(sampling="cyclic-poisson", dataset_size=d, batch_size=m, strategy=strategy)
+        if spec_sampling in ("cyclic-poisson", "poisson"):
+            kwargs.update(sampling=spec_sampling, dataset_size=d, batch_size=m, strategy=strategy)
+        if spec_sampling == "poisson" and mmcc_options:
+            kwargs["mmcc_options"] = dict(mmcc_options)
         if guess is not None:
             kwargs["guess"] = guess
         return accounting.calibrate(epsilon, delta, schema, **kwargs)
@@ -348,6 +418,10 @@ def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: W
         if row["dropped"] is None and spec.sampling == "cyclic-poisson" and len(rising) >= 3 \
                 and rising[-1] > rising[-2] > rising[-3]:
             row["dropped"] = "not evaluated: the trajectory rmse rose over the two previous band counts"
+        if row["dropped"] is None and spec.sampling == "poisson" and mmcc_cost(p.n) > amplification_seconds:
+            cost = mmcc_cost(p.n)
+            row["dropped"] = (f"not evaluated: MMCC at n = {p.n} costs about {cost:.3g} s (pass amplification_seconds="
+                              f"{math.ceil(cost)}, --amplification-seconds {math.ceil(cost)}, to include)")
         if row["dropped"] is not None or spec.build is None:
             continue
         try:
@@ -360,8 +434,12 @@ def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: W
             if memory_budget is not None and nbytes is not None and nbytes > memory_budget:
                 row["dropped"] = f"memory: {nbytes:.3g} B of noise state > budget {memory_budget:.3g} B"
                 continue
-            row["rmse"] = _rmse(strategy, w, spec.participation, norms)
-            if spec.sampling == "cyclic":
+            row["rmse"] = _rmse(strategy, w, spec.participation, norms, all_steps=spec.sampling == "poisson")
+            if spec.sampling == "poisson":
+                say(f"candidate {i + 1}/{len(specs)}: {_label(spec)}: calibrating its noise by MMCC")
+                row["noise_multiplier"] = calibrate(spec.participation, "poisson", strategy, acc)
+                row["accountant"] = "mmcc"
+            elif spec.sampling == "cyclic":
                 if "z" not in fixed_z:
                     say(f"calibrating the noise of fixed cyclic batches ({accountant}, one Gaussian mechanism)")
                     fixed_z["z"] = calibrate(p, "cyclic", strategy, acc)
@@ -393,7 +471,7 @@ def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: W
                                                 guess=rows[i]["noise_multiplier"])
         rows[i]["accountant"] = accountant
         rows[i]["trajectory_rmse"] = rows[i]["noise_multiplier"] * rows[i]["rmse"]
-    eligible = [i for i, r in enumerate(rows) if r["dropped"] is None and r.get("accountant") == accountant]
+    eligible = [i for i, r in enumerate(rows) if r["dropped"] is None and r.get("accountant") in (accountant, "mmcc")]
     if not eligible:
         reasons = sorted({r["dropped"] for r in rows if r["dropped"]})
         raise ValueError("no candidate mechanism is eligible: " + "; ".join(reasons))
@@ -404,7 +482,10 @@ def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: W
     candidates = tuple(Candidate(**{k: v for k, v in r.items() if k != "seconds"}) for r in rows)
     spec_sampling = chosen["sampling"]
     kwargs: dict[str, Any] = {"sampling": "none"} if spec_sampling == "cyclic" else {
-        "sampling": "cyclic-poisson", "dataset_size": d, "batch_size": m}
+        "sampling": spec_sampling, "dataset_size": d, "batch_size": m}
+    plan_mmcc = dict(mmcc_options) if spec_sampling == "poisson" else {}
+    if plan_mmcc:
+        kwargs["mmcc_options"] = plan_mmcc
     say(f"chose {_label(specs[best])}; computing its epsilon ({accountant}) and checking the plan")
     achieved = accounting.epsilon(chosen["noise_multiplier"], delta, schema, accountant=acc,
                                   pld_discretization=pld_discretization, strategy=strategy, **kwargs)
@@ -412,7 +493,7 @@ def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: W
                 l2_clip_norm=l2_clip_norm, mechanism=chosen["mechanism"], sampling=spec_sampling,
                 dataset_size=d, batch_size=m, delta=float(delta), target_epsilon=float(epsilon), epsilon=achieved,
                 accountant=accountant, pld_discretization=pld_discretization, workload=w.to_dict(),
-                source=chosen.get("source", ""), candidates=candidates)
+                source=chosen.get("source", ""), candidates=candidates, mmcc_options=plan_mmcc)
 
 
 def _finalists(rows: list[dict[str, Any]]) -> list[int]:
@@ -446,19 +527,29 @@ def _screen(epsilon: float, delta: float, schema: Participation, strategy: Strat
         tol=SCREEN_RTOL * lo))
 
 
-def _rmse(strategy: Strategy, w: Workload, p: Participation, norms: dict[int, tuple[Strategy, float]]) -> float:
+def _rmse(strategy: Strategy, w: Workload, p: Participation, norms: dict[int, tuple[Strategy, float]],
+          all_steps: bool = False) -> float:
     """sens(C, p) * ||A C^{-1}||_F / sqrt(n), as ``strategies.error.evaluate`` computes it, with
     ||A C^{-1}||_F^2 (``decoder_norms``: dense for a banded C) computed once per strategy object:
-    a BSR of the same bands serves the amplified and the fixed cyclic schema."""
+    a BSR of the same bands serves the amplified and the fixed cyclic schema.
+
+    ``all_steps`` (Poisson sampling, p = Participation(n, n, 1)): sens = ||C 1|| for C >= 0
+    (``mmcc.all_steps_sensitivity``, the scale MMCC prices; O(n) for a Toeplitz C where the generic
+    sensitivity searches patterns), and a ValueError naming the entry where C has a negative one."""
     from mfnoise.strategies.error import decoder_norms
 
     check_participation(p, strategy.n)
+    if all_steps:  # first: a C with a negative entry is refused before its decoder norm is computed
+        from mfnoise.training.mmcc import all_steps_sensitivity
+
+        sens_value = all_steps_sensitivity(strategy)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EpochsWarning)
+            sens_value = float(strategy.sensitivity(p).value)
     if id(strategy) not in norms:
         norms[id(strategy)] = (strategy, decoder_norms(strategy, w).frobenius_sq)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", EpochsWarning)
-        sens = strategy.sensitivity(p)
-    return float(sens.value * math.sqrt(norms[id(strategy)][1] / strategy.n))
+    return float(sens_value * math.sqrt(norms[id(strategy)][1] / strategy.n))
 
 
 def _label(spec: _Spec) -> str:

@@ -4,7 +4,9 @@ The fingerprint is sha256 (hex) of the canonical JSON of ``Fingerprint.fields()`
 own digest (``strategy_digest``: sha256 over its arrays, family and parameters, as
 ``mfnoise.strategies.files.digest`` computes for files), the participation schema, the sampler,
 the dataset size, the batch size, the noise multiplier, the clip norm, the divisor
-(``expected_batch_size``), delta and the accountant. A batch stream adds its seed and its
+(``expected_batch_size``), delta, the accountant and, when not empty, the options the accountant
+was run with (``accounting_options``: MMCC's for a Poisson plan; left out of the hash when empty, so
+the fingerprints of plans without them are unchanged). A batch stream adds its seed and its
 ``PlanIdentity`` (``mfnoise.training.batching``), which already names every field of a batch plan.
 
 Refusals say what differs: every fingerprint made in this process is remembered with its fields
@@ -56,9 +58,13 @@ class Fingerprint:
     expected_batch_size: float
     delta: float
     accountant: str
+    accounting_options: dict = dataclasses.field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["accounting_options"]:
+            del out["accounting_options"]
+        return out
 
     @property
     def hex(self) -> str:
@@ -69,7 +75,7 @@ class Fingerprint:
 
     def differences(self, other: Fingerprint, mine: str = "plan", theirs: str = "other") -> list[str]:
         """One line per field that differs: "field: plan X, other Y"."""
-        a, b = self.fields(), other.fields()
+        a, b = dataclasses.asdict(self), dataclasses.asdict(other)
         return [f"{k}: {mine} {a[k]!r}, {theirs} {b[k]!r}" for k in a if a[k] != b[k]]
 
 

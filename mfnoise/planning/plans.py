@@ -7,7 +7,10 @@ A plan is the one place the six parts of a private run come from (docs/design.md
   mechanism, "Multi-Epoch Matrix Factorization Mechanisms for Private Machine Learning",
   Choquette-Choo et al. 2023, arXiv:2211.06530), ``cyclic_poisson_batches`` (packed) for
   ``sampling="cyclic-poisson"`` (amplified: "(Amplified) Banded Matrix Factorization: A unified
-  approach to private training", Choquette-Choo et al. 2023, arXiv:2306.08153).
+  approach to private training", Choquette-Choo et al. 2023, arXiv:2306.08153), ``poisson_batches``
+  for ``sampling="poisson"`` (every step samples each example with q = batch_size / dataset_size,
+  schema Participation(n, n, 1); a non-diagonal C >= 0 is priced by MMCC, "Privacy Amplification
+  for Matrix Mechanisms", Choquette-Choo, Ganesh, Steinke, Thakurta, ICLR 2024, arXiv:2310.15526).
 * ``plan.transform(optimizer, key=...)``: ``optax.chain(dp_aggregate(strategy, l2_clip_norm,
   noise_multiplier, key, participation, expected_batch_size), optimizer)``, whose state
   (``PlanState``) records the plan's fingerprint.
@@ -39,9 +42,11 @@ from mfnoise.strategies.base import Strategy
 from mfnoise.strategies.registry import FAMILIES
 from mfnoise.training import batching
 
-SAMPLINGS = ("cyclic", "cyclic-poisson")
-# The accounting vocabulary of each sampler (mfnoise.training.accounting.SAMPLINGS).
-ACCOUNTING_SAMPLING = {"cyclic": "none", "cyclic-poisson": "cyclic-poisson"}
+SAMPLINGS = ("cyclic", "cyclic-poisson", "poisson")
+# The accounting vocabulary of each sampler (mfnoise.training.accounting.ROUTED_SAMPLINGS). Balls-in-bins
+# is not a plan's sampling: its only accountant here is a Monte Carlo estimate (provable=False), and a
+# plan's epsilon is a proven bound.
+ACCOUNTING_SAMPLING = {"cyclic": "none", "cyclic-poisson": "cyclic-poisson", "poisson": "poisson"}
 PLAN_FORMAT = "mfnoise-plan"
 PLAN_FORMAT_VERSION = 1
 # Recomputed epsilon may differ from the stored one by float noise of the accountant only.
@@ -139,7 +144,9 @@ class Plan:
     ``mechanism`` and ``sampling`` (``SAMPLINGS``), ``dataset_size`` and ``batch_size`` (public),
     ``delta``, ``target_epsilon`` and ``epsilon`` (achieved), ``accountant``,
     ``pld_discretization``, ``workload`` (the trajectory the chooser scored, its ``to_dict()``),
-    ``source`` (where the strategy came from) and ``candidates``.
+    ``source`` (where the strategy came from), ``candidates`` and ``mmcc_options`` (the options
+    MMCC priced a ``sampling="poisson"`` plan with, ``mfnoise.training.mmcc.epsilon``'s keywords;
+    empty for the other samplings and for MMCC's defaults).
     """
 
     strategy: Strategy
@@ -158,6 +165,7 @@ class Plan:
     workload: dict = dataclasses.field(default_factory=dict)
     source: str = ""
     candidates: tuple[Candidate, ...] = ()
+    mmcc_options: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.strategy, Strategy):
@@ -168,20 +176,34 @@ class Plan:
         if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
             raise ValueError(f"noise_multiplier must be positive and finite, got {self.noise_multiplier!r}")
         object.__setattr__(self, "candidates", tuple(self.candidates))
+        object.__setattr__(self, "mmcc_options", dict(self.mmcc_options))
+        if self.mmcc_options and self.sampling != "poisson":
+            raise ValueError(f"mmcc_options={self.mmcc_options!r} only apply to sampling='poisson' (MMCC), not "
+                             f"{self.sampling!r}")
         self._check_epsilon(p)
 
     def _accounting_kwargs(self) -> dict[str, Any]:
+        """The keywords of ``accounting.epsilon`` / ``explain`` for this plan's sampling."""
         if self.sampling == "cyclic":
             return {"sampling": "none", "strategy": self.strategy}
-        return {"sampling": "cyclic-poisson", "strategy": self.strategy, "dataset_size": self.dataset_size,
-                "batch_size": self.batch_size}
+        out: dict[str, Any] = {"sampling": ACCOUNTING_SAMPLING[self.sampling], "strategy": self.strategy,
+                               "dataset_size": self.dataset_size, "batch_size": self.batch_size}
+        if self.sampling == "poisson" and self.mmcc_options:
+            out["mmcc_options"] = dict(self.mmcc_options)
+        return out
 
     def _check_epsilon(self, p: Participation) -> None:
-        """epsilon(noise_multiplier) for this sampling, recomputed: equal to the stored one, <= the target."""
+        """epsilon(noise_multiplier) for this sampling, recomputed by ``accounting.explain`` (the number
+        ``accounting.epsilon`` returns, with the theorem that gave it, kept for the report): equal to the
+        stored one, <= the target. A sampling no theorem covers for this strategy is refused there."""
         from mfnoise.training import accounting
 
-        achieved = accounting.epsilon(self.noise_multiplier, self.delta, p, accountant=self.accountant,  # type: ignore[arg-type]
-                                      pld_discretization=self.pld_discretization, **self._accounting_kwargs())
+        how = accounting.explain(self.noise_multiplier, self.delta, p, accountant=self.accountant,  # type: ignore[arg-type]
+                                 pld_discretization=self.pld_discretization, **self._accounting_kwargs())
+        if not how.provable:  # no provable sampling routes to an estimate; a plan's epsilon is a bound
+            raise ValueError(f"the plan's accounting ({how.theorem}) is an estimate, not a bound")
+        object.__setattr__(self, "_accounting", how)
+        achieved = how.epsilon
         if not abs(achieved - self.epsilon) <= _EPSILON_RTOL * max(1.0, abs(achieved)):
             raise ValueError(
                 f"the plan says epsilon={self.epsilon!r}, but its mechanism ({self.sampling} sampling, noise "
@@ -195,6 +217,11 @@ class Plan:
             )
 
     # -- what it is -----------------------------------------------------------------------------
+    @property
+    def accounting(self) -> Any:
+        """The ``accounting.Accounting`` that verified the plan: its epsilon, ``theorem`` and ``paper``."""
+        return self.__dict__["_accounting"]
+
     @property
     def steps(self) -> int:
         return self.participation.n
@@ -214,7 +241,7 @@ class Plan:
             participation=self.participation.to_dict(), sampling=self.sampling, dataset_size=int(self.dataset_size),
             batch_size=int(self.batch_size), noise_multiplier=float(self.noise_multiplier),
             l2_clip_norm=float(self.l2_clip_norm), expected_batch_size=self.expected_batch_size,
-            delta=float(self.delta), accountant=self.accountant)
+            delta=float(self.delta), accountant=self.accountant, accounting_options=dict(self.mmcc_options))
 
     @property
     def fingerprint(self) -> str:
@@ -227,10 +254,12 @@ class Plan:
 
     # -- what it hands out -------------------------------------------------------------------------
     def batches(self, seed: int = 0) -> Batches:
-        """The batches of ``seed`` from the plan's own sampler (``cyclic_batches`` or, packed,
-        ``cyclic_poisson_batches``), checked against the plan's participation schema."""
+        """The batches of ``seed`` from the plan's own sampler (``cyclic_batches``, ``poisson_batches``
+        or, packed, ``cyclic_poisson_batches``), checked against the plan's participation schema."""
         if self.sampling == "cyclic":
             bp = batching.cyclic_batches(self.dataset_size, self.participation, seed)
+        elif self.sampling == "poisson":
+            bp = batching.poisson_batches(self.dataset_size, self.participation, self.batch_size, seed)
         else:
             bp = batching.pack(batching.cyclic_poisson_batches(self.dataset_size, self.participation,
                                                                self.batch_size, seed))
@@ -368,6 +397,7 @@ class Plan:
             "participation": self.participation.to_dict(),
             "workload": self.workload,
             "candidates": [c.to_dict() for c in self.candidates],
+            "mmcc_options": dict(self.mmcc_options),
         }
 
     def to_json(self) -> str:
@@ -392,6 +422,7 @@ class Plan:
             pld_discretization=float(d["pld_discretization"]), workload=dict(d.get("workload", {})),
             source=str(d.get("source", "")),
             candidates=tuple(Candidate.from_dict(c) for c in d.get("candidates", [])),
+            mmcc_options=dict(d.get("mmcc_options", {})),
         )
         stored = d.get("fingerprint")
         if stored != plan.fingerprint:

@@ -22,6 +22,8 @@ PAPERS = {
     "pld": ("Connect the Dots: Tighter Discrete Approximations of Privacy Loss Distributions",
             "Doroshenko et al. 2022", "arXiv:2207.04380"),
     "rdp": ("Rényi Differential Privacy", "Mironov 2017", "arXiv:1702.07476"),
+    "mmcc": ("Privacy Amplification for Matrix Mechanisms", "Choquette-Choo, Ganesh, Steinke, Thakurta, ICLR 2024",
+             "arXiv:2310.15526"),
 }
 
 
@@ -34,7 +36,19 @@ def accounting_steps(plan: Plan) -> list[dict[str, str]]:
     """The steps from the mechanism to (epsilon, delta), each with its paper."""
     p = plan.participation
     steps = []
-    if plan.sampling == "cyclic":
+    if plan.sampling == "poisson":
+        q = plan.batch_size / plan.dataset_size
+        if plan.accounting.theorem == "mmcc":
+            steps.append({"step": f"lower-triangular C >= 0 under Poisson sampling (every step, q={q:.6g}, schema "
+                                  f"{p}): MMCC bounds row i given the rows before it by a mixture of Gaussians and "
+                                  f"composes the {p.n} rows (conditional composition), noise std z * ||C 1||, "
+                                  f"pessimistic PLD discretisation throughout", "paper": _cite("mmcc")})
+            steps.append({"step": "priced by mfnoise.training.mmcc on dp-accounting's PLD (mixture-of-Gaussians "
+                                  "privacy losses), add or remove one example", "paper": _cite("pld")})
+            return steps
+        steps.append({"step": f"diagonal C under Poisson sampling (every step, q={q:.6g}): {p.n} independent "
+                              "Poisson-subsampled Gaussians", "paper": _cite("dp-sgd")})
+    elif plan.sampling == "cyclic":
         steps.append({"step": f"C normalised to sensitivity 1 under {p}: releasing C G + z Z over all {p.n} steps "
                               f"is one Gaussian mechanism with noise multiplier z", "paper": _cite("mf")})
     else:
@@ -64,7 +78,7 @@ def assumptions(plan: Plan) -> list[str]:
         "(the noise scaled by the strategy's proven sensitivity bound)",
         "not accounted: hyperparameter tuning, floating-point attacks on the Gaussian sampler, timing side channels",
     ]
-    if plan.sampling == "cyclic-poisson":
+    if plan.sampling in ("cyclic-poisson", "poisson"):
         out.append("the Poisson coins are secret and fresh at every step (mfnoise's sampler draws them from the seed: "
                    "keep the seed secret)")
     return out
@@ -93,6 +107,9 @@ def summary(plan: Plan) -> dict[str, Any]:
         "min_sep": plan.participation.min_sep,
         "max_participations": plan.participation.max_participations,
         "source": plan.source,
+        "theorem": plan.accounting.theorem,
+        "paper": plan.accounting.paper,
+        "mmcc_options": dict(plan.mmcc_options),
         "assumptions": assumptions(plan),
         "accounting": accounting_steps(plan),
     }
@@ -130,7 +147,7 @@ def text(plan: Plan) -> str:
         f"{plan.batch_size} of {plan.dataset_size} examples",
         f"  noise multiplier {plan.noise_multiplier:.6g}, clip norm {plan.l2_clip_norm:g}, divisor "
         f"{plan.expected_batch_size:g}",
-        "accounting:",
+        f"accounting: theorem {plan.accounting.theorem}: {plan.accounting.paper}",
         *(f"  - {a['step']} ({a['paper']})" for a in s["accounting"]),
         "assumptions:",
         *(f"  - {a}" for a in s["assumptions"]),
