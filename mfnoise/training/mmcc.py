@@ -70,11 +70,14 @@ bound):
    column bounds every row's L_ij, below.)
 
 **Pessimistic discretisation throughout.** Each C_ij is rounded up to a multiple of the
-sensitivity grid h (a stochastically larger S_i); each row's law of S_i is then moved up onto a
-ladder of at most ~``max_components`` points (``_RowDistribution.components``: every grid point
-to the first ladder point at or above it); the row's PLD (``mixture_pld``) gives each cell of its
+sensitivity grid h (a stochastically larger S_i), except each row's smallest entries (sum <= 1e-3
+sigma / sqrt(n)), which are bounded by their sum: it is added to every component (S_i <= grid part
++ that sum, pointwise); each row's law is then moved up onto a ladder of at most
+``max_components`` points of relative spacing 1 + 1/m (``_RowDistribution.components``: every
+grid point to the first ladder point at or above it); the row's PLD (``mixture_pld``) gives each cell of its
 output grid the loss at the cell's worse end, rounds it up to the loss grid, and sends the mass
-outside its range to the worse side (beyond it: the infinite loss); dp-accounting composes with
+outside its range to the worse side (beyond it: the infinite loss), on a loss grid d that
+shrinks with n (each row's rounding costs up to d, n rows about n d / 2 in epsilon); dp-accounting composes with
 ``pessimistic_estimate`` (truncated tails to the smallest kept loss and to infinity). Moving
 privacy-loss mass up never lowers delta(eps) = E[(1 - e^{eps - L})_+] of one row nor, since that
 is increasing in each independent summand, of their composition. The result: (epsilon,
@@ -110,10 +113,24 @@ from mfnoise.strategies.base import Strategy
 _LAMBDAS = np.geomspace(0.02, 400.0, 64)
 _LAMBDAS_MONOTONE = _LAMBDAS[_LAMBDAS >= 1.0]
 DEFAULT_MAX_COMPONENTS = 64
-# The sensitivity grid h defaults to sigma / this (and is coarsened so a row's grid stays <= _MAX_GRID).
+# The sensitivity grid h defaults to min(sigma / _GRID_PER_SIGMA, max_ij C_ij / _GRID_PER_ENTRY),
+# coarsened so that a row's grid stays <= _MAX_GRID points. Relative to the entries, not only to
+# sigma: every entry is rounded up by < h where it is sampled, and a row has up to n of them (with
+# h = sigma / 400 alone, BISR at n = 2000 priced its rows' mean sensitivity 460x too high).
 _GRID_PER_SIGMA = 400
+_GRID_PER_ENTRY = 2000
 _MAX_GRID = 200_000
-DEFAULT_MAX_DISTINCT_ROWS = 192
+# Entries too small for the grid are bounded by their row sum instead (a deterministic shift of
+# every component of the row's mixture, which costs about one Gaussian of that sensitivity per
+# row): the smallest entries of each row whose sum stays <= this * sigma / sqrt(n).
+_LUMP_PER_SIGMA = 1e-3
+# Blocks of Toeplitz rows (each priced as its last row): BISR at n = 2000 gave epsilon 0.07643 with
+# 48 and 0.07640 with 192 (4x the time).
+DEFAULT_MAX_DISTINCT_ROWS = 48
+# Each row's PLD rounds its losses up by up to the grid d, so composing n rows biases epsilon up by
+# about n d / 2 (d = 1e-3 at n = 2000: epsilon 1.09 where d = 5e-6 gives 0.076). The default grid
+# is therefore min(1e-3, PLD_BIAS / n): a bias of about PLD_BIAS / 2 in epsilon.
+PLD_BIAS = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,23 +300,19 @@ class _RowDistribution:
 
     def components(self, max_components: int) -> tuple[np.ndarray, np.ndarray]:
         """(sensitivities, probabilities) for the mixture PLD, each grid point rounded up to a ladder
-        of at most ~max_components points (stochastically larger: pessimistic): uniform up to the
-        point beyond which 1e-15 of the mass lies, geometric (ratio 1.15) beyond it."""
+        of at most max_components points (stochastically larger: pessimistic): the grid points
+        0..m themselves, then a geometric ladder of ratio 1 + 1/m up to the largest sum, so every
+        sensitivity is rounded up by at most a factor 1 + 1/m (a row's privacy loss scales with
+        it); m is the largest of 64, 32, ..., 1 that fits."""
         pmf = self.pmf[: self.top + 1]
         pmf = pmf / pmf.sum()
         idx = np.flatnonzero(pmf > 0)
         if idx.size <= max_components:
             return idx * self.h, pmf[idx]
-        tail = np.cumsum(pmf[::-1])[::-1]  # tail[k] = P(S >= k)
-        hi = int(np.flatnonzero(tail > 1e-15)[-1])
-        step = max(1, math.ceil(hi / (max_components * 3 // 4)))
-        ladder = list(range(0, hi + step, step))
-        x = float(ladder[-1])
-        while x < self.top:
-            x = max(x + step, math.ceil(x * 1.15))
-            ladder.append(int(x))
-        ladder[-1] = max(ladder[-1], self.top)
-        lad = np.asarray(ladder, np.int64)
+        for m in (64, 32, 16, 8, 4, 2, 1):
+            lad = _ladder(self.top, m)
+            if lad.size <= max_components:
+                break
         where = np.searchsorted(lad, idx, side="left")  # the first ladder point >= idx
         probs = np.bincount(where, weights=pmf[idx], minlength=lad.size)
         keep = probs > 0
@@ -307,6 +320,16 @@ class _RowDistribution:
 
     def key(self) -> bytes:
         return self.pmf[: self.top + 1].tobytes()
+
+
+def _ladder(top: int, m: int) -> np.ndarray:
+    """0, 1, ..., m, then each point the previous times 1 + 1/m rounded up, the last one = top."""
+    pts = list(range(min(m, top) + 1))
+    x = pts[-1]
+    while x < top:
+        x = max(x + 1, math.ceil(x * (1.0 + 1.0 / m)))
+        pts.append(min(x, top))
+    return np.asarray(pts, np.int64)
 
 
 def _norm_mass(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -420,7 +443,7 @@ def epsilon(
     tail_fraction: float = 0.5,
     sensitivity_grid: float | None = None,
     max_components: int = DEFAULT_MAX_COMPONENTS,
-    pld_discretization: float = 1e-3,
+    pld_discretization: float | None = None,
     max_distinct_rows: int = DEFAULT_MAX_DISTINCT_ROWS,
 ) -> MMCCResult:
     """An MMCC upper bound on epsilon at ``delta`` for y = C x + noise_std z (module doc).
@@ -432,29 +455,33 @@ def epsilon(
       delta: the target delta; ``tail_fraction * delta`` pays for the tail bounds.
       sampling_probabilities: q (Poisson: every step) or a length-n vector p_j (e.g. cyclic
         Poisson: q on one residue class, 0 elsewhere; the Toeplitz fast path needs a scalar).
-      sensitivity_grid: h, the grid every C_ij is rounded up to; default sigma / 400, coarsened so
-        the largest row sum spans at most 200000 grid points.
+      sensitivity_grid: h, the grid every C_ij is rounded up to; default min(sigma / 400, max C_ij /
+        2000), coarsened so the largest row sum spans at most 200000 grid points. Each row's
+        smallest entries with sum <= 1e-3 sigma / sqrt(n) are not gridded but added, all of them,
+        to every component (a deterministic upper bound on their part of the row).
       max_components: each row's sensitivity law is rounded up onto a ladder of about this many
         points before its PLD is built.
-      pld_discretization: dp-accounting's privacy-loss grid (smaller: tighter and slower).
+      pld_discretization: the privacy-loss grid d of every row's PLD (smaller: tighter and
+        slower); default min(1e-3, 1e-2 / n): the rounding costs about n d / 2 in epsilon.
       max_distinct_rows: Toeplitz only: rows are grouped into at most this many blocks.
     """
     t0 = time.perf_counter()
-    if not (pld_discretization > 0 and math.isfinite(pld_discretization)):
+    if pld_discretization is not None and not (pld_discretization > 0 and math.isfinite(pld_discretization)):
         raise ValueError(f"pld_discretization must be positive and finite, got {pld_discretization}")
     bounds = row_bounds(strategy, noise_std, delta, sampling_probabilities, tail_fraction=tail_fraction,
                         sensitivity_grid=sensitivity_grid, max_components=max_components,
                         max_distinct_rows=max_distinct_rows)
+    d = min(1e-3, PLD_BIAS / bounds.n) if pld_discretization is None else float(pld_discretization)
     pld = None
     for b in bounds.rows:
-        one = mixture_pld(noise_std, b.sensitivities, b.probabilities, pld_discretization)
+        one = mixture_pld(noise_std, b.sensitivities, b.probabilities, d)
         one = one.self_compose(b.count) if b.count > 1 else one
         pld = one if pld is None else pld.compose(one)
     assert pld is not None
     eps = float(pld.get_epsilon_for_delta(delta - bounds.tail_delta))
     return MMCCResult(epsilon=eps, delta=delta, tail_delta=bounds.tail_delta, noise_std=float(noise_std),
                       n=bounds.n, rows_priced=len(bounds.rows), sensitivity_grid=bounds.sensitivity_grid,
-                      max_components=max_components, pld_discretization=pld_discretization,
+                      max_components=max_components, pld_discretization=d,
                       toeplitz=bounds.toeplitz, seconds=time.perf_counter() - t0)
 
 
@@ -530,27 +557,35 @@ def row_bounds(
     cmax = float(coeffs.max() if coeffs is not None else dense.max())  # type: ignore[union-attr]
     if cmax <= 0:
         raise ValueError("C is zero: nothing is released")
-    row_sum = float(coeffs.sum() if coeffs is not None else dense.sum(axis=1).max())  # type: ignore[union-attr]
+    w = coeffs if coeffs is not None else np.asarray(dense)
+    small = _small_entries(w, _LUMP_PER_SIGMA * noise_std / math.sqrt(n))
+    big = np.where(small, 0.0, w)
+    row_sum = float(big.sum() if coeffs is not None else big.sum(axis=1).max())
     if sensitivity_grid is None:
-        h = max(noise_std / _GRID_PER_SIGMA, row_sum / _MAX_GRID)
+        h = max(min(noise_std / _GRID_PER_SIGMA, cmax / _GRID_PER_ENTRY), row_sum / _MAX_GRID)
     else:
         h = float(sensitivity_grid)
         if not (h > 0 and math.isfinite(h)):
             raise ValueError(f"sensitivity_grid must be positive and finite, got {sensitivity_grid}")
-    units = _grid_units(coeffs if coeffs is not None else np.asarray(dense), h)
+    units = _grid_units(big, h)
     bins = int(units.sum() if coeffs is not None else units.sum(axis=1).max()) + 1
     tail_delta = tail_fraction * delta
     sigma2 = noise_std**2
     if coeffs is not None:
         pt = lag_probabilities(coeffs, float(probs[0]), sigma2, tail_delta)
+        shifts = np.cumsum(np.where(small, coeffs, 0.0))  # row i: its small lags <= i
         rows = _toeplitz_rows(units, pt, bins, h, max_distinct_rows)
     else:
         pt = column_probabilities(dense, probs, sigma2, tail_delta)  # type: ignore[arg-type]
-        rows = _dense_rows(units, probs, pt, bins, h)
+        shifts = np.where(small, dense, 0.0).sum(axis=1)  # type: ignore[arg-type]
+        rows = _dense_rows(units, probs, pt, bins, h, shifts)
     out = []
     for first, last, dist in rows:
         sens, pr = dist.components(max_components)
-        out.append(RowBound(first, last, sens, pr))
+        # S_i <= (grid part) + (the row's small entries, all taken): the block's last row has the
+        # largest shift on the Toeplitz path (a prefix sum), every row of a dense block the same.
+        shift = float(shifts[last])
+        out.append(RowBound(first, last, sens + shift * (1.0 + 1e-12) if shift > 0 else sens, pr))
     return RowBounds(n=n, rows=out, tail_delta=tail_delta, sensitivity_grid=h, toeplitz=coeffs is not None, pt=pt)
 
 
@@ -583,9 +618,19 @@ def column_probabilities(c: np.ndarray, probs: np.ndarray, sigma2: float, tail_d
     return _conditional_prob(probs, eps)
 
 
-def _dense_rows(units: np.ndarray, probs: np.ndarray, pt: np.ndarray, bins: int,
-                h: float) -> list[tuple[int, int, _RowDistribution]]:
-    """Every row's dominating S_i for a general C; rows with the same law merged (in order)."""
+def _small_entries(w: np.ndarray, budget: float) -> np.ndarray:
+    """Per row (the last axis), the smallest entries whose sum stays <= budget (a mask)."""
+    w2 = np.atleast_2d(w)
+    order = np.argsort(w2, axis=-1, kind="stable")
+    csum = np.cumsum(np.take_along_axis(w2, order, axis=-1), axis=-1)
+    mask = np.zeros(w2.shape, bool)
+    np.put_along_axis(mask, order, csum <= budget, axis=-1)
+    return mask.reshape(w.shape) & (w > 0)
+
+
+def _dense_rows(units: np.ndarray, probs: np.ndarray, pt: np.ndarray, bins: int, h: float,
+                shifts: np.ndarray) -> list[tuple[int, int, _RowDistribution]]:
+    """Every row's dominating S_i for a general C; consecutive rows with the same law and shift merged."""
     n = units.shape[0]
     rows = []
     for i in range(n):
@@ -594,15 +639,15 @@ def _dense_rows(units: np.ndarray, probs: np.ndarray, pt: np.ndarray, bins: int,
         for j in np.flatnonzero((units[i, :i] > 0) & (pt[:i] > 0)):
             dist.add(int(units[i, j]), float(pt[j]))
         rows.append(dist)
-    return _merge_equal(rows)
+    return _merge_equal(rows, shifts)
 
 
-def _merge_equal(rows: list[_RowDistribution]) -> list[tuple[int, int, _RowDistribution]]:
-    """Consecutive rows with the same law become one block (composition is order-free, but blocks
-    of consecutive rows keep ``RowBound``'s first..last meaningful)."""
+def _merge_equal(rows: list[_RowDistribution], shifts: np.ndarray) -> list[tuple[int, int, _RowDistribution]]:
+    """Consecutive rows with the same law and shift become one block (composition is order-free,
+    but blocks of consecutive rows keep ``RowBound``'s first..last meaningful)."""
     out: list[tuple[int, int, _RowDistribution]] = []
     for i, r in enumerate(rows):
-        if out and out[-1][2].key() == r.key():
+        if out and out[-1][2].key() == r.key() and shifts[out[-1][0]] == shifts[i]:
             out[-1] = (out[-1][0], i, out[-1][2])
         else:
             out.append((i, i, r))
