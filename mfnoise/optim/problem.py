@@ -120,12 +120,16 @@ def single_threaded_blas() -> Iterator[None]:
     L-BFGS-B's BLAS calls are on vectors of a few thousand entries, where threads only add
     hand-off latency, and the dense family's LAPACK calls lose far more to a busy second core
     than they gain from a quiet one. Without threadpoolctl (a stripped install) the BLAS keeps
-    its own threading."""
+    its own threading. threadpoolctl limits only the BLAS libraries loaded when it is entered, and
+    scipy's wheels bundle their own OpenBLAS, so scipy.linalg (which scipy.optimize loads too) is
+    loaded first: importing it lazily inside the limited block would leave its BLAS multi-threaded."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         yield
         return
+    import scipy.linalg  # noqa: F401  (loads scipy's BLAS before the limit is set)
+
     with threadpool_limits(1, user_api="blas"):
         yield
 

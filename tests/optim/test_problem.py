@@ -15,7 +15,10 @@ import dataclasses
 import io
 import json
 import math
+import os
 import pathlib
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -34,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_every_family_registers_its_builder_and_the_alias_names_one():
-    assert problem.families() == ("banded", "blt", "dense", "toeplitz")
+    assert problem.families() == ("banded", "blt", "dense", "inverse-toeplitz", "toeplitz")
     assert problem.deprecated_aliases() == {"banded-toeplitz": "toeplitz"}
     assert problem.builder("toeplitz") is toeplitz_loss.problem
     with pytest.warns(DeprecationWarning, match="'banded-toeplitz' is deprecated: use 'toeplitz'"):
@@ -143,3 +146,20 @@ def test_cli_deprecated_family_warns_on_stderr_and_records_the_family(tmp_path, 
     rc, _ = _cli(["optimize", "--json", "--family", "toeplitz", "--bands", "4", "--n", "32",
                   "--out", str(tmp_path / "t.npz"), "--no-progress"])
     assert rc == 0 and "deprecated" not in capsys.readouterr().err
+
+
+def test_single_threaded_blas_limits_scipys_own_blas_too():
+    """threadpoolctl limits only the libraries loaded when it is entered; scipy's wheels bundle their
+    own OpenBLAS, which the optimizer loads lazily: every BLAS loaded inside the block runs one thread.
+    In a fresh process (this one loaded scipy long ago), with the BLAS free to use every core."""
+    pytest.importorskip("threadpoolctl", reason="threadpoolctl is not installed")
+    code = (
+        "import threadpoolctl\n"
+        "from mfnoise.optim import problem\n"
+        "with problem.single_threaded_blas():\n"
+        "    import scipy.optimize\n"
+        "    infos = [i for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas']\n"
+        "    assert infos and all(i['num_threads'] == 1 for i in infos), infos\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
