@@ -46,7 +46,6 @@ to stderr once a plan has lasted ``PROGRESS_DELAY`` seconds.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -54,7 +53,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -360,22 +359,12 @@ def plan(
         raise ValueError(f"mmcc_options must be a dict of mmcc.epsilon's keywords, got {mmcc_options!r}")
     p = _schema(d, m, epochs, steps)
     w = workload_for(optimizer, p.n)
-    with _quiet_absl():
+    with accounting.quiet_rdp():
         return _choose(epsilon, delta, d, m, p, w, params, memory_budget, mechanism, sampling, accountant,
                        float(l2_clip_norm), float(pld_discretization), float(optimize_seconds),
                        _Progress(progress), float(amplification_seconds), dict(mmcc_options or {}))
 
 
-@contextlib.contextmanager
-def _quiet_absl() -> Iterator[None]:
-    """dp-accounting's RDP accountant logs "Excluding this order" while it only ranks candidates."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _choose(epsilon: float, delta: float, d: int, m: int, p: Participation, w: Workload, params: int | None,

@@ -63,7 +63,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import dp_accounting
@@ -189,7 +189,7 @@ def pld_grid(event: dp_accounting.DpEvent, pld_discretization: float = PLD_DISCR
     if s is None or s == 0:  # nothing to discretise (no Gaussian), or a non-private event
         return float(pld_discretization)
     w = _loss_width(s)
-    with _quiet_rdp():
+    with quiet_rdp():
         composed = 2.0 * dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(1e-15) + 4.0 * w
     composed = composed if math.isfinite(composed) else 0.0
     d = float(pld_discretization)
@@ -492,7 +492,7 @@ def calibrate(
     if guess is not None and accountant == "pld":
         z = float(guess)
     else:
-        with _quiet_rdp() if accountant == "pld" else contextlib.nullcontext():
+        with quiet_rdp() if accountant == "pld" else contextlib.nullcontext():
             lo, hi = _bracket(lambda z: eps_of(z, rdp) > target, 1.0 if guess is None else float(guess), target)
             z = _search(rdp, make, target, delta, lo, hi, tol)
     if accountant == "pld":
@@ -546,9 +546,9 @@ def _search(make_acc, make, target: float, delta: float, lo: float, hi: float, t
 
 
 @contextlib.contextmanager
-def _quiet_rdp():
+def quiet_rdp() -> Iterator[None]:
     """Silences dp-accounting's RDP warnings ("Excluding this order") while RDP only estimates:
-    a grid size or a search bracket, never a reported epsilon."""
+    a grid size, a search bracket or a ranking (mfnoise.plan's screen), never a reported epsilon."""
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(max(level, logging.ERROR))
