@@ -73,8 +73,9 @@ bound):
 sensitivity grid h (a stochastically larger S_i), except each row's smallest entries (sum <= 1e-3
 sigma / sqrt(n)), which are bounded by their sum: it is added to every component (S_i <= grid part
 + that sum, pointwise); each row's law is then moved up onto a ladder of at most
-``max_components`` points of relative spacing 1 + 1/m (``_RowDistribution.components``: every
-grid point to the first ladder point at or above it); the row's PLD (``mixture_pld``) gives each cell of its
+``max_components`` points, uniform then geometric, the one of smallest chi^2 divergence from
+N(0, sigma^2) among a few (``_RowDistribution.components``: every grid point to the first ladder
+point at or above it); the row's PLD (``mixture_pld``) gives each cell of its
 output grid the loss at the cell's worse end, rounds it up to the loss grid, and sends the mass
 outside its range to the worse side (beyond it: the infinite loss), on a loss grid d that
 shrinks with n (each row's rounding costs up to d, n rows about n d / 2 in epsilon); dp-accounting composes with
@@ -298,33 +299,46 @@ class _RowDistribution:
         self.pmf[k: self.top + k + 1] += moved
         self.top += k
 
-    def components(self, max_components: int) -> tuple[np.ndarray, np.ndarray]:
+    def components(self, max_components: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
         """(sensitivities, probabilities) for the mixture PLD, each grid point rounded up to a ladder
-        of at most max_components points (stochastically larger: pessimistic): the grid points
-        0..m themselves, then a geometric ladder of ratio 1 + 1/m up to the largest sum, so every
-        sensitivity is rounded up by at most a factor 1 + 1/m (a row's privacy loss scales with
-        it); m is the largest of 64, 32, ..., 1 that fits."""
+        of at most max_components points (stochastically larger: pessimistic, whichever ladder).
+
+        Ladders tried: 0, u, 2u, ..., m u, then a geometric part of ratio 1 + 1/m up to the largest
+        sum (absolute rounding below m u, relative above), for m in 1..64 and u from 1 up; the one
+        kept is the one whose rounded mixture has the smallest chi^2 divergence from N(0, sigma^2),
+        sum_ab w_a w_b exp(s_a s_b / sigma^2) - 1 (exact on <= max_components points), which tracks
+        the row's privacy loss (a choice among valid roundings, so any criterion is safe)."""
         pmf = self.pmf[: self.top + 1]
         pmf = pmf / pmf.sum()
         idx = np.flatnonzero(pmf > 0)
         if idx.size <= max_components:
             return idx * self.h, pmf[idx]
+        best: tuple[float, np.ndarray, np.ndarray] | None = None
         for m in (64, 32, 16, 8, 4, 2, 1):
-            lad = _ladder(self.top, m)
-            if lad.size <= max_components:
-                break
-        where = np.searchsorted(lad, idx, side="left")  # the first ladder point >= idx
-        probs = np.bincount(where, weights=pmf[idx], minlength=lad.size)
-        keep = probs > 0
-        return lad[keep] * self.h, probs[keep]
+            for k in range(0, 7):
+                u = max(1, math.ceil(self.top / (math.e**k * m))) if k else 1
+                lad = _ladder(self.top, m, u)
+                if lad.size > max_components:
+                    continue
+                where = np.searchsorted(lad, idx, side="left")  # the first ladder point >= idx
+                probs = np.bincount(where, weights=pmf[idx], minlength=lad.size)
+                keep = probs > 0
+                sens, pr = lad[keep] * self.h, probs[keep]
+                logw = np.log(pr)
+                pair = logw[:, None] + logw[None, :] + np.outer(sens, sens) / sigma**2
+                score = float(np.logaddexp.reduce(pair.ravel()))
+                if best is None or score < best[0]:
+                    best = (score, sens, pr)
+        assert best is not None  # m = 1 with u = top has 2 points
+        return best[1], best[2]
 
     def key(self) -> bytes:
         return self.pmf[: self.top + 1].tobytes()
 
 
-def _ladder(top: int, m: int) -> np.ndarray:
-    """0, 1, ..., m, then each point the previous times 1 + 1/m rounded up, the last one = top."""
-    pts = list(range(min(m, top) + 1))
+def _ladder(top: int, m: int, u: int) -> np.ndarray:
+    """0, u, 2u, ..., m u, then each point the previous times 1 + 1/m rounded up; the last one = top."""
+    pts = sorted({min(k * u, top) for k in range(m + 1)})
     x = pts[-1]
     while x < top:
         x = max(x + 1, math.ceil(x * (1.0 + 1.0 / m)))
@@ -581,7 +595,7 @@ def row_bounds(
         rows = _dense_rows(units, probs, pt, bins, h, shifts)
     out = []
     for first, last, dist in rows:
-        sens, pr = dist.components(max_components)
+        sens, pr = dist.components(max_components, noise_std)
         # S_i <= (grid part) + (the row's small entries, all taken): the block's last row has the
         # largest shift on the Toeplitz path (a prefix sum), every row of a dense block the same.
         shift = float(shifts[last])
