@@ -95,7 +95,9 @@ O(n^2) for all lags), row i's S_i = sum_{k <= i} c_k B_k with pt depending on k 
 i + 1's (so row i is dominated by any later row), built incrementally in O(bins) per row; rows
 are grouped into at most ``max_distinct_rows`` blocks, each priced as its last row and
 self-composed (``self_compose``): O(n^2 * lambdas) + O(n * bins) + max_distinct_rows PLD builds.
-Measured in benchmarks/amplification.py (benchmarks/README.md).
+The PLDs' loss grid shrinks like 1 / n (so the FFT compositions grow like n). Measured in
+benchmarks/mmcc_cost.py (n = 2000, BISR and a banded C: ~20-30 s an evaluation, ~7 min a
+calibration on the shared 2 cores) and benchmarks/amplification.py (benchmarks/README.md).
 """
 
 from __future__ import annotations
