@@ -25,6 +25,7 @@ LAYERS = {
     "library": 3,
     "verify": 4,
     "planning": 4,
+    "auditing": 5,
     "demo": 5,
     "keras": 5,
     "cli": 6,
