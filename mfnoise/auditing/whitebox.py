@@ -1,0 +1,341 @@
+"""The white-box canary audit of the correlated-noise mechanism (issue 15).
+
+Threat model of the audit: the adversary knows the strategy C, the schema, the clip norm c and the
+noise multiplier z, and sees every noisy release of the mechanism. Canaries are Dirac gradients
+("Tight Auditing of Differentially Private Machine Learning", Nasr et al. 2023, arXiv:2302.07956):
+with a parameter vector of d coordinates, canary j has per-example gradient u_t a e_j at step t
+(a = ``canary_norm``, default c; u in {-1, 0, 1}^n a participation pattern of the schema with
+signs, ``canary_pattern``), and is in with probability 1/2, independently. Noise is independent
+across coordinates, so one run of n steps gives d independent trials (``mfnoise.auditing.mechanisms``
+produces the n x d releases O; several runs when ``trials`` exceeds ``coordinates``).
+
+The test. For an honest mechanism, o = x + sigma_abs C^{-1} w per coordinate (x = a' u the canary's
+contributions, a' = min(a, c) after clipping, sigma_abs = z c S, S = sens(C, p) as the transform
+scales it, w ~ N(0, I_n)). The adversary whitens with C: C o = a' C u + sigma_abs w, and the
+Neyman-Pearson (likelihood-ratio) statistic for "in" (mean a' C u) against "out" (mean 0) is
+
+    s = <C u, C o> / (||C u|| sigma_abs)    ~ N(0, 1) out,  N(mu, 1) in,  mu = a' ||C u|| / sigma_abs,
+
+exactly a Gaussian shift. With u achieving the sensitivity (||C u|| = S, ``canary_pattern``) and
+a' = c, mu = 1/z: the mechanism's claimed mu-GDP (an unamplified fixed-batch mechanism is one
+Gaussian mechanism with noise multiplier z, docs/design.md "Accounting"), so the GDP / Clopper-
+Pearson lower bound approaches the claimed epsilon (``mfnoise.epsilon(z, delta, p)``) as the trials
+grow, and never exceeds it beyond the confidence. This is ``attack="whitened"``.
+
+``attack="empirical"`` does not trust the model: the coordinates are split in two fixed halves; on
+the first, the covariance of the releases of the OUT canaries (pure noise) is estimated,
+Sigma_hat = mean o o^T (+ 1e-9 tr(Sigma_hat)/n I), and the score on the second half is the
+likelihood-ratio statistic for the shift u under that covariance, s = <v, o> / sqrt(v^T Sigma_hat v),
+v = Sigma_hat^{-1} u. It is a fixed function of the second half's releases (the first half's noise
+is independent of it), so any estimator's guarantee holds on the second half. It finds what the
+model-based statistic cannot: noise correlated differently than claimed, or rows that repeat (a
+singular covariance: the release differences are noiseless).
+
+``attack="both"`` (the default) runs both and reports the larger lower bound, each certified at
+failure (1 - confidence) / 2 (a union bound), so the reported bound holds at ``confidence``.
+A bound above the claimed epsilon means the mechanism is not as private as claimed (``flagged``).
+
+Assumption the guarantee needs: the trials are independent, i.e. the mechanism's noise is
+independent across coordinates and of the membership coins (true of mfnoise's generator, whose
+entries of w_t are independent normals).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mfnoise.auditing import estimators
+from mfnoise.auditing.estimators import EpsilonLowerBound
+from mfnoise.auditing.mechanisms import Mechanism, resolve
+from mfnoise.core import sensitivity as sens_lib
+from mfnoise.core.participation import Participation, check_participation
+from mfnoise.strategies.base import Strategy
+
+ESTIMATORS = ("gdp", "clopper-pearson", "one-run", "one-run-fdp")
+ATTACKS = ("both", "whitened", "empirical")
+MAX_COORDINATES = 1 << 17  # coordinates per run (releases: n x 2^17 floats)
+PATTERN_LIMIT = 20_000  # min-sep patterns searched exhaustively by canary_pattern
+SIGN_SEARCH_STEPS = 8  # patterns with negative entries of C^T C on them: {-1, 0, 1} searched up to this size
+RIDGE = 1e-9  # relative ridge of the empirical covariance (singular when rows repeat)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditResult:
+    """The outcome of ``whitebox_audit``.
+
+    ``claimed_epsilon``: the accounting's epsilon at ``delta`` for (z, p) (``mfnoise.epsilon``);
+    ``lower_bound``: the empirical ``EpsilonLowerBound`` at ``confidence``; ``tightness`` = lower
+    bound / claimed; ``flagged``: lower bound > claimed (the claim is refuted at that confidence);
+    ``scores_in`` / ``scores_out``: the scores of the attack whose bound is reported; ``mu_claimed``
+    = 1/z and ``mu_model`` = a' ||C u|| / sigma_abs (the honest mechanism's score shift, dense numpy);
+    ``pattern``: the canary's u; ``trials``: canaries; ``runs``: mechanism runs of ``coordinates``;
+    ``seconds``: wall time; ``details``: per-attack bounds.
+    """
+
+    mechanism: str
+    strategy: str
+    participation: Participation
+    noise_multiplier: float
+    delta: float
+    confidence: float
+    estimator: str
+    attack: str
+    claimed_epsilon: float
+    lower_bound: EpsilonLowerBound
+    tightness: float
+    mu_claimed: float
+    mu_model: float
+    pattern: np.ndarray
+    trials: int
+    runs: int
+    coordinates: int
+    l2_clip_norm: float
+    canary_norm: float
+    seconds: float
+    scores_in: np.ndarray = dataclasses.field(repr=False)
+    scores_out: np.ndarray = dataclasses.field(repr=False)
+    details: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def flagged(self) -> bool:
+        """True when the empirical lower bound is above the claimed epsilon."""
+        return self.lower_bound.epsilon > self.claimed_epsilon
+
+    def to_dict(self, scores: bool = False) -> dict:
+        """JSON-ready (``scores=True`` adds the score arrays as lists)."""
+        out = {
+            "mechanism": self.mechanism,
+            "strategy": self.strategy,
+            "participation": self.participation.to_dict(),
+            "noise_multiplier": self.noise_multiplier,
+            "delta": self.delta,
+            "confidence": self.confidence,
+            "estimator": self.estimator,
+            "attack": self.attack,
+            "claimed_epsilon": self.claimed_epsilon,
+            "lower_bound": self.lower_bound.to_dict(),
+            "empirical_epsilon": self.lower_bound.epsilon,
+            "tightness": self.tightness,
+            "flagged": self.flagged,
+            "mu_claimed": self.mu_claimed,
+            "mu_model": self.mu_model,
+            "pattern": [int(v) for v in self.pattern],
+            "trials": self.trials,
+            "runs": self.runs,
+            "coordinates": self.coordinates,
+            "l2_clip_norm": self.l2_clip_norm,
+            "canary_norm": self.canary_norm,
+            "seconds": self.seconds,
+            "scores_summary": {
+                "in": _summary(self.scores_in),
+                "out": _summary(self.scores_out),
+            },
+            "details": estimators._jsonable(self.details),
+        }
+        if scores:
+            out["scores_in"] = [float(v) for v in self.scores_in]
+            out["scores_out"] = [float(v) for v in self.scores_out]
+        return out
+
+
+def _summary(x: np.ndarray) -> dict:
+    return {"count": int(x.size), "mean": float(np.mean(x)) if x.size else math.nan,
+            "std": float(np.std(x)) if x.size else math.nan}
+
+
+def canary_pattern(strategy: Strategy, participation: Participation) -> np.ndarray:
+    """u in {-1, 0, 1}^n on a pattern of the schema maximising ||C u|| (the canary's steps and signs).
+
+    ||C u||^2 = u^T X u, X = C^T C. For sign vectors on a pattern P this is at most
+    sum_{i,j in P} |X_ij| = the sensitivity routine's value, with equality when X_P >= 0 (then all
+    signs +1 and the whole pattern are best); so for C >= 0 families (identity, BSR, BLT, Toeplitz
+    with non-negative coefficients) the u found has ||C u|| = sens(C, p). Candidates: the maximal
+    cyclic patterns (cyclic schemas); every pattern (min-sep, up to ``PATTERN_LIMIT``), else the
+    k-step patterns {c, c + b, ...}. On a pattern where X has negative entries, every u in
+    {-1, 0, 1}^P (up to ``SIGN_SEARCH_STEPS`` steps) is tried.
+    """
+    p = check_participation(participation, strategy.n, f"the {strategy.family} strategy")
+    x = strategy.dense().T @ strategy.dense()
+    n, b, k = p.n, p.min_sep, p.reachable_participations
+    if p.cyclic:
+        candidates: list[tuple[int, ...]] = list(p.cyclic_patterns())
+    elif sens_lib.count_patterns(p) <= PATTERN_LIMIT:
+        candidates = list(p.patterns())
+    else:
+        candidates = [tuple(range(c, n, b))[:k] for c in range(b)]
+    best_value, best_u = -1.0, np.zeros(n, np.int8)
+    for pat in candidates:
+        idx = list(pat)
+        block = x[np.ix_(idx, idx)]
+        if np.all(block >= 0) or len(idx) > SIGN_SEARCH_STEPS:
+            signs = [np.ones(len(idx))]
+        else:
+            signs = [np.array(s) for s in itertools.product((1.0, -1.0, 0.0), repeat=len(idx)) if s[0] == 1.0]
+        for s in signs:
+            value = float(s @ block @ s)
+            if value > best_value:
+                best_value = value
+                best_u = np.zeros(n, np.int8)
+                best_u[idx] = s.astype(np.int8)
+    return best_u
+
+
+def _check_inputs(noise_multiplier: Any, delta: Any, trials: Any, l2_clip_norm: Any, canary_norm: Any,
+                  estimator: Any, attack: Any, confidence: Any, coordinates: Any) -> None:
+    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier!r}")
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)) or trials < 16:
+        raise ValueError(f"trials must be an integer >= 16, got {trials!r}")
+    if not (isinstance(l2_clip_norm, (int, float)) and math.isfinite(l2_clip_norm) and l2_clip_norm > 0):
+        raise ValueError(f"l2_clip_norm must be a positive finite number, got {l2_clip_norm!r}")
+    if not (isinstance(canary_norm, (int, float)) and math.isfinite(canary_norm) and canary_norm > 0):
+        raise ValueError(f"canary_norm must be a positive finite number (or None: the clip norm), got {canary_norm!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
+    if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if isinstance(coordinates, bool) or not isinstance(coordinates, (int, np.integer)) or coordinates < 16:
+        raise ValueError(f"coordinates must be an integer >= 16, got {coordinates!r}")
+
+
+def _estimate(estimator: str, scores: np.ndarray, members: np.ndarray, delta: float,
+              confidence: float) -> EpsilonLowerBound:
+    if estimator == "gdp":
+        return estimators.gdp(scores[members], scores[~members], delta=delta, confidence=confidence)
+    if estimator == "clopper-pearson":
+        return estimators.clopper_pearson(scores[members], scores[~members], delta=delta, confidence=confidence)
+    if estimator == "one-run":
+        return estimators.one_run(scores, members, delta=delta, confidence=confidence)
+    return estimators.one_run_fdp(scores, members, delta=delta, confidence=confidence)
+
+
+def whitened_scores(releases: np.ndarray, c: np.ndarray, u: np.ndarray, sigma_abs: float) -> np.ndarray:
+    """s_j = <C u, C o_j> / (||C u|| sigma_abs) for the releases O (n, d) (module docstring)."""
+    cu = c @ u.astype(np.float64)
+    w = c.T @ cu / (np.linalg.norm(cu) * sigma_abs)
+    return w @ np.asarray(releases, np.float64)
+
+
+def empirical_scores(fit: np.ndarray, score: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """s = <v, o> / sqrt(v^T Sigma v), v = Sigma^{-1} u, Sigma = the second moment of ``fit`` (n, m)
+    (the out canaries' releases of the fitting half) plus RIDGE tr(Sigma)/n I; for ``score`` (n, d')."""
+    fit = np.asarray(fit, np.float64)
+    n = fit.shape[0]
+    sigma = fit @ fit.T / fit.shape[1]
+    sigma += RIDGE * np.trace(sigma) / n * np.eye(n)
+    v = np.linalg.solve(sigma, u.astype(np.float64))
+    return v @ np.asarray(score, np.float64) / math.sqrt(float(v @ sigma @ v))
+
+
+def whitebox_audit(
+    strategy: Strategy,
+    participation: Participation,
+    noise_multiplier: float,
+    *,
+    delta: float,
+    trials: int,
+    l2_clip_norm: float = 1.0,
+    canary_norm: float | None = None,
+    estimator: str = "gdp",
+    confidence: float = 0.95,
+    seed: int = 0,
+    mechanism: Mechanism | str | None = None,
+    attack: str = "both",
+    coordinates: int | None = None,
+    dtype: Any = jnp.float32,
+) -> AuditResult:
+    """Audit (strategy, participation, noise_multiplier) with ``trials`` Dirac canaries (module docstring).
+
+    Args:
+      strategy, participation, noise_multiplier: the mechanism as claimed (fixed batches, no
+        amplification: claimed epsilon = ``mfnoise.epsilon(noise_multiplier, delta, participation)``).
+      delta: the delta of the claimed and of the empirical epsilon.
+      trials: canaries in all (each in with probability 1/2); split into runs of ``coordinates``.
+      l2_clip_norm: c; canary_norm: a (default c; larger exercises clipping).
+      estimator: "gdp" | "clopper-pearson" | "one-run" | "one-run-fdp" (``mfnoise.auditing.estimators``).
+      confidence: the lower bound holds with at least this probability.
+      seed: membership coins, noise keys and the empirical attack's split.
+      mechanism: None / "honest" (the real ``mfnoise.dp_aggregate``), a fixture name of
+        ``mechanisms.MECHANISMS`` or a ``Mechanism``.
+      attack: "both" (default), "whitened" or "empirical".
+      coordinates: d per run (default min(trials, 2^17)).
+      dtype: the parameters' (and noise) dtype of the run (float32 default, as training runs).
+
+    Returns an ``AuditResult``.
+    """
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"strategy must be a mfnoise.Strategy, got {type(strategy).__name__}")
+    p = check_participation(participation, strategy.n, f"the {strategy.family} strategy")
+    a = float(l2_clip_norm) if canary_norm is None else canary_norm
+    d = min(int(trials), MAX_COORDINATES) if coordinates is None else coordinates
+    _check_inputs(noise_multiplier, delta, trials, l2_clip_norm, a, estimator, attack, confidence, d)
+    mech = resolve(mechanism)
+    from mfnoise.training import accounting
+
+    start = time.perf_counter()
+    z, clip = float(noise_multiplier), float(l2_clip_norm)
+    claimed = float(accounting.epsilon(z, float(delta), p))
+    u = canary_pattern(strategy, p)
+    c = strategy.dense()
+    sens = float(strategy.noise_sensitivity(p, dtype).value)
+    sigma_abs = z * clip * sens
+    mu_model = min(a, clip) * float(np.linalg.norm(c @ u.astype(np.float64))) / sigma_abs
+
+    rng = np.random.default_rng(seed)
+    sizes = [d] * (int(trials) // d)
+    if int(trials) % d:
+        sizes.append(int(trials) % d)
+    if sizes[-1] < 16:  # a tiny last run: fold it into the previous ones' count instead
+        sizes = sizes[:-1] if len(sizes) > 1 else sizes
+    base = jax.random.key(seed)
+    releases, members = [], []
+    for r, size in enumerate(sizes):
+        m = rng.random(size) < 0.5
+        o = mech.releases(strategy, p, z, pattern=u, members=m, l2_clip_norm=clip, canary_norm=a,
+                          key=jax.random.fold_in(base, r), dtype=dtype)
+        if o.shape != (strategy.n, size):
+            raise ValueError(f"mechanism {mech.name} returned releases of shape {o.shape}, expected {(strategy.n, size)}")
+        releases.append(np.asarray(o, np.float64))
+        members.append(m)
+    big = np.concatenate(releases, axis=1)
+    member = np.concatenate(members)
+    total = member.size
+
+    per_attack: dict[str, tuple[EpsilonLowerBound, np.ndarray, np.ndarray]] = {}
+    attacks = ("whitened", "empirical") if attack == "both" else (attack,)
+    level = 1.0 - (1.0 - confidence) / len(attacks)
+    if "whitened" in attacks:
+        s = whitened_scores(big, c, u, sigma_abs)
+        per_attack["whitened"] = (_estimate(estimator, s, member, float(delta), level), s, member)
+    if "empirical" in attacks:
+        split = np.random.default_rng([seed, 1]).permutation(total)
+        fit_idx, score_idx = np.sort(split[: total // 2]), np.sort(split[total // 2:])
+        fit = big[:, fit_idx][:, ~member[fit_idx]]
+        s = empirical_scores(fit, big[:, score_idx], u)
+        per_attack["empirical"] = (_estimate(estimator, s, member[score_idx], float(delta), level), s,
+                                   member[score_idx])
+    name = max(per_attack, key=lambda k: per_attack[k][0].epsilon)
+    bound, scores, mem = per_attack[name]
+    details = {"reported_attack": name, "attacks": {k: v[0].to_dict() for k, v in per_attack.items()},
+               "per_attack_confidence": level, "sensitivity": sens, "sigma_abs": sigma_abs}
+    lower = dataclasses.replace(bound, confidence=float(confidence), trials=total,
+                                details={**bound.details, "attack": name, "union_over": list(attacks)})
+    seconds = time.perf_counter() - start
+    return AuditResult(
+        mechanism=mech.name, strategy=repr(strategy), participation=p, noise_multiplier=z, delta=float(delta),
+        confidence=float(confidence), estimator=estimator, attack=attack, claimed_epsilon=claimed,
+        lower_bound=lower, tightness=float(lower.epsilon / claimed), mu_claimed=1.0 / z, mu_model=mu_model,
+        pattern=u, trials=total, runs=len(sizes), coordinates=d, l2_clip_norm=clip, canary_norm=float(a),
+        seconds=seconds, scores_in=scores[mem], scores_out=scores[~mem], details=details)
