@@ -1,0 +1,480 @@
+"""Estimators: canary scores -> an epsilon LOWER bound that holds with a stated confidence.
+
+An audit runs a mechanism many times with a canary in (the "in" world) and without it ("out"), or
+once with many canaries each in with probability 1/2, and scores each canary (higher score = the
+attacker believes "in" more). Differential privacy bounds how well any test on those scores can
+separate the two worlds; an attack that separates them better than epsilon allows refutes epsilon.
+Every estimator here returns an ``EpsilonLowerBound`` whose ``epsilon`` satisfies
+
+    P[ epsilon_reported > epsilon_true(delta) ] <= 1 - confidence
+
+over the randomness of the trials, where epsilon_true(delta) is the least epsilon for which the
+mechanism is (epsilon, delta)-DP (for ``gdp`` and ``one_run_fdp``: under the assumption stated there).
+
+Estimators
+----------
+* ``clopper_pearson`` ("Auditing Differentially Private Machine Learning: How Private is Private
+  SGD?", Jagielski, Ullman, Oprea 2020, arXiv:2006.07709; "Tight Auditing of Differentially Private
+  Machine Learning", Nasr et al. 2023, arXiv:2302.07956): for the test "in iff score >= t",
+  TPR = P[score_in >= t], FPR = P[score_out >= t]; (epsilon, delta)-DP implies
+  TPR <= e^eps FPR + delta and 1 - FPR <= e^eps (1 - TPR) + delta, hence
+  eps >= max(log((TPR - delta)/FPR), log((1 - FPR - delta)/(1 - TPR))). Both expressions increase in
+  TPR and decrease in FPR, so with a Clopper-Pearson lower bound TPR_lo and upper bound FPR_hi (each
+  one-sided at failure (1 - confidence)/2, union bound) the same expression with TPR_lo, FPR_hi is a
+  valid lower bound.
+* ``gdp`` (Nasr et al. 2023, Section 4 / "Gaussian Differential Privacy", Dong, Roth, Su 2019): a
+  mu-GDP mechanism has 1 - TPR >= Phi(Phi^{-1}(1 - FPR) - mu) for every test, hence
+  mu >= Phi^{-1}(1 - FPR_hi) - Phi^{-1}(1 - TPR_lo); the mu bound is converted to epsilon at delta by
+  the Gaussian mechanism's exact profile (``tradeoff.gdp_mu_to_epsilon``).
+* ``one_run`` ("Privacy Auditing with One (1) Training Run", Steinke, Nasr, Jagielski 2023,
+  arXiv:2305.08846): m canaries, each in with probability 1/2 independently; the auditor guesses
+  "in" for the k+ top scores and "out" for the k- bottom ones (r = k+ + k- guesses) and counts the
+  correct guesses W. For (eps, delta)-DP, P[W >= v] <= P[Bin(r, q) >= v] + 2 m delta alpha(v) with
+  q = e^eps/(1 + e^eps), alpha(v) = max_{1 <= i <= v} P[v - i <= Bin(r, q) < v] / i (the paper's
+  Theorem 5.2 with its delta term, as in the paper's published code).
+* ``one_run_fdp`` ("Auditing f-Differential Privacy in One Run", Mahloujifar, Melis, Chaudhuri 2024,
+  arXiv:2410.22235): the same guessing game tested against mu-GDP (see its docstring for the bound
+  used), converted to epsilon at delta.
+
+Choosing the threshold without breaking the confidence
+-------------------------------------------------------
+The threshold t (and the number of one-run guesses) must not be tuned on the data that certifies it.
+``thresholds=None`` (the default) SPLITS the trials: a fixed-seed random half of the in scores and of
+the out scores chooses t (the one whose own conservative bound is largest on that half), the other
+half certifies t at the full confidence; the two halves are independent, so the confidence holds.
+``thresholds=[t_1, ..., t_K]`` (chosen before seeing the scores) uses ALL trials for every t_k with
+Bonferroni: each t_k is certified at failure (1 - confidence)/K and the best bound is reported.
+``one_run`` with ``guesses=None`` uses Bonferroni over a fixed grid of guess counts (fractions of m);
+``guesses=r`` (or a list) fixes them.
+
+Scores are float arrays of shape (n_in,) and (n_out,) (``one_run``: (m,) scores and a (m,) boolean
+membership). scipy is imported inside functions (this module is not loaded by ``import mfnoise``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mfnoise.auditing import tradeoff
+
+__all__ = [
+    "EpsilonLowerBound",
+    "clopper_pearson",
+    "clopper_pearson_interval",
+    "gdp",
+    "one_run",
+    "one_run_fdp",
+    "one_run_p_value",
+    "roc",
+]
+
+_SPLIT_SEED = 0x5EED  # the split is data-independent: a fixed permutation, not a function of the scores
+
+
+@dataclasses.dataclass(frozen=True)
+class EpsilonLowerBound:
+    """An empirical epsilon lower bound: with probability at least ``confidence`` over the trials the
+    mechanism is NOT (eps', delta)-DP for any eps' < ``epsilon``.
+
+    ``method``: "clopper-pearson" | "gdp" | "one-run" | "one-run-fdp"; ``trials``: the number of
+    trials (two-world estimators: n_in + n_out) or canaries (one-run); ``details``: the threshold and
+    the TPR/FPR intervals, the mu bound, guesses/correct, the split or Bonferroni rule used.
+    """
+
+    epsilon: float
+    delta: float
+    confidence: float
+    method: str
+    trials: int
+    details: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (numpy scalars and arrays converted to Python floats / lists)."""
+        return {
+            "epsilon": float(self.epsilon),
+            "delta": float(self.delta),
+            "confidence": float(self.confidence),
+            "method": self.method,
+            "trials": int(self.trials),
+            "details": _jsonable(self.details),
+        }
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else str(v)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def _check_confidence(confidence: float) -> float:
+    c = float(confidence)
+    if not (0.0 < c < 1.0):
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    return c
+
+
+def _check_delta(delta: float) -> float:
+    d = float(delta)
+    if not (0.0 <= d < 1.0):
+        raise ValueError(f"delta must lie in [0, 1), got {delta!r}")
+    return d
+
+
+def _check_scores(x, name: str, *, min_size: int = 1) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of scores, got shape {a.shape}")
+    if a.size < min_size:
+        raise ValueError(f"{name} must hold at least {min_size} scores, got {a.size}")
+    if np.isnan(a).any():
+        raise ValueError(f"{name} holds NaN scores (at indices {np.flatnonzero(np.isnan(a))[:5].tolist()})")
+    return a
+
+
+def _check_thresholds(thresholds) -> np.ndarray:
+    t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    if t.size == 0:
+        raise ValueError("thresholds must be None or a non-empty list of thresholds, got an empty one")
+    if np.isnan(t).any():
+        raise ValueError(f"thresholds hold NaN: {t.tolist()[:10]}")
+    return t
+
+
+# ------------------------------------------------------------------------------ Clopper-Pearson
+
+
+def clopper_pearson_interval(successes, trials, failure: float) -> tuple[np.ndarray, np.ndarray]:
+    """One-sided exact binomial bounds ("The use of confidence or fiducial limits illustrated in the
+    case of the binomial", Clopper & Pearson 1934): for k successes in n trials,
+    lower = Beta^{-1}(failure; k, n - k + 1) (0 if k = 0), upper = Beta^{-1}(1 - failure; k + 1, n - k)
+    (1 if k = n). Each satisfies P[p < lower] <= failure, resp. P[p > upper] <= failure.
+
+    ``successes``, ``trials``: integer arrays of one shape (broadcast); returns (lower, upper).
+    """
+    from scipy import stats
+
+    k = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    k, n = np.broadcast_arrays(k, n)
+    if not (0.0 < failure < 1.0):
+        raise ValueError(f"failure probability must lie in (0, 1), got {failure!r}")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lower = np.where(k > 0, stats.beta.ppf(failure, np.maximum(k, 1.0), n - k + 1.0), 0.0)
+        upper = np.where(k < n, stats.beta.ppf(1.0 - failure, k + 1.0, np.maximum(n - k, 1.0)), 1.0)
+    return np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64)
+
+
+def _counts_at(sorted_scores: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """#{scores >= t} for each t (``sorted_scores`` ascending)."""
+    return sorted_scores.size - np.searchsorted(sorted_scores, t, side="left")
+
+
+def _eps_from_rates(tpr_lo: np.ndarray, fpr_hi: np.ndarray, delta: float) -> np.ndarray:
+    """max(0, log((TPR - delta)/FPR), log((1 - FPR - delta)/(1 - TPR))), elementwise; 0 where undefined."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        e1 = np.where(tpr_lo - delta > 0, np.log(np.maximum(tpr_lo - delta, 1e-300)) - np.log(fpr_hi), 0.0)
+        e2 = np.where(1.0 - fpr_hi - delta > 0,
+                      np.log(np.maximum(1.0 - fpr_hi - delta, 1e-300)) - np.log1p(-tpr_lo), 0.0)
+    out = np.maximum(0.0, np.maximum(e1, e2))
+    return np.where(np.isnan(out), 0.0, out)
+
+
+def _mu_from_rates(tpr_lo: np.ndarray, fpr_hi: np.ndarray) -> np.ndarray:
+    """max(0, Phi^{-1}(1 - FPR) - Phi^{-1}(1 - TPR)), elementwise (isf for accuracy in the tails)."""
+    from scipy import stats
+
+    with np.errstate(invalid="ignore"):
+        mu = stats.norm.isf(fpr_hi) - stats.norm.isf(tpr_lo)
+    mu = np.where(np.isnan(mu), 0.0, mu)
+    return np.clip(mu, 0.0, np.inf)
+
+
+def _two_world(scores_in, scores_out, *, delta, confidence, thresholds, statistic: str) -> dict:
+    """The common threshold procedure of ``clopper_pearson`` and ``gdp`` (module docstring): returns the
+    certified TPR_lo, FPR_hi at the chosen threshold, the value of the statistic and the rule's details."""
+    s_in = _check_scores(scores_in, "scores_in")
+    s_out = _check_scores(scores_out, "scores_out")
+    delta = _check_delta(delta)
+    confidence = _check_confidence(confidence)
+    failure = 1.0 - confidence
+
+    def stat(tpr_lo, fpr_hi):
+        return _eps_from_rates(tpr_lo, fpr_hi, delta) if statistic == "eps" else _mu_from_rates(tpr_lo, fpr_hi)
+
+    def certify(a_in, a_out, t, fail_each):
+        """TPR_lo, FPR_hi at thresholds t from sorted in/out scores, each rate one-sided at fail_each/2."""
+        k_in, k_out = _counts_at(a_in, t), _counts_at(a_out, t)
+        tpr_lo, _ = clopper_pearson_interval(k_in, a_in.size, fail_each / 2.0)
+        _, fpr_hi = clopper_pearson_interval(k_out, a_out.size, fail_each / 2.0)
+        return k_in, k_out, tpr_lo, fpr_hi
+
+    if thresholds is not None:
+        t = _check_thresholds(thresholds)
+        a_in, a_out = np.sort(s_in), np.sort(s_out)
+        k_in, k_out, tpr_lo, fpr_hi = certify(a_in, a_out, t, failure / t.size)
+        values = stat(tpr_lo, fpr_hi)
+        j = int(np.argmax(values))
+        rule = {"rule": "bonferroni", "grid_size": int(t.size), "failure_per_threshold": failure / t.size}
+        n_in, n_out = a_in.size, a_out.size
+    else:
+        if s_in.size < 2 or s_out.size < 2:
+            raise ValueError(f"the split rule needs at least 2 in and 2 out scores, got {s_in.size} and {s_out.size} "
+                             "(or pass fixed thresholds)")
+        rng = np.random.default_rng(_SPLIT_SEED)
+        p_in, p_out = rng.permutation(s_in.size), rng.permutation(s_out.size)
+        h_in, h_out = s_in.size // 2, s_out.size // 2
+        sel_in, cert_in = np.sort(s_in[p_in[:h_in]]), np.sort(s_in[p_in[h_in:]])
+        sel_out, cert_out = np.sort(s_out[p_out[:h_out]]), np.sort(s_out[p_out[h_out:]])
+        # Candidates: the selection half's in scores (a ">= t" test changes only at in scores when it
+        # gains a true positive; placing t exactly on one minimises FPR for that TPR).
+        cand = np.unique(sel_in)
+        _, _, tl, fh = certify(sel_in, sel_out, cand, failure)
+        t = np.array([cand[int(np.argmax(stat(tl, fh)))]])
+        k_in, k_out, tpr_lo, fpr_hi = certify(cert_in, cert_out, t, failure)
+        values = stat(tpr_lo, fpr_hi)
+        j = 0
+        rule = {"rule": "split", "selection_in": int(h_in), "selection_out": int(h_out)}
+        n_in, n_out = cert_in.size, cert_out.size
+    return {
+        "value": float(values[j]),
+        "threshold": float(t[j]),
+        "tp": int(k_in[j]), "n_in": int(n_in), "fp": int(k_out[j]), "n_out": int(n_out),
+        "tpr": float(k_in[j] / n_in), "fpr": float(k_out[j] / n_out),
+        "tpr_lo": float(tpr_lo[j]), "fpr_hi": float(fpr_hi[j]),
+        **rule,
+        "trials": int(s_in.size + s_out.size),
+        "delta": delta, "confidence": confidence,
+    }
+
+
+def clopper_pearson(scores_in, scores_out, *, delta: float, confidence: float = 0.95,
+                    thresholds: Sequence[float] | np.ndarray | None = None) -> EpsilonLowerBound:
+    """Epsilon lower bound from Clopper-Pearson intervals on TPR and FPR of a threshold test
+    ("Auditing Differentially Private Machine Learning: How Private is Private SGD?", Jagielski,
+    Ullman, Oprea 2020; "Tight Auditing of Differentially Private Machine Learning", Nasr et al. 2023).
+
+    eps_lo = max(0, log((TPR_lo - delta)/FPR_hi), log((1 - FPR_hi - delta)/(1 - TPR_lo))) at the
+    threshold the rule picks (``thresholds=None``: split half/half; a list: Bonferroni over it; see
+    the module docstring). Valid for any mechanism: P[eps_lo > eps_true(delta)] <= 1 - confidence.
+
+    ``scores_in``: (n_in,) scores of trials with the canary, ``scores_out``: (n_out,) without it.
+    """
+    r = _two_world(scores_in, scores_out, delta=delta, confidence=confidence, thresholds=thresholds,
+                   statistic="eps")
+    eps = r.pop("value")
+    trials, delta, confidence = r.pop("trials"), r.pop("delta"), r.pop("confidence")
+    return EpsilonLowerBound(eps, delta, confidence, "clopper-pearson", trials, r)
+
+
+def gdp(scores_in, scores_out, *, delta: float, confidence: float = 0.95,
+        thresholds: Sequence[float] | np.ndarray | None = None) -> EpsilonLowerBound:
+    """Epsilon lower bound through a Gaussian-DP lower bound on mu ("Tight Auditing of Differentially
+    Private Machine Learning", Nasr et al. 2023; "Gaussian Differential Privacy", Dong, Roth, Su 2019).
+
+    mu_lo = max(0, Phi^{-1}(1 - FPR_hi) - Phi^{-1}(1 - TPR_lo)) at the rule's threshold (as in
+    ``clopper_pearson``): with probability >= confidence the mechanism is not mu-GDP for any
+    mu < mu_lo. The reported epsilon is ``gdp_mu_to_epsilon(mu_lo, delta)``, the epsilon at delta of
+    the mu_lo-GDP Gaussian mechanism. ASSUMPTION: this epsilon refutes (epsilon, delta)-DP only for
+    mechanisms whose trade-off curve is Gaussian (the Gaussian mechanism, the correlated-noise
+    mechanism with a fixed participation pattern: exactly mu-GDP with mu = sens/sigma); for other
+    mechanisms ``details['mu_lo']`` is the valid statement (not mu-GDP) and ``clopper_pearson`` the
+    assumption-free one.
+    """
+    r = _two_world(scores_in, scores_out, delta=delta, confidence=confidence, thresholds=thresholds,
+                   statistic="mu")
+    mu = r.pop("value")
+    trials, delta, confidence = r.pop("trials"), r.pop("delta"), r.pop("confidence")
+    eps = tradeoff.gdp_mu_to_epsilon(mu, delta) if delta > 0 else (math.inf if mu > 0 else 0.0)
+    return EpsilonLowerBound(eps, delta, confidence, "gdp", trials, {"mu_lo": mu, **r})
+
+
+def roc(scores_in, scores_out) -> tuple[np.ndarray, np.ndarray]:
+    """The empirical ROC curve of the tests "in iff score >= t" over every threshold t:
+    (fpr, tpr), both of shape (K + 2,), fpr ascending from 0 to 1 (the thresholds are the distinct
+    scores, plus +inf and -inf), tpr = #{score_in >= t}/n_in, fpr = #{score_out >= t}/n_out."""
+    s_in = np.sort(_check_scores(scores_in, "scores_in"))
+    s_out = np.sort(_check_scores(scores_out, "scores_out"))
+    t = np.concatenate([[np.inf], np.unique(np.concatenate([s_in, s_out]))[::-1], [-np.inf]])
+    tpr = _counts_at(s_in, t) / s_in.size
+    fpr = _counts_at(s_out, t) / s_out.size
+    return fpr.astype(np.float64), tpr.astype(np.float64)
+
+
+# -------------------------------------------------------------------------------------- one run
+
+
+def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """An upper bound on P[W >= v] for an (epsilon, delta)-DP mechanism in the one-run game with m
+    canaries and r guesses ("Privacy Auditing with One (1) Training Run", Steinke, Nasr, Jagielski
+    2023, Theorem 5.2): P[Bin(r, q) >= v] + 2 m delta max_{1 <= i <= v} P[v - i <= Bin(r, q) < v] / i,
+    q = e^eps / (1 + e^eps); clipped to 1."""
+    from scipy import stats
+
+    if not (0 <= v <= r <= m):
+        raise ValueError(f"need 0 <= v <= r <= m, got v={v}, r={r}, m={m}")
+    q = 1.0 / (1.0 + math.exp(-epsilon))
+    beta = float(stats.binom.sf(v - 1, r, q))
+    if delta == 0.0 or v == 0:
+        return min(beta, 1.0)
+    # P[v - i <= B < v] = sum_{j=v-i}^{v-1} pmf(j): the cumulative sum from v-1 downwards.
+    pmf = stats.binom.pmf(np.arange(v - 1, -1, -1), r, q)
+    alpha = float(np.max(np.cumsum(pmf) / np.arange(1, v + 1)))
+    return min(beta + 2.0 * m * delta * alpha, 1.0)
+
+
+def _check_membership(scores, is_in) -> tuple[np.ndarray, np.ndarray]:
+    s = _check_scores(scores, "scores")
+    b = np.asarray(is_in)
+    if b.shape != s.shape:
+        raise ValueError(f"is_in must have the shape of scores {s.shape}, got {b.shape}")
+    if b.dtype != np.bool_:
+        if not np.isin(b, (0, 1)).all():
+            raise ValueError(f"is_in must be boolean (or 0/1), got values {np.unique(b)[:5].tolist()}")
+        b = b.astype(bool)
+    return s, b
+
+
+def _guess_grid(m: int, guesses) -> list[tuple[int, int]]:
+    """(k_pos, k_neg) pairs: an int r -> (ceil(r/2), floor(r/2)); a pair is taken as given; None -> the
+    fixed grid r = m * {1/100, 1/50, 1/20, 1/10, 1/5, 1/2, 1} (distinct, >= 1)."""
+    if guesses is None:
+        rs = sorted({max(1, round(m * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)})
+        items: list = rs
+    elif isinstance(guesses, (int, np.integer)):
+        items = [int(guesses)]
+    else:
+        items = list(guesses)
+        if not items:
+            raise ValueError("guesses must be None, an int, or a non-empty list, got an empty list")
+    out = []
+    for g in items:
+        if isinstance(g, (tuple, list)):
+            kp, kn = int(g[0]), int(g[1])
+        else:
+            if int(g) != g:
+                raise ValueError(f"a number of guesses must be an integer, got {g!r}")
+            kp, kn = (int(g) + 1) // 2, int(g) // 2
+        if kp < 0 or kn < 0 or kp + kn < 1 or kp + kn > m:
+            raise ValueError(f"guesses {g!r} must give 1 <= k_pos + k_neg <= m = {m} with k_pos, k_neg >= 0")
+        out.append((kp, kn))
+    return out
+
+
+def _correct(s: np.ndarray, b: np.ndarray, kp: int, kn: int) -> int:
+    """Correct guesses when guessing "in" for the kp top scores and "out" for the kn bottom ones
+    (ties broken by index: a stable, membership-independent order)."""
+    order = np.argsort(s, kind="stable")
+    top, bottom = order[s.size - kp:], order[:kn]
+    return int(b[top].sum() + (~b[bottom]).sum())
+
+
+def _eps_grid_lower(p_of_eps, eps_max: float, failure: float, step: float) -> float:
+    """The largest grid point g_k = k * step <= eps_max with p(g_0), ..., p(g_k) all <= failure (0.0 if
+    p(0) > failure). Valid whatever the shape of p: if the result exceeds the truth, the first grid
+    point at or above the truth was rejected, which has probability <= failure."""
+    k = 0
+    best = 0.0
+    while k * step <= eps_max + 1e-12:
+        if p_of_eps(k * step) > failure:
+            break
+        best = k * step
+        k += 1
+    return best
+
+
+def one_run(scores, is_in, *, delta: float, confidence: float = 0.95,
+            guesses: int | Sequence[int] | Sequence[tuple[int, int]] | None = None) -> EpsilonLowerBound:
+    """One-run epsilon lower bound ("Privacy Auditing with One (1) Training Run", Steinke, Nasr,
+    Jagielski 2023).
+
+    ``scores``: (m,) canary scores, ``is_in``: (m,) membership, each canary in with probability 1/2
+    independently (the theorem needs it). For each guess rule (k_pos, k_neg) the auditor guesses
+    "in" on the k_pos top and "out" on the k_neg bottom scores and counts the correct guesses v of
+    r = k_pos + k_neg. delta = 0: W is dominated by Bin(r, e^eps/(1 + e^eps)), so the lower bound is
+    log(q_lo/(1 - q_lo)) with q_lo the Clopper-Pearson lower bound on v of r. delta > 0: the largest
+    eps on a 0.01 grid such that ``one_run_p_value`` rejects every grid eps up to it. With K guess
+    rules each is tested at failure (1 - confidence)/K (Bonferroni) and the best bound is reported.
+    """
+    s, b = _check_membership(scores, is_in)
+    delta = _check_delta(delta)
+    confidence = _check_confidence(confidence)
+    m = s.size
+    grid = _guess_grid(m, guesses)
+    failure = (1.0 - confidence) / len(grid)
+    rows = []
+    for kp, kn in grid:
+        r, v = kp + kn, _correct(s, b, kp, kn)
+        q_lo, _ = clopper_pearson_interval(v, r, failure)
+        q_lo = float(q_lo)
+        eps0 = math.log(q_lo / (1.0 - q_lo)) if 0.5 < q_lo < 1.0 else (math.inf if q_lo >= 1.0 else 0.0)
+        eps0 = max(eps0, 0.0)
+        if delta == 0.0:
+            eps = eps0
+        else:
+            # The delta-free bound is an upper bound on this one (the p-value only grows with delta).
+            eps = _eps_grid_lower(lambda e, r=r, v=v: one_run_p_value(m, r, v, e, delta), eps0, failure, 0.01)
+        rows.append({"k_pos": kp, "k_neg": kn, "guesses": r, "correct": v, "epsilon": eps})
+    best = max(rows, key=lambda x: x["epsilon"])
+    details = {**best, "rule": "bonferroni" if len(grid) > 1 else "fixed", "failure_per_rule": failure,
+               "grid": rows, "in": int(b.sum())}
+    return EpsilonLowerBound(float(best["epsilon"]), delta, confidence, "one-run", m, details)
+
+
+def one_run_fdp(scores, is_in, *, delta: float, confidence: float = 0.95,
+                guesses: int | Sequence[int] | Sequence[tuple[int, int]] | None = None) -> EpsilonLowerBound:
+    """One-run audit against mu-GDP ("Auditing f-Differential Privacy in One Run", Mahloujifar,
+    Melis, Chaudhuri 2024), reported as epsilon at delta through ``gdp_mu_to_epsilon``.
+
+    A WEAKER, documented version of the paper's bound: a mu-GDP mechanism is
+    (e, delta_mu(e))-DP for every e >= 0 (``tradeoff.gaussian_delta``), so for every e the
+    Steinke-Nasr-Jagielski bound ``one_run_p_value(m, r, v, e, delta_mu(e))`` bounds P[W >= v], and so
+    does their minimum over a fixed grid of e. mu_lo = the largest mu on a 0.01 grid such that that
+    minimum is <= the failure probability for every grid mu up to it (valid as in ``one_run``).
+    The paper's recursion over the whole trade-off curve is tighter; this bound is never above it.
+    Same guessing rules and Bonferroni as ``one_run``. ASSUMPTION as in ``gdp``: the epsilon refutes
+    (epsilon, delta)-DP for mechanisms with a Gaussian trade-off curve; ``details['mu_lo']`` is the
+    valid statement (not mu-GDP).
+    """
+    s, b = _check_membership(scores, is_in)
+    delta = _check_delta(delta)
+    confidence = _check_confidence(confidence)
+    m = s.size
+    grid = _guess_grid(m, guesses)
+    failure = (1.0 - confidence) / len(grid)
+    e_grid = np.linspace(0.0, 20.0, 81)
+    rows = []
+    for kp, kn in grid:
+        r, v = kp + kn, _correct(s, b, kp, kn)
+
+        def p_mu(mu: float, r: int = r, v: int = v) -> float:
+            if mu == 0.0:
+                return one_run_p_value(m, r, v, 0.0, 0.0)
+            return min(one_run_p_value(m, r, v, float(e), tradeoff.gaussian_delta(float(e), mu)) for e in e_grid)
+
+        mu_lo = _eps_grid_lower(p_mu, 50.0, failure, 0.01)
+        rows.append({"k_pos": kp, "k_neg": kn, "guesses": r, "correct": v, "mu_lo": mu_lo})
+    best = max(rows, key=lambda x: x["mu_lo"])
+    mu = float(best["mu_lo"])
+    eps = tradeoff.gdp_mu_to_epsilon(mu, delta) if delta > 0 else (math.inf if mu > 0 else 0.0)
+    details = {**best, "rule": "bonferroni" if len(grid) > 1 else "fixed", "failure_per_rule": failure,
+               "grid": rows, "in": int(b.sum())}
+    return EpsilonLowerBound(eps, delta, confidence, "one-run-fdp", m, details)
