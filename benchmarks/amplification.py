@@ -75,20 +75,26 @@ def _key(r: dict) -> tuple:
 
 
 def merge_row(path: str, header: dict, row: dict) -> None:
-    """Adds (or replaces, same key) one row in the JSON at path, written atomically."""
-    data = {"rows": []}
-    if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
-    rows = [r for r in data.get("rows", []) if "dataset_size" not in r or _key(r) != _key(row)]
-    rows.append(row)
-    data.update(header)
-    data["rows"] = rows
+    """Adds (or replaces, same key) one row in the JSON at path, written atomically, under a lock
+    (several runs, e.g. --epochs 10 and --epochs 50, may merge into one file at the same time)."""
+    import fcntl
+    import tempfile
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    with open(os.path.join(tempfile.gettempdir(), os.path.basename(path) + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = {"rows": []}
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+        rows = [r for r in data.get("rows", []) if "dataset_size" not in r or _key(r) != _key(row)]
+        rows.append(row)
+        data.update(header)
+        data["rows"] = rows
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
 
 
 def blt_strategy(n: int, epochs: int):
