@@ -3,7 +3,7 @@
 The package is layered (docs/design.md, "Architecture"): ``core`` (participation, workloads,
 sensitivity) < ``strategies`` (the families, their errors and files) < ``optim`` (the offline
 optimizer) and ``training`` (noise, clipping, transforms, batching, accounting) < ``library``,
-``verify`` < ``demo`` < ``cli``. The public names below are re-exported from where they live.
+``verify`` < ``demo``, ``auditing`` < ``cli``. The public names below are re-exported from where they live.
 
 Importing mfnoise never changes global JAX flags: float64 work is scoped (numpy float64, or
 ``jax.enable_x64`` inside the optimizer), and noise runs in the parameters' dtype (or ``noise_dtype``).
@@ -46,10 +46,13 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "verify": ("mfnoise.verify", None),
     "plan": ("mfnoise.planning.choose", "plan"),
     "planning": ("mfnoise.planning", None),
+    "audit": ("mfnoise.auditing.api", "audit"),
+    "auditing": ("mfnoise.auditing", None),
 }
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
-    from mfnoise import library, planning, verify  # noqa: F401
+    from mfnoise import auditing, library, planning, verify  # noqa: F401
+    from mfnoise.auditing.api import audit  # noqa: F401
     from mfnoise.optim.result import OptimizeResult  # noqa: F401
     from mfnoise.optim.solver import optimize  # noqa: F401
     from mfnoise.planning.choose import plan  # noqa: F401
@@ -113,4 +116,6 @@ __all__ = [
     "verify",
     "plan",
     "planning",
+    "audit",
+    "auditing",
 ]

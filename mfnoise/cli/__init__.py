@@ -15,7 +15,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
-COMMANDS = ["optimize", "evaluate", "calibrate", "library", "verify", "recommend", "plan", "demo"]
+COMMANDS = ["optimize", "evaluate", "calibrate", "library", "verify", "recommend", "plan", "demo", "audit"]
 
 
 def _available(names: Sequence[str] = COMMANDS) -> dict:
