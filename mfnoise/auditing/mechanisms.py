@@ -64,7 +64,8 @@ from mfnoise.training.transforms import correlated_noise, dp_aggregate
 class Mechanism(Protocol):
     """What ``whitebox_audit`` calls: ``name`` and ``releases(...) -> O`` of shape (n, d) (module doc)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def releases(self, strategy: Strategy, participation: Participation, noise_multiplier: float, *,
                  pattern: np.ndarray, members: np.ndarray, l2_clip_norm: float, canary_norm: float,
@@ -112,11 +113,10 @@ def _run_dp_aggregate(strategy: Strategy, participation: Participation, noise_mu
                       expected_batch_size=None)
     params = jnp.zeros(x.shape[1:], x.dtype)
     state = tx.init(params)
-    step = jax.jit(lambda s, row: tx.update(ClippedSum(row, jnp.zeros((), jnp.int32), x.shape[1], l2_clip_norm),
-                                            s, params))
     rows = []
-    for t in range(x.shape[0]):
-        out, state = step(state, x[t])
+    for t in range(x.shape[0]):  # eager: n small steps; a jit per audit would cost more to compile
+        summed: Any = ClippedSum(x[t], jnp.zeros((), jnp.int32), x.shape[1], l2_clip_norm)  # optax's Updates type
+        out, state = tx.update(summed, state, params)
         rows.append(out)
     noise_lib.check(state)
     return np.asarray(jnp.stack(rows))
@@ -192,10 +192,9 @@ class WrongStrategy:
         stddev = _scale(strategy, participation, noise_multiplier, l2_clip_norm, dtype)
         tx = correlated_noise(other, stddev, key)  # the bug: the generator runs the other strategy
         state = tx.init(x[0])
-        step = jax.jit(tx.update)
         rows = []
         for t in range(x.shape[0]):
-            out, state = step(x[t], state)
+            out, state = tx.update(x[t], state)
             rows.append(out)
         return np.asarray(jnp.stack(rows))
 
@@ -220,11 +219,10 @@ class ReusedLastRow:
         stddev = jnp.asarray(_scale(strategy, participation, noise_multiplier, l2_clip_norm, dtype), dtype)
         gen = noise_lib.generator(strategy, key, dtype=dtype)
         state = gen.init(x[0])
-        step = jax.jit(gen.next)
         rows, z = [], None
         for t in range(n):
             if t < after:  # the bug: no new row past `after`, the last one is served again
-                z, state = step(state, x[t])
+                z, state = gen.next(state, x[t])
             assert z is not None
             rows.append(x[t] + stddev * z)
         return np.asarray(jnp.stack(rows))

@@ -210,12 +210,27 @@ def _check_inputs(noise_multiplier: Any, delta: Any, trials: Any, l2_clip_norm: 
         raise ValueError(f"coordinates must be an integer >= 16, got {coordinates!r}")
 
 
+def claimed_thresholds(mu_claimed: float) -> np.ndarray:
+    """The fixed threshold grid of ``thresholds="claimed"``: mu_c (0.2, 0.35, 0.5, 0.65, 0.8, 1) and
+    mu_c + (1, 2, 3, 5), mu_c = 1/z the claim's score shift.
+
+    For N(0, 1) out and N(mu, 1) in scores the GDP estimate Phi^{-1}(1 - FPR) - Phi^{-1}(1 - TPR) has
+    the least variance near t = mu / 2 (both rates moderate), so the first six points serve honest
+    mechanisms; the last four catch a larger shift (broken ones). The grid depends only on the
+    public claim, never on the scores, so Bonferroni over it keeps the confidence.
+    """
+    mu = float(mu_claimed)
+    return np.concatenate([mu * np.array([0.2, 0.35, 0.5, 0.65, 0.8, 1.0]), mu + np.array([1.0, 2.0, 3.0, 5.0])])
+
+
 def _estimate(estimator: str, scores: np.ndarray, members: np.ndarray, delta: float,
-              confidence: float) -> EpsilonLowerBound:
+              confidence: float, thresholds: np.ndarray | None) -> EpsilonLowerBound:
     if estimator == "gdp":
-        return estimators.gdp(scores[members], scores[~members], delta=delta, confidence=confidence)
+        return estimators.gdp(scores[members], scores[~members], delta=delta, confidence=confidence,
+                              thresholds=thresholds)
     if estimator == "clopper-pearson":
-        return estimators.clopper_pearson(scores[members], scores[~members], delta=delta, confidence=confidence)
+        return estimators.clopper_pearson(scores[members], scores[~members], delta=delta, confidence=confidence,
+                                          thresholds=thresholds)
     if estimator == "one-run":
         return estimators.one_run(scores, members, delta=delta, confidence=confidence)
     return estimators.one_run_fdp(scores, members, delta=delta, confidence=confidence)
@@ -254,6 +269,8 @@ def whitebox_audit(
     mechanism: Mechanism | str | None = None,
     attack: str = "both",
     coordinates: int | None = None,
+    thresholds: str | Any = "claimed",
+    claimed_epsilon: float | None = None,
     dtype: Any = jnp.float32,
 ) -> AuditResult:
     """Audit (strategy, participation, noise_multiplier) with ``trials`` Dirac canaries (module docstring).
@@ -271,6 +288,12 @@ def whitebox_audit(
         ``mechanisms.MECHANISMS`` or a ``Mechanism``.
       attack: "both" (default), "whitened" or "empirical".
       coordinates: d per run (default min(trials, 2^17)).
+      thresholds: the two-world estimators' threshold rule: "claimed" (default: Bonferroni over
+        ``claimed_thresholds(1/z)``, fixed by the claim), "split" (the estimator's half/half split,
+        ``thresholds=None`` there) or a sequence of thresholds fixed in advance. (Scores are in units
+        of the claimed noise: out ~ N(0, 1) for an honest mechanism.)
+      claimed_epsilon: the claim, when the caller has priced it already (a plan's epsilon); default
+        ``mfnoise.epsilon(noise_multiplier, delta, participation)`` (PLD, an upper bound on the truth).
       dtype: the parameters' (and noise) dtype of the run (float32 default, as training runs).
 
     Returns an ``AuditResult``.
@@ -282,11 +305,19 @@ def whitebox_audit(
     d = min(int(trials), MAX_COORDINATES) if coordinates is None else coordinates
     _check_inputs(noise_multiplier, delta, trials, l2_clip_norm, a, estimator, attack, confidence, d)
     mech = resolve(mechanism)
+    if isinstance(thresholds, str):
+        if thresholds not in ("claimed", "split"):
+            raise ValueError(f'thresholds must be "claimed", "split" or a sequence of numbers, got {thresholds!r}')
+        grid = claimed_thresholds(1.0 / float(noise_multiplier)) if thresholds == "claimed" else None
+    else:
+        grid = np.asarray(thresholds, np.float64).reshape(-1)
     from mfnoise.training import accounting
 
     start = time.perf_counter()
     z, clip = float(noise_multiplier), float(l2_clip_norm)
-    claimed = float(accounting.epsilon(z, float(delta), p))
+    claimed = float(accounting.epsilon(z, float(delta), p)) if claimed_epsilon is None else float(claimed_epsilon)
+    if not (math.isfinite(claimed) and claimed > 0):
+        raise ValueError(f"claimed_epsilon must be a positive finite number, got {claimed_epsilon!r}")
     u = canary_pattern(strategy, p)
     c = strategy.dense()
     sens = float(strategy.noise_sensitivity(p, dtype).value)
@@ -306,7 +337,8 @@ def whitebox_audit(
         o = mech.releases(strategy, p, z, pattern=u, members=m, l2_clip_norm=clip, canary_norm=a,
                           key=jax.random.fold_in(base, r), dtype=dtype)
         if o.shape != (strategy.n, size):
-            raise ValueError(f"mechanism {mech.name} returned releases of shape {o.shape}, expected {(strategy.n, size)}")
+            raise ValueError(f"mechanism {mech.name} returned releases of shape {o.shape}, "
+                             f"expected {(strategy.n, size)}")
         releases.append(np.asarray(o, np.float64))
         members.append(m)
     big = np.concatenate(releases, axis=1)
@@ -318,13 +350,13 @@ def whitebox_audit(
     level = 1.0 - (1.0 - confidence) / len(attacks)
     if "whitened" in attacks:
         s = whitened_scores(big, c, u, sigma_abs)
-        per_attack["whitened"] = (_estimate(estimator, s, member, float(delta), level), s, member)
+        per_attack["whitened"] = (_estimate(estimator, s, member, float(delta), level, grid), s, member)
     if "empirical" in attacks:
         split = np.random.default_rng([seed, 1]).permutation(total)
         fit_idx, score_idx = np.sort(split[: total // 2]), np.sort(split[total // 2:])
         fit = big[:, fit_idx][:, ~member[fit_idx]]
         s = empirical_scores(fit, big[:, score_idx], u)
-        per_attack["empirical"] = (_estimate(estimator, s, member[score_idx], float(delta), level), s,
+        per_attack["empirical"] = (_estimate(estimator, s, member[score_idx], float(delta), level, grid), s,
                                    member[score_idx])
     name = max(per_attack, key=lambda k: per_attack[k][0].epsilon)
     bound, scores, mem = per_attack[name]
