@@ -48,11 +48,13 @@ def audit(plan_or_strategy: Any = None, participation: Participation | None = No
     White-box: ``audit(plan, trials=T)`` (delta, clip norm and schema from the plan; its sampling must
     be "cyclic") or ``audit(strategy, participation, noise_multiplier, delta=D, trials=T)``; the claim
     is ``mfnoise.epsilon(noise_multiplier, delta, participation)`` (for a plan, the plan's own
-    ``epsilon``, recomputed by its accountant). ``trials``: canary coordinates (each gives one in or
-    out score); ``estimator``: "gdp" (default) or "clopper-pearson"; ``mechanism``: None / "honest"
-    (the real mfnoise mechanism) or a broken fixture from ``mfnoise.auditing.mechanisms`` (a name,
-    "sensitivity-k1", "wrong-strategy", "reused-last-row", "no-clipping", or the object itself);
-    ``canary_norm`` > clip exercises clipping. Returns ``whitebox.AuditResult``.
+    ``epsilon``, recomputed by its accountant; ``claimed_epsilon=`` overrides it for a triple).
+    ``trials``: canaries, one coordinate each (each gives one in or out score); ``estimator``:
+    "gdp" (default) or "clopper-pearson"; ``mechanism``: None / "honest" (the real mfnoise
+    mechanism) or a broken fixture of ``mfnoise.auditing.mechanisms`` (a name: "sensitivity-k1",
+    "wrong-strategy", "reused-last-row", "no-clipping", or a ``Mechanism`` object); ``canary_norm``
+    > clip exercises clipping; further keywords (``attack``, ``coordinates``, ``thresholds``,
+    ``dtype``) go to ``whitebox.whitebox_audit``. Returns ``whitebox.AuditResult``.
 
     Black-box: ``audit(train_fn=f, data=(x, y), trials=m, delta=D, claimed_epsilon=E)`` (or a plan
     first, for E and D): ``blackbox.audit_blackbox`` with m canaries of ``canary_kind``; ``estimator``
@@ -97,9 +99,6 @@ def _whitebox(plan: Any, first: Any, participation: Participation | None, noise_
     from mfnoise.auditing.whitebox import whitebox_audit
 
     trials = _check_trials(trials, "the number of canary coordinates of the white-box audit")
-    if claimed_epsilon is not None:
-        raise ValueError("claimed_epsilon= is for the black-box audit; the white-box claim is the mechanism's own "
-                         "accounting (mfnoise.epsilon)")
     if plan is not None:
         if participation is not None or noise_multiplier is not None:
             raise ValueError("a plan carries its participation and noise multiplier: pass the plan alone")
@@ -115,9 +114,10 @@ def _whitebox(plan: Any, first: Any, participation: Participation | None, noise_
         strategy, participation, noise_multiplier = plan.strategy, plan.participation, plan.noise_multiplier
         delta = plan.delta
         l2_clip_norm = plan.l2_clip_norm if l2_clip_norm is None else l2_clip_norm
-        # the plan's own accountant and grid (its epsilon is recomputed at construction)
-        kwargs.setdefault("accountant", plan.accountant)
-        kwargs.setdefault("pld_discretization", plan.pld_discretization)
+        # the plan's own epsilon (its accountant and grid; recomputed when the plan was built or loaded)
+        if claimed_epsilon is not None and claimed_epsilon != plan.epsilon:
+            raise ValueError(f"claimed_epsilon={claimed_epsilon!r} differs from the plan's epsilon={plan.epsilon!r}")
+        claimed_epsilon = plan.epsilon
     else:
         strategy = first
         if not isinstance(strategy, Strategy):
@@ -136,7 +136,7 @@ def _whitebox(plan: Any, first: Any, participation: Participation | None, noise_
     return whitebox_audit(strategy, participation, z, delta=float(delta), trials=trials,
                           l2_clip_norm=1.0 if l2_clip_norm is None else float(l2_clip_norm), canary_norm=canary_norm,
                           estimator=estimator or "gdp", confidence=confidence, seed=seed,
-                          mechanism=resolve_mechanism(mechanism), **kwargs)
+                          mechanism=resolve_mechanism(mechanism), claimed_epsilon=claimed_epsilon, **kwargs)
 
 
 def resolve_mechanism(mechanism: Any) -> Any:
