@@ -358,15 +358,37 @@ def _norm_mass(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _mixture_cells(x: np.ndarray, sens: np.ndarray, w: np.ndarray, sigma: float) -> np.ndarray:
     """Mass of each cell [x_t, x_{t+1}] under sum_m w_m N(c_m, sigma^2): differences of the CDF
-    below the median and of the survival function above it (no cancellation in either tail)."""
+    below the median and of the survival function above it (no cancellation in either tail).
+
+    The mixture CDF is non-decreasing in x, so the cells whose right end has CDF <= 1/2 are a
+    prefix (found by bisection on single points): the CDF is evaluated on the points up to it and
+    the survival function on the rest (one normal CDF per point and component, not two)."""
     from scipy.special import ndtr
 
-    u = (x[:, None] - sens[None, :]) / sigma
-    cdf = ndtr(u) @ w
-    sf = ndtr(-u) @ w
-    lower = np.diff(cdf)
-    upper = -np.diff(sf)
-    return np.maximum(np.where(cdf[1:] <= 0.5, lower, upper), 0.0)
+    x = np.asarray(x, np.float64)
+    npts = x.size
+    lo, hi = 0, npts  # first point whose CDF is > 1/2 (npts: none)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if float(ndtr((x[mid] - sens) / sigma) @ w) <= 0.5:
+            lo = mid + 1
+        else:
+            hi = mid
+    k = lo
+    out = np.empty(npts - 1)
+    # cells t = 0..k-2 (right end t + 1 < k: CDF <= 1/2) from the CDF at points 0..k-1
+    chunk = 8192
+    if k >= 2:
+        cdf = np.concatenate([ndtr((x[a: min(a + chunk, k)][:, None] - sens[None, :]) / sigma) @ w
+                              for a in range(0, k, chunk)])
+        out[: k - 1] = np.diff(cdf)
+    # cells t = k-1..npts-2 from the survival function at points k-1..npts-1
+    first = max(k - 1, 0)
+    if first < npts - 1:
+        sf = np.concatenate([ndtr((sens[None, :] - x[a: min(a + chunk, npts)][:, None]) / sigma) @ w
+                             for a in range(first, npts, chunk)])
+        out[first:] = -np.diff(sf)
+    return np.maximum(out, 0.0)
 
 
 def _mixture_upper_quantile(sens: np.ndarray, w: np.ndarray, sigma: float, tail: float, z: float) -> float:
@@ -381,6 +403,20 @@ def _mixture_upper_quantile(sens: np.ndarray, w: np.ndarray, sigma: float, tail:
         else:
             hi = mid
     return hi
+
+
+def _mixture_log_ratio(x: np.ndarray, sens: np.ndarray, logw: np.ndarray, sigma: float) -> np.ndarray:
+    """g(x) = log sum_m w_m exp((c_m x - c_m^2 / 2) / sigma^2) (max-shifted log-sum-exp, in chunks of
+    x: the same sums as scipy's logsumexp without its per-call overhead, ~5x faster here)."""
+    out = np.empty(x.size)
+    half = sens**2 / 2.0
+    s2 = sigma**2
+    chunk = 8192
+    for a in range(0, x.size, chunk):
+        t = logw[None, :] + (np.outer(x[a: a + chunk], sens) - half[None, :]) / s2
+        m = t.max(axis=1)
+        out[a: a + chunk] = m + np.log(np.exp(t - m[:, None]).sum(axis=1))
+    return out
 
 
 def mixture_pld(sigma: float, sens: np.ndarray, probs: np.ndarray, d: float, *, tail: float = 1e-30,
@@ -399,7 +435,7 @@ def mixture_pld(sigma: float, sens: np.ndarray, probs: np.ndarray, d: float, *, 
     """
     from dp_accounting.pld import pld_pmf
     from dp_accounting.pld import privacy_loss_distribution as pld_lib
-    from scipy.special import logsumexp, ndtri
+    from scipy.special import ndtri
 
     sens = np.asarray(sens, np.float64)
     w = np.asarray(probs, np.float64)
@@ -425,7 +461,7 @@ def mixture_pld(sigma: float, sens: np.ndarray, probs: np.ndarray, d: float, *, 
         np.linspace(central_hi, hi, 2000),
     ]))
     logw = np.log(w)
-    g = np.asarray(logsumexp(logw[None, :] + (np.outer(x, sens) - sens[None, :] ** 2 / 2.0) / sigma**2, axis=1))
+    g = _mixture_log_ratio(x, sens, logw, sigma)
     # remove side: x ~ the mixture, loss g(x); cell [x_t, x_{t+1}] -> g(x_{t+1}).
     cells = _mixture_cells(x, sens, w, sigma)
     below = float(w @ _norm_mass(np.full(sens.size, -np.inf), (x[0] - sens) / sigma))
