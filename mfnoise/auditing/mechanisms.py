@@ -107,10 +107,12 @@ def contributions(pattern: np.ndarray, members: np.ndarray, positive: Any, negat
 
 
 def _run_dp_aggregate(strategy: Strategy, participation: Participation, noise_multiplier: float,
-                      x: jax.Array, l2_clip_norm: float, key: jax.Array) -> np.ndarray:
-    """The releases of ``mfnoise.dp_aggregate`` fed X's rows as ClippedSums, one update per step."""
+                      x: jax.Array, l2_clip_norm: float, key: jax.Array,
+                      expected_batch_size: float | None = None) -> np.ndarray:
+    """The releases of ``mfnoise.dp_aggregate`` fed X's rows as ClippedSums, one update per step (its
+    division by the public ``expected_batch_size`` undone: the releases are the noisy sums)."""
     tx = dp_aggregate(strategy, l2_clip_norm, noise_multiplier, key, participation=participation,
-                      expected_batch_size=None)
+                      expected_batch_size=expected_batch_size)
     params = jnp.zeros(x.shape[1:], x.dtype)
     state = tx.init(params)
     rows = []
@@ -119,13 +121,19 @@ def _run_dp_aggregate(strategy: Strategy, participation: Participation, noise_mu
         out, state = tx.update(summed, state, params)
         rows.append(out)
     noise_lib.check(state)
-    return np.asarray(jnp.stack(rows))
+    out = np.asarray(jnp.stack(rows), np.float64)
+    return out if expected_batch_size is None else out * expected_batch_size
 
 
 @dataclasses.dataclass(frozen=True)
 class Honest:
-    """The real mechanism: ``clipped_sum`` then ``mfnoise.dp_aggregate`` (module docstring)."""
+    """The real mechanism: ``clipped_sum`` then ``mfnoise.dp_aggregate`` (module docstring).
 
+    ``expected_batch_size``: the public constant the transform divides by (None: the noisy sum); the
+    adversary knows it and multiplies it back.
+    """
+
+    expected_batch_size: float | None = None
     name: str = "honest"
 
     def releases(self, strategy: Strategy, participation: Participation, noise_multiplier: float, *,
@@ -134,7 +142,8 @@ class Honest:
         u, m = _check_pattern(pattern, members, strategy.n)
         pos, neg = clipped_canary(canary_norm, l2_clip_norm, m.size, dtype)
         x = contributions(u, m, pos, neg, dtype)
-        return _run_dp_aggregate(strategy, participation, noise_multiplier, x, l2_clip_norm, key)
+        return _run_dp_aggregate(strategy, participation, noise_multiplier, x, l2_clip_norm, key,
+                                 self.expected_batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,9 +237,9 @@ class ReusedLastRow:
         return np.asarray(jnp.stack(rows))
 
 
-def honest() -> Honest:
-    """The real mechanism (``mfnoise.dp_aggregate``)."""
-    return Honest()
+def honest(expected_batch_size: float | None = None) -> Honest:
+    """The real mechanism (``mfnoise.dp_aggregate``; its division by ``expected_batch_size`` undone)."""
+    return Honest(expected_batch_size)
 
 
 def sensitivity_k1() -> SensitivityK1:

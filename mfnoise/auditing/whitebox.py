@@ -61,7 +61,9 @@ from mfnoise.strategies.base import Strategy
 
 ESTIMATORS = ("gdp", "clopper-pearson", "one-run", "one-run-fdp")
 ATTACKS = ("both", "whitened", "empirical")
-MAX_COORDINATES = 1 << 17  # coordinates per run (releases: n x 2^17 floats)
+MAX_COORDINATES = 1 << 17  # coordinates per run at most
+MAX_RELEASE_ENTRIES = 1 << 23  # n x coordinates per run at most (64 MiB of float64 releases)
+EMPIRICAL_SAMPLES_PER_STEP = 8  # the empirical attack needs >= 8 n out canaries to fit its n x n covariance
 PATTERN_LIMIT = 20_000  # min-sep patterns searched exhaustively by canary_pattern
 SIGN_SEARCH_STEPS = 8  # patterns with negative entries of C^T C on them: {-1, 0, 1} searched up to this size
 RIDGE = 1e-9  # relative ridge of the empirical covariance (singular when rows repeat)
@@ -243,15 +245,16 @@ def whitened_scores(releases: np.ndarray, c: np.ndarray, u: np.ndarray, sigma_ab
     return w @ np.asarray(releases, np.float64)
 
 
-def empirical_scores(fit: np.ndarray, score: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """s = <v, o> / sqrt(v^T Sigma v), v = Sigma^{-1} u, Sigma = the second moment of ``fit`` (n, m)
-    (the out canaries' releases of the fitting half) plus RIDGE tr(Sigma)/n I; for ``score`` (n, d')."""
+def empirical_direction(fit: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """v / sqrt(v^T Sigma v), v = Sigma^{-1} u, Sigma = the second moment of ``fit`` (n, m) (the out
+    canaries' releases of the fitting half: pure noise) plus RIDGE tr(Sigma)/n I. The empirical score of
+    releases o (n, d') is this direction @ o (unit variance under Sigma)."""
     fit = np.asarray(fit, np.float64)
     n = fit.shape[0]
     sigma = fit @ fit.T / fit.shape[1]
     sigma += RIDGE * np.trace(sigma) / n * np.eye(n)
     v = np.linalg.solve(sigma, u.astype(np.float64))
-    return v @ np.asarray(score, np.float64) / math.sqrt(float(v @ sigma @ v))
+    return v / math.sqrt(float(v @ sigma @ v))
 
 
 def whitebox_audit(
@@ -287,7 +290,7 @@ def whitebox_audit(
       mechanism: None / "honest" (the real ``mfnoise.dp_aggregate``), a fixture name of
         ``mechanisms.MECHANISMS`` or a ``Mechanism``.
       attack: "both" (default), "whitened" or "empirical".
-      coordinates: d per run (default min(trials, 2^17)).
+      coordinates: d per run (default min(trials, 2^17, 2^23 / n): the releases of a run are n x d).
       thresholds: the two-world estimators' threshold rule: "claimed" (default: Bonferroni over
         ``claimed_thresholds(1/z)``, fixed by the claim), "split" (the estimator's half/half split,
         ``thresholds=None`` there) or a sequence of thresholds fixed in advance. (Scores are in units
@@ -302,7 +305,10 @@ def whitebox_audit(
         raise TypeError(f"strategy must be a mfnoise.Strategy, got {type(strategy).__name__}")
     p = check_participation(participation, strategy.n, f"the {strategy.family} strategy")
     a = float(l2_clip_norm) if canary_norm is None else canary_norm
-    d = min(int(trials), MAX_COORDINATES) if coordinates is None else coordinates
+    if coordinates is None:
+        d = min(int(trials), MAX_COORDINATES, max(1024, MAX_RELEASE_ENTRIES // strategy.n))
+    else:
+        d = coordinates
     _check_inputs(noise_multiplier, delta, trials, l2_clip_norm, a, estimator, attack, confidence, d)
     mech = resolve(mechanism)
     if isinstance(thresholds, str):
@@ -330,8 +336,20 @@ def whitebox_audit(
         sizes.append(int(trials) % d)
     if sizes[-1] < 16:  # a tiny last run: fold it into the previous ones' count instead
         sizes = sizes[:-1] if len(sizes) > 1 else sizes
+    attacks = ("whitened", "empirical") if attack == "both" else (attack,)
+    notes = []
+    if "empirical" in attacks and sizes[0] // 4 < EMPIRICAL_SAMPLES_PER_STEP * strategy.n:
+        if attack == "empirical":
+            raise ValueError(f'attack="empirical" needs coordinates >= {4 * EMPIRICAL_SAMPLES_PER_STEP} n = '
+                             f"{4 * EMPIRICAL_SAMPLES_PER_STEP * strategy.n} per run (the covariance is fitted on "
+                             f"the first run's out canaries), got {sizes[0]}")
+        attacks = ("whitened",)
+        notes.append(f"empirical attack skipped: {sizes[0]} coordinates per run are too few to fit an n = "
+                     f"{strategy.n} covariance")
     base = jax.random.key(seed)
-    releases, members = [], []
+    scores: dict[str, list[np.ndarray]] = {k: [] for k in attacks}
+    members: dict[str, list[np.ndarray]] = {k: [] for k in attacks}
+    direction = None
     for r, size in enumerate(sizes):
         m = rng.random(size) < 0.5
         o = mech.releases(strategy, p, z, pattern=u, members=m, l2_clip_norm=clip, canary_norm=a,
@@ -339,30 +357,31 @@ def whitebox_audit(
         if o.shape != (strategy.n, size):
             raise ValueError(f"mechanism {mech.name} returned releases of shape {o.shape}, "
                              f"expected {(strategy.n, size)}")
-        releases.append(np.asarray(o, np.float64))
-        members.append(m)
-    big = np.concatenate(releases, axis=1)
-    member = np.concatenate(members)
-    total = member.size
+        o = np.asarray(o, np.float64)
+        if "whitened" in attacks:
+            scores["whitened"].append(whitened_scores(o, c, u, sigma_abs))
+            members["whitened"].append(m)
+        if "empirical" in attacks:
+            if direction is None:  # fitted on half of the first run, never scored
+                split = np.random.default_rng([seed, 1]).permutation(size)
+                fit, rest = split[: size // 2], np.sort(split[size // 2:])
+                direction = empirical_direction(o[:, fit][:, ~m[fit]], u)
+                o, m = o[:, rest], m[rest]
+            scores["empirical"].append(direction @ o)
+            members["empirical"].append(m)
+        del o
 
     per_attack: dict[str, tuple[EpsilonLowerBound, np.ndarray, np.ndarray]] = {}
-    attacks = ("whitened", "empirical") if attack == "both" else (attack,)
     level = 1.0 - (1.0 - confidence) / len(attacks)
-    if "whitened" in attacks:
-        s = whitened_scores(big, c, u, sigma_abs)
-        per_attack["whitened"] = (_estimate(estimator, s, member, float(delta), level, grid), s, member)
-    if "empirical" in attacks:
-        split = np.random.default_rng([seed, 1]).permutation(total)
-        fit_idx, score_idx = np.sort(split[: total // 2]), np.sort(split[total // 2:])
-        fit = big[:, fit_idx][:, ~member[fit_idx]]
-        s = empirical_scores(fit, big[:, score_idx], u)
-        per_attack["empirical"] = (_estimate(estimator, s, member[score_idx], float(delta), level, grid), s,
-                                   member[score_idx])
+    for k in attacks:
+        sk, mk = np.concatenate(scores[k]), np.concatenate(members[k])
+        per_attack[k] = (_estimate(estimator, sk, mk, float(delta), level, grid), sk, mk)
+    total = int(sum(sizes))
     name = max(per_attack, key=lambda k: per_attack[k][0].epsilon)
-    bound, scores, mem = per_attack[name]
+    bound, reported, mem = per_attack[name]
     details = {"reported_attack": name, "attacks": {k: v[0].to_dict() for k, v in per_attack.items()},
-               "per_attack_confidence": level, "sensitivity": sens, "sigma_abs": sigma_abs}
-    lower = dataclasses.replace(bound, confidence=float(confidence), trials=total,
+               "per_attack_confidence": level, "sensitivity": sens, "sigma_abs": sigma_abs, "notes": notes}
+    lower = dataclasses.replace(bound, confidence=float(confidence),
                                 details={**bound.details, "attack": name, "union_over": list(attacks)})
     seconds = time.perf_counter() - start
     return AuditResult(
@@ -370,4 +389,4 @@ def whitebox_audit(
         confidence=float(confidence), estimator=estimator, attack=attack, claimed_epsilon=claimed,
         lower_bound=lower, tightness=float(lower.epsilon / claimed), mu_claimed=1.0 / z, mu_model=mu_model,
         pattern=u, trials=total, runs=len(sizes), coordinates=d, l2_clip_norm=clip, canary_norm=float(a),
-        seconds=seconds, scores_in=scores[mem], scores_out=scores[~mem], details=details)
+        seconds=seconds, scores_in=reported[mem], scores_out=reported[~mem], details=details)

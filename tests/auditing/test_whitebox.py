@@ -195,6 +195,25 @@ def test_honest_audit_with_a_clipped_canary_is_not_accused():
     assert not r.flagged and r.tightness >= 0.7
 
 
+def test_honest_audit_undoes_the_public_batch_divisor():
+    z, claimed = _claim(4.0)
+    r = whitebox.whitebox_audit(bsr(N, 4), P, z, delta=DELTA, trials=TRIALS, seed=17, claimed_epsilon=claimed,
+                                mechanism=mechanisms.honest(expected_batch_size=7.0))
+    assert not r.flagged and r.tightness >= 0.7
+    assert abs(r.scores_out.mean()) < 5 / math.sqrt(r.scores_out.size)
+    assert abs(r.scores_out.std() - 1) < 5 * math.sqrt(0.5 / r.scores_out.size)
+
+
+def test_empirical_attack_needs_enough_coordinates():
+    z, claimed = _claim(2.0)
+    s, p = Identity(64), Participation.epochs(64, 4)
+    r = whitebox.whitebox_audit(s, p, z, delta=DELTA, trials=2048, coordinates=1024, claimed_epsilon=claimed)
+    assert list(r.details["attacks"]) == ["whitened"] and r.details["notes"]
+    with pytest.raises(ValueError, match="coordinates"):
+        whitebox.whitebox_audit(s, p, z, delta=DELTA, trials=2048, coordinates=1024, attack="empirical",
+                                claimed_epsilon=claimed)
+
+
 FIXTURE_CASES = [
     ("sensitivity_k1", "banded", None),
     ("wrong_strategy", "banded", None),
