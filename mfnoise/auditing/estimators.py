@@ -31,21 +31,30 @@ Estimators
   "in" for the k+ top scores and "out" for the k- bottom ones (r = k+ + k- guesses) and counts the
   correct guesses W. For (eps, delta)-DP, P[W >= v] <= P[Bin(r, q) >= v] + 2 m delta alpha(v) with
   q = e^eps/(1 + e^eps), alpha(v) = max_{1 <= i <= v} P[v - i <= Bin(r, q) < v] / i (the paper's
-  Theorem 5.2 with its delta term, as in the paper's published code).
+  main theorem with its delta term, in the p-value form of the paper's published code). The delta
+  term grows with m: once 2 m delta is not small (m delta >~ 0.01) it dominates, and at delta 1e-5
+  the bound falls off beyond about 10^4 canaries (measured below).
 * ``one_run_fdp`` ("Auditing f-Differential Privacy in One Run", Mahloujifar, Melis, Chaudhuri 2024,
-  arXiv:2410.22235): the same guessing game tested against mu-GDP (see its docstring for the bound
-  used), converted to epsilon at delta.
+  arXiv:2410.22235): the same guessing game tested against mu-GDP by the paper's recursion over the
+  Gaussian trade-off curve (``fdp_one_run_rejects``), converted to epsilon at delta.
 
 Choosing the threshold without breaking the confidence
 -------------------------------------------------------
 The threshold t (and the number of one-run guesses) must not be tuned on the data that certifies it.
 ``thresholds=None`` (the default) SPLITS the trials: a fixed-seed random half of the in scores and of
-the out scores chooses t (the one whose own conservative bound is largest on that half), the other
-half certifies t at the full confidence; the two halves are independent, so the confidence holds.
+the out scores chooses t (among in-score candidates, the one whose own Clopper-Pearson bound, at
+the failure divided by the number of candidates, is largest on that half), the other half certifies
+t at the full confidence; the two halves are independent, so the confidence holds whatever the
+selection did.
 ``thresholds=[t_1, ..., t_K]`` (chosen before seeing the scores) uses ALL trials for every t_k with
 Bonferroni: each t_k is certified at failure (1 - confidence)/K and the best bound is reported.
 ``one_run`` with ``guesses=None`` uses Bonferroni over a fixed grid of guess counts (fractions of m);
 ``guesses=r`` (or a list) fixes them.
+
+Searches over epsilon (``one_run`` with delta > 0) and mu (``one_run_fdp``) run on a fixed 0.01 grid
+and report the end of the run of rejected grid points that starts at 0 (``_first_rejected_run``):
+this keeps the confidence even where the p-value is not monotone in the parameter, and rounds the
+bound down by at most 0.01.
 
 Scores are float arrays of shape (n_in,) and (n_out,) (``one_run``: (m,) scores and a (m,) boolean
 membership). scipy is imported inside functions (this module is not loaded by ``import mfnoise``).
@@ -66,6 +75,7 @@ __all__ = [
     "EpsilonLowerBound",
     "clopper_pearson",
     "clopper_pearson_interval",
+    "fdp_one_run_rejects",
     "gdp",
     "one_run",
     "one_run_fdp",
@@ -202,10 +212,11 @@ def _eps_from_rates(tpr_lo: np.ndarray, fpr_hi: np.ndarray, delta: float) -> np.
 
 def _mu_from_rates(tpr_lo: np.ndarray, fpr_hi: np.ndarray) -> np.ndarray:
     """max(0, Phi^{-1}(1 - FPR) - Phi^{-1}(1 - TPR)), elementwise (isf for accuracy in the tails)."""
-    from scipy import stats
+    from scipy import special
 
+    # Phi^{-1}(1 - x) = -ndtri(x), accurate for small x (1 - x would round).
     with np.errstate(invalid="ignore"):
-        mu = stats.norm.isf(fpr_hi) - stats.norm.isf(tpr_lo)
+        mu = special.ndtri(tpr_lo) - special.ndtri(fpr_hi)
     mu = np.where(np.isnan(mu), 0.0, mu)
     return np.clip(mu, 0.0, np.inf)
 
@@ -491,7 +502,7 @@ def one_run(scores, is_in, *, delta: float, confidence: float = 0.95,
     return EpsilonLowerBound(float(best["epsilon"]), delta, confidence, "one-run", m, details)
 
 
-def fdp_one_run_rejects(m: int, k: int, v: int, mu, failure: float) -> np.ndarray:
+def fdp_one_run_rejects(m: int, k, v, mu, failure: float) -> np.ndarray:
     """Whether v correct guesses out of k (m canaries) reject mu-GDP at level ``failure``: the
     recursion of "Auditing f-Differential Privacy in One Run" (Mahloujifar, Melis, Chaudhuri 2024,
     Algorithm "audit_rh_with_cap", as jax-privacy's ``auditing`` implements it), with the Gaussian
@@ -502,25 +513,30 @@ def fdp_one_run_rejects(m: int, k: int, v: int, mu, failure: float) -> np.ndarra
         for i = v - 1, ..., 0:  h' = max(h, g_mu(r));  r = min(r + i/(k - i) * (h' - h), 1);  h = h'
         reject iff r + h > k / m.
 
-    ``mu``: array of mu values (vectorised: one recursion per entry); returns a boolean array of its
-    shape. The state stops changing once h' = h, so the loop ends when every entry has stopped.
+    ``k``, ``v``, ``mu``: integers / floats or arrays that broadcast together (one recursion per entry,
+    all run at once: entry e takes its step i = v_e - 1 - t at iteration t); returns a boolean array
+    of the broadcast shape. Once h' = h an entry's state no longer changes, so the loop ends when no
+    entry moves.
     """
     from scipy import special
 
-    if not (0 <= v <= k <= m) or k < 1:
-        raise ValueError(f"need 0 <= v <= k <= m and k >= 1, got v={v}, k={k}, m={m}")
-    mus = np.asarray(mu, dtype=np.float64)
-    flat = mus.reshape(-1)
-    r = np.full(flat.shape, failure * v / m)
-    h = np.full(flat.shape, failure * (k - v) / m)
-    for i in range(v - 1, -1, -1):
-        h_new = np.maximum(h, special.ndtr(special.ndtri(r) - flat))
-        moved = h_new > h
-        if not moved.any():
+    kk, vv, mus = np.broadcast_arrays(np.asarray(k, dtype=np.float64), np.asarray(v, dtype=np.float64),
+                                      np.asarray(mu, dtype=np.float64))
+    if np.any((vv < 0) | (vv > kk) | (kk > m) | (kk < 1)) or np.any(vv != np.round(vv)):
+        raise ValueError(f"need integers 0 <= v <= k <= m and k >= 1, got v={np.unique(vv)[:5]}, "
+                         f"k={np.unique(kk)[:5]}, m={m}")
+    r = failure * vv / m
+    h = failure * (kk - vv) / m
+    for t in range(int(vv.max(initial=0))):
+        i = vv - 1.0 - t
+        active = i >= 0
+        h_new = np.where(active, np.maximum(h, special.ndtr(special.ndtri(r) - mus)), h)
+        if not (h_new > h).any():
             break
-        r = np.minimum(r + (i / (k - i)) * (h_new - h), 1.0)
+        coef = np.where(active, np.maximum(i, 0.0) / (kk - np.maximum(i, 0.0)), 0.0)
+        r = np.minimum(r + coef * (h_new - h), 1.0)
         h = h_new
-    return (r + h > k / m).reshape(mus.shape)
+    return r + h > kk / m
 
 
 def one_run_fdp(scores, is_in, *, delta: float, confidence: float = 0.95,
@@ -542,19 +558,25 @@ def one_run_fdp(scores, is_in, *, delta: float, confidence: float = 0.95,
     m = s.size
     rules = _guess_grid(m, guesses)
     failure = (1.0 - confidence) / len(rules)
-    rows = []
-    for kp, kn in rules:
-        k, v = kp + kn, _correct(s, b, kp, kn)
-        mu_lo = 0.0
-        # Scan mu upwards in blocks of 2 (200 grid points) until the first block with a non-rejected mu.
-        for start in np.arange(0.0, 40.0, 2.0):
-            block = start + _EPS_STEP * np.arange(200)
-            rej = fdp_one_run_rejects(m, k, v, block, failure)
-            if not rej.all():
-                mu_lo = _first_rejected_run(rej, block) if rej[0] else (mu_lo if start > 0 else 0.0)
-                break
-            mu_lo = float(block[-1])
-        rows.append({"k_pos": kp, "k_neg": kn, "guesses": k, "correct": v, "mu_lo": mu_lo})
+    ks = np.array([kp + kn for kp, kn in rules], dtype=np.float64)
+    vs = np.array([_correct(s, b, kp, kn) for kp, kn in rules], dtype=np.float64)
+    mu_lo = np.zeros(len(rules))
+    open_rules = np.arange(len(rules))  # rules whose run of rejected grid mu has not ended yet
+    # Scan mu upwards in blocks of 2 (200 grid points), every open rule at once, until each rule
+    # meets its first non-rejected mu.
+    for start in np.arange(0.0, 40.0, 2.0):
+        block = start + _EPS_STEP * np.arange(200)
+        rej = fdp_one_run_rejects(m, ks[open_rules, None], vs[open_rules, None], block[None, :], failure)
+        for row, j in zip(rej, open_rules, strict=True):
+            if row.all():
+                mu_lo[j] = block[-1]
+            elif row[0]:
+                mu_lo[j] = _first_rejected_run(row, block)
+        open_rules = open_rules[rej.all(axis=1)]
+        if open_rules.size == 0:
+            break
+    rows = [{"k_pos": kp, "k_neg": kn, "guesses": int(ks[j]), "correct": int(vs[j]), "mu_lo": float(mu_lo[j])}
+            for j, (kp, kn) in enumerate(rules)]
     best = max(rows, key=lambda x: x["mu_lo"])
     mu = float(best["mu_lo"])
     eps = tradeoff.gdp_mu_to_epsilon(mu, delta) if delta > 0 else (math.inf if mu > 0 else 0.0)

@@ -91,7 +91,7 @@ def gaussian_delta(epsilon: float, mu: float) -> float:
     ("Improving the Gaussian Mechanism for Differential Privacy", Balle & Wang 2018, Theorem 8): the
     least delta for which a mu-GDP mechanism is (eps, delta)-DP. ``mu = 0`` gives 0 for every eps >= 0.
     """
-    from scipy import stats
+    from scipy import special
 
     epsilon, mu = float(epsilon), float(mu)
     if not (math.isfinite(mu) and mu >= 0.0):
@@ -103,8 +103,9 @@ def gaussian_delta(epsilon: float, mu: float) -> float:
     a = -epsilon / mu + mu / 2.0
     b = -epsilon / mu - mu / 2.0
     # Both terms in log space; the difference as log(Phi(a)) + log1p(-exp(eps + logPhi(b) - logPhi(a))).
-    la = float(stats.norm.logcdf(a))
-    lb = float(stats.norm.logcdf(b)) + epsilon
+    # log_ndtr is log Phi (scipy.stats.norm.logcdf's ufunc; called directly: root finding calls it often).
+    la = float(special.log_ndtr(a))
+    lb = float(special.log_ndtr(b)) + epsilon
     if lb >= la:  # only by rounding: the profile is >= 0
         return 0.0
     return float(math.exp(la) * -math.expm1(lb - la))

@@ -64,7 +64,7 @@ def test_mu_epsilon_round_trip_and_dp_accounting(mu, log_delta):
 def test_gdp_epsilon_matches_dp_accounting_pld():
     from dp_accounting.pld import privacy_loss_distribution as pld
 
-    for mu in (0.5, 2.0):
+    for mu in (2.0,):
         d = pld.from_gaussian_mechanism(standard_deviation=1.0 / mu, sensitivity=1.0,
                                         value_discretization_interval=1e-4)
         assert T.gdp_mu_to_epsilon(mu, DELTA) == pytest.approx(d.get_epsilon_for_delta(DELTA), abs=2e-4)
@@ -159,6 +159,49 @@ def test_roc_brute_force(a, b):
         assert want in pairs
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=30), st.lists(st.integers(0, 6), min_size=1, max_size=30),
+       st.integers(0, 7), st.sampled_from([0.0, 1e-3, 0.05]))
+def test_fixed_threshold_bounds_by_scipy_exact_intervals(a, b, t, delta):
+    """One fixed threshold: the bounds equal the formulas evaluated with scipy's exact binomial
+    intervals on the counts #{in >= t}, #{out >= t} (counted here by hand)."""
+    tp, fp = sum(x >= t for x in a), sum(x >= t for x in b)
+    lo = stats.binomtest(tp, len(a)).proportion_ci(confidence_level=1 - 2 * 0.025, method="exact").low
+    hi = stats.binomtest(fp, len(b)).proportion_ci(confidence_level=1 - 2 * 0.025, method="exact").high
+    cands = [0.0]
+    if lo - delta > 0:
+        cands.append(math.log((lo - delta) / hi))
+    if 1 - hi - delta > 0 and lo < 1:
+        cands.append(math.log((1 - hi - delta) / (1 - lo)))
+    got = E.clopper_pearson(np.array(a, float), np.array(b, float), delta=delta, thresholds=[t])
+    assert got.epsilon == pytest.approx(max(cands), abs=1e-9)
+    mu = max(0.0, stats.norm.isf(hi) - stats.norm.isf(lo)) if lo > 0 else 0.0
+    assert E.gdp(np.array(a, float), np.array(b, float), delta=0.01, thresholds=[t]).details["mu_lo"] == \
+        pytest.approx(mu, abs=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(r=st.integers(1, 300), frac=st.floats(0.0, 1.0))
+def test_one_run_pure_dp_bound_by_root_finding(r, frac):
+    """delta = 0: the bound is the eps where P[Bin(r, e^eps/(1+e^eps)) >= v] = failure (scipy root
+    finding on the binomial tail), or 0 when even eps = 0 is not rejected."""
+    from scipy import optimize, special
+
+    v = int(round(frac * r))
+    m = r + 5
+    scores = np.concatenate([np.arange(r, dtype=float), -np.ones(5)])
+    is_in = np.zeros(m, bool)
+    is_in[r - v:r] = True  # the v top scores are in: v of the r top guesses are right
+    got = E.one_run(scores, is_in, delta=0.0, guesses=[(r, 0)]).epsilon
+    fail = 0.05
+
+    def tail(e):
+        return stats.binom.sf(v - 1, r, special.expit(e)) - fail
+
+    want = 0.0 if v == 0 or tail(0.0) >= 0 else optimize.brentq(tail, 0.0, 60.0, xtol=1e-12)
+    assert got == pytest.approx(want, abs=1e-7)
+
+
 def test_one_run_p_value_matches_the_papers_loop():
     """The vectorised p-value against a direct transcription of the paper's definition."""
     def direct(m, r, v, eps, delta):
@@ -211,11 +254,10 @@ def _naive_gdp(scores_in, scores_out, *, delta, confidence, **_):
     return E.EpsilonLowerBound(T.gdp_mu_to_epsilon(max(mu, 0.0), delta), delta, confidence, "naive", 0, {})
 
 
-@pytest.mark.parametrize("mu", [0.0, 1.0])
-def test_two_world_estimators_valid_on_gaussian_mechanism(mu):
-    for est, kw in [(E.clopper_pearson, {}), (E.gdp, {}),
-                    (E.clopper_pearson, {"thresholds": np.linspace(-1, 4, 11)}),
-                    (E.gdp, {"thresholds": np.linspace(-1, 4, 11)})]:
+@pytest.mark.parametrize("mu, rule", [(0.0, "split"), (1.0, "split"), (1.0, "bonferroni")])
+def test_two_world_estimators_valid_on_gaussian_mechanism(mu, rule):
+    kw = {"thresholds": np.linspace(-1, 4, 11)} if rule == "bonferroni" else {}
+    for est in (E.clopper_pearson, E.gdp):
         fails = _two_world_failures(est, mu, 400, seed=int(10 * mu) + 1, **kw)
         assert fails <= MAX_FAILURES, (est.__name__, kw, fails)
 
