@@ -56,6 +56,23 @@ and report the end of the run of rejected grid points that starts at 0 (``_first
 this keeps the confidence even where the p-value is not monotone in the parameter, and rounds the
 bound down by at most 0.01.
 
+Power (measured)
+----------------
+Gaussian mechanism N(mu, 1) vs N(0, 1) with mu the exact mu of epsilon at delta = 1e-5, defaults
+(split rule, guess grid), ratio bound / true epsilon, worst of 3 seeds (1 at 10^6 canaries and 10^7
+trials), 2-core x86_64 container under load ~18:
+
+    estimator         trials / canaries   eps 2   eps 4   eps 8
+    gdp               10^4 (in + out)      0.70    0.82    0.91
+    gdp               10^5                 0.84    0.92    0.97
+    clopper_pearson   10^6                 0.64    0.67    0.60
+    clopper_pearson   10^7                 0.94    0.80    0.74
+    one_run           10^4 canaries        0.44    0.44    0.39   (10^6: 0.0, 2 m delta = 20)
+    one_run_fdp       10^5 canaries        0.61    0.61    0.66
+    one_run_fdp       10^6 canaries        0.74    0.69    0.70
+
+Clopper-Pearson needs FPR resolved near delta (trials >> 1/delta); GDP borrows the Gaussian shape.
+
 Scores are float arrays of shape (n_in,) and (n_out,) (``one_run``: (m,) scores and a (m,) boolean
 membership). scipy is imported inside functions (this module is not loaded by ``import mfnoise``).
 """
