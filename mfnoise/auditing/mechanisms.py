@@ -31,10 +31,13 @@ Broken fixtures (each models a privacy bug the audit must catch; ``FIXTURES``):
 * ``sensitivity_k1()``: the noise is scaled by the sensitivity of single participation
   (S_1 = sens(C, Participation.single(n)), the largest column norm) when the schema has k > 1.
 * ``wrong_strategy(other)``: the noise is (C_o^{-1} W) of another strategy C_o, scaled by the claimed
-  strategy's S (the generator got the wrong strategy object). Only a C_o whose noise is smaller
-  where the canary is (||C_o u|| > S) is a privacy bug; the default C_o is the un-normalised square
-  root of the prefix sum, A^{1/2} (``mfnoise.sqrt_toeplitz``, what the banded square root is cut
-  from and normalised).
+  strategy's S (the generator got the wrong strategy object). The releases are then mu-GDP with
+  mu = ||C_o u|| / (z S) for the canary's pattern u: only a C_o whose noise is smaller where the
+  canary is (||C_o u|| > S) is a privacy bug (one with more noise is not). The default C_o is the
+  un-normalised square root of the prefix sum, A^{1/2} (``mfnoise.sqrt_toeplitz``, what the banded
+  square root is cut from and normalised): for C = ``bsr(16, 4)`` under 4 epochs ||C_o u|| / S = 1.81
+  (the C-whitened score sees 1.70 of it); for C = I, 1.86 (the C-whitened score sees 0.93: the
+  empirical attack of ``whitebox`` finds it).
 * ``reused_last_row(after)``: the generator yields its rows 0 .. after - 1 and then repeats row
   after - 1 (default after = n - max(1, n // 4)): past its end the last noise row is reused, the
   bug ``mfnoise.training.noise`` guards against with NaN. Releases t >= after - 1 share one noise
