@@ -100,7 +100,7 @@ __all__ = [
     "roc",
 ]
 
-_SPLIT_SEED = 0x5EED  # the split is data-independent: a fixed permutation, not a function of the scores
+_SPLIT_SEED = 0x5EED  # the split and tie-breaking are data-independent: fixed permutations, not functions of the scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,9 +449,13 @@ def _guess_grid(m: int, guesses) -> list[tuple[int, int]]:
 
 
 def _correct(s: np.ndarray, b: np.ndarray, kp: int, kn: int) -> int:
-    """Correct guesses when guessing "in" for the kp top scores and "out" for the kn bottom ones
-    (ties broken by index: a stable, membership-independent order)."""
-    order = np.argsort(s, kind="stable")
+    """Correct guesses when guessing "in" for the kp top scores and "out" for the kn bottom ones.
+
+    Ties are broken by a fixed-seed random permutation, not by index: the guesses must not depend on
+    the membership, and an index order might (canaries passed "in ones first"; discrete scores such
+    as 0/1 correctness tie massively)."""
+    tie = np.random.default_rng(_SPLIT_SEED).permutation(s.size)
+    order = np.lexsort((tie, s))  # ascending score, ties in the permutation's order
     top, bottom = order[s.size - kp:], order[:kn]
     return int(b[top].sum() + (~b[bottom]).sum())
 

@@ -359,9 +359,20 @@ def test_no_separation_gives_zero():
         assert est(x, x, delta=DELTA, thresholds=[0.0, 1.0]).epsilon == 0.0
     flags = np.zeros(500, bool)
     flags[::2] = True
-    for est in (E.one_run, E.one_run_fdp):  # every guess is a coin flip's worth: half right
-        s = np.repeat(np.arange(250.0), 2)  # in and out canaries interleaved at equal scores
+    for est in (E.one_run, E.one_run_fdp):  # the attack ranks every out canary above every in one
+        s = np.where(flags, 0.0, 1.0) + np.arange(500) * 1e-6
         assert est(s, flags, delta=DELTA).epsilon == 0.0
+
+
+def test_one_run_ties_do_not_leak_membership_through_the_input_order():
+    """Constant scores carry no information; canaries passed "out ones first, in ones last" must not
+    turn index order into correct guesses (an index tie-break would get every top guess right)."""
+    is_in = np.arange(1000) >= 500
+    for est in (E.one_run, E.one_run_fdp):
+        r = est(np.zeros(1000), is_in, delta=DELTA)
+        assert r.epsilon < 0.5, r.details
+        r = est(np.zeros(1000), ~is_in, delta=DELTA)
+        assert r.epsilon < 0.5, r.details
 
 
 def test_bad_inputs_name_the_value():
