@@ -27,6 +27,7 @@ LAYERS = {
     "planning": 4,
     "auditing": 5,
     "demo": 5,
+    "lm_demo": 5,
     "keras": 5,
     "cli": 6,
 }
