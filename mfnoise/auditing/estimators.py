@@ -228,7 +228,7 @@ def _eps_from_rates(tpr_lo: np.ndarray, fpr_hi: np.ndarray, delta: float) -> np.
 
 
 def _mu_from_rates(tpr_lo: np.ndarray, fpr_hi: np.ndarray) -> np.ndarray:
-    """max(0, Phi^{-1}(1 - FPR) - Phi^{-1}(1 - TPR)), elementwise (isf for accuracy in the tails)."""
+    """max(0, Phi^{-1}(1 - FPR) - Phi^{-1}(1 - TPR)), elementwise (through ndtri, accurate in the tails)."""
     from scipy import special
 
     # Phi^{-1}(1 - x) = -ndtri(x), accurate for small x (1 - x would round).
@@ -287,8 +287,6 @@ def _two_world(scores_in, scores_out, *, delta, confidence, thresholds, statisti
         h_in, h_out = s_in.size // 2, s_out.size // 2
         sel_in, cert_in = np.sort(s_in[p_in[:h_in]]), np.sort(s_in[p_in[h_in:]])
         sel_out, cert_out = np.sort(s_out[p_out[:h_out]]), np.sort(s_out[p_out[h_out:]])
-        # Candidates: the selection half's in scores (a ">= t" test changes only at in scores when it
-        # gains a true positive; placing t exactly on one minimises FPR for that TPR).
         cand = _candidates(sel_in)
         # Selection scores each candidate by its bound at failure/len(cand) (as if Bonferroni): a
         # heuristic only (certification is on the other half), which penalises far-tail thresholds
