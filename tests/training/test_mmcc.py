@@ -417,7 +417,7 @@ def test_mixture_cells_and_log_ratio_match_the_direct_formulas(m, sigma, seed, p
     assert cells.shape == direct.shape
     np.testing.assert_allclose(cells, direct, rtol=1e-9, atol=1e-300)
     g = mmcc._mixture_log_ratio(x, sens, np.log(w), sigma)
-    g_ref = logsumexp(np.log(w)[None, :] + (np.outer(x, sens) - sens[None, :] ** 2 / 2) / sigma**2, axis=1)
+    g_ref = np.asarray(logsumexp(np.log(w)[None, :] + (np.outer(x, sens) - sens[None, :] ** 2 / 2) / sigma**2, axis=1))
     np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
