@@ -118,14 +118,27 @@ def _run_dp_aggregate(strategy: Strategy, participation: Participation, noise_mu
                       expected_batch_size=expected_batch_size)
     params = jnp.zeros(x.shape[1:], x.dtype)
     state = tx.init(params)
+
+    def update(state: Any, row: jax.Array) -> Any:
+        summed: Any = ClippedSum(row, jnp.zeros((), jnp.int32), x.shape[1], l2_clip_norm)  # optax's Updates type
+        return tx.update(summed, state, params)
+
+    step = _stepper(update, x.shape[0])
     rows = []
-    for t in range(x.shape[0]):  # eager: n small steps; a jit per audit would cost more to compile
-        summed: Any = ClippedSum(x[t], jnp.zeros((), jnp.int32), x.shape[1], l2_clip_norm)  # optax's Updates type
-        out, state = tx.update(summed, state, params)
+    for t in range(x.shape[0]):
+        out, state = step(state, x[t])
         rows.append(out)
     noise_lib.check(state)
     out = np.asarray(jnp.stack(rows), np.float64)
     return out if expected_batch_size is None else out * expected_batch_size
+
+
+JIT_MIN_STEPS = 64  # runs of at least this many steps compile their step (about 1 s); shorter ones run eagerly
+
+
+def _stepper(fn: Callable[..., Any], n: int) -> Callable[..., Any]:
+    """``fn`` jitted for runs of >= JIT_MIN_STEPS steps (a compilation per run pays off), else as is."""
+    return jax.jit(fn) if n >= JIT_MIN_STEPS else fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,9 +217,10 @@ class WrongStrategy:
         stddev = _scale(strategy, participation, noise_multiplier, l2_clip_norm, dtype)
         tx = correlated_noise(other, stddev, key)  # the bug: the generator runs the other strategy
         state = tx.init(x[0])
+        step = _stepper(tx.update, x.shape[0])
         rows = []
         for t in range(x.shape[0]):
-            out, state = tx.update(x[t], state)
+            out, state = step(x[t], state)
             rows.append(out)
         return np.asarray(jnp.stack(rows))
 
@@ -231,10 +245,11 @@ class ReusedLastRow:
         stddev = jnp.asarray(_scale(strategy, participation, noise_multiplier, l2_clip_norm, dtype), dtype)
         gen = noise_lib.generator(strategy, key, dtype=dtype)
         state = gen.init(x[0])
+        step = _stepper(gen.next, n)
         rows, z = [], None
         for t in range(n):
             if t < after:  # the bug: no new row past `after`, the last one is served again
-                z, state = gen.next(state, x[t])
+                z, state = step(state, x[t])
             assert z is not None
             rows.append(x[t] + stddev * z)
         return np.asarray(jnp.stack(rows))
