@@ -98,20 +98,33 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
+from mfnoise.training.ghost_embedding import lookup_dims, lookup_rows_sums, lookup_sq, lookup_sum, lookup_usable
+from mfnoise.training.ghost_plan import Source, _Ghost, _Probe, evaluate, ghost_plan, restrict
 from mfnoise.training.per_example import batch_size, shared_arguments
+from mfnoise.training.safe_rounding import (
+    _CHUNK,  # noqa: F401  (re-exported: the former names stay importable)
+    _HIGHEST,
+    _accumulation_dtype,
+    _add_compensated,  # noqa: F401
+    _axis_sharded,
+    _compensated_sum,
+    _gamma,
+    _matmul,
+    _sum_squares_upper,
+    _toward_zero,
+)
+
+_ghost_plan = ghost_plan  # the former private name
 
 TOLERANCE = 1e-3  # one example's contribution has norm <= l2_clip_norm * (1 + TOLERANCE)
 _ROUNDING_SHARE = 8e-4  # of TOLERANCE, for the rounding of an example's own rows in a ghost product
 _CERTIFIED = 1e-2  # a Gram-form value is used as is when its error bound E <= _CERTIFIED * value
-_CHUNK = 4096  # axes longer than this are summed in chunks of this length (shorter rounding chains)
 _GRAM_COLS = 128  # columns per chunk of a Gram matrix's compensated accumulation
 _ROWS = 32  # rows of each example per chunk when a ghost product is accumulated (shorter rounding chains)
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @jax.tree_util.register_dataclass
@@ -142,74 +155,6 @@ def _check_clip_norm(l2_clip_norm: Any, name: str = "l2_clip_norm") -> float:
         raise ValueError(f"{name} must be a positive finite number, got {l2_clip_norm!r}")
     return value
 
-
-def _accumulation_dtype(*dtypes: Any) -> Any:
-    return jnp.result_type(jnp.float32, *dtypes)  # norms and weighted sums in >= float32
-
-
-def _gamma(n: int, dtype: Any) -> float:
-    """gamma_n = n u' / (1 - n u') with u' = eps = 2u: a bound on the relative rounding of n operations."""
-    nu = n * float(jnp.finfo(dtype).eps)
-    return nu / (1 - nu) if nu < 0.5 else math.inf
-
-
-def _toward_zero(x: jax.Array, dtype: Any) -> jax.Array:
-    """x rounded to ``dtype`` toward zero: |result| <= |x| entrywise, so no norm grows."""
-    if x.dtype == dtype:
-        return x
-    y = x.astype(dtype)
-    grew = jnp.abs(y.astype(x.dtype)) > jnp.abs(x)
-    return jnp.where(grew, jnp.nextafter(y, jnp.zeros((), dtype)), y)
-
-
-def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a @ b at full precision; with Explicit mesh axes, a replicated output where an operand is sharded
-    (the products here are small, per example: T x T Grams and K x M per-example gradients)."""
-    sharded = any(_axis_sharded(a, d) for d in range(a.ndim)) or any(_axis_sharded(b, d) for d in range(b.ndim))
-    if sharded:
-        return jnp.matmul(a, b, precision=_HIGHEST, out_sharding=jax.sharding.PartitionSpec())
-    return jnp.matmul(a, b, precision=_HIGHEST)
-
-
-def _axis_sharded(x: jax.Array, axis: int) -> bool:
-    try:
-        spec = jax.typeof(x).sharding.spec
-        return axis < len(spec) and spec[axis] is not None
-    except (AttributeError, TypeError):  # pragma: no cover - no sharding information
-        return False
-
-
-def _sum_squares_upper(x: jax.Array, acc: Any) -> jax.Array:
-    """(B,) upper bounds on sum of squares of each example's row of x (B, ...), computed in acc.
-
-    One axis at a time, last first, with optimisation barriers between the stages so that XLA can
-    neither merge nor reorder them: a sum of n non-negative terms in any order has relative error
-    <= gamma_{n-1}, so the chain is bounded by the sum of the axis lengths (+1 for the squares).
-    Unsharded axes longer than _CHUNK are first split into chunks (zero padding adds exactly 0).
-    """
-    # no merging reshapes: merging sharded dimensions is not allowed with Explicit mesh axes
-    y = jnp.square(x.astype(acc))
-    chain = 1
-    for axis in range(x.ndim - 1, 0, -1):
-        d = y.shape[axis]
-        if d > _CHUNK and not _axis_sharded(x, axis):
-            pad = (-d) % _CHUNK
-            if pad:
-                y = jnp.pad(y, [(0, 0)] * axis + [(0, pad)] + [(0, 0)] * (y.ndim - axis - 1))
-            y = y.reshape(y.shape[:axis] + ((d + pad) // _CHUNK, _CHUNK) + y.shape[axis + 1 :])
-            y = jax.lax.optimization_barrier(jnp.sum(y, axis=axis + 1))
-            chain += _CHUNK
-            d = y.shape[axis]
-        y = jnp.sum(y, axis=axis)
-        chain += d
-        if axis > 1:
-            y = jax.lax.optimization_barrier(y)
-    gamma = _gamma(chain, acc)
-    if gamma > 0.1:  # a sharded axis too long for a useful bound: n max x^2 >= sum x^2, exactly
-        size = math.prod(x.shape[1:])
-        biggest = jnp.max(jnp.square(x.astype(acc)), axis=tuple(range(1, x.ndim))) if x.ndim > 1 else y
-        return biggest * size * (1 + _gamma(2, acc))
-    return y * (1 + gamma)
 
 
 def clip_weights(sq: jax.Array, l2_clip_norm: float) -> tuple[jax.Array, jax.Array]:
@@ -271,152 +216,41 @@ def clipped_sum(per_example: Any, l2_clip_norm: float) -> tuple[Any, jax.Array]:
     return jax.tree.map(lambda x: _weighted_sum(scale, finite, x), per_example), jnp.sum(~finite).astype(jnp.int32)
 
 
-# -- which parameter leaves get ghost norms ----------------------------------------------------------
-
-_CALLS = ("jit", "pjit", "closed_call", "core_call")
+# -- ghost products: dot_general sites ----------------------------------------------------------------
 
 
-def _inner(eqn: Any) -> Any | None:
-    """The ClosedJaxpr of a call primitive we can see through, else None."""
-    if eqn.primitive.name not in _CALLS:
-        return None
-    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-    return inner if isinstance(inner, jex.core.ClosedJaxpr) else None
-
-
-def _is_var(v: Any) -> bool:
-    return not isinstance(v, jex.core.Literal)
-
-
-def _sources(atoms: list, src: dict) -> list[int | None]:
-    return [src.get(v) if _is_var(v) else None for v in atoms]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Ghost:
-    """A parameter leaf whose only use is operand ``operand`` of the product ``eqn`` (a dot_general)."""
-
-    leaf: int
-    operand: int
-    eqn: Any
-
-
-class _Walk:
-    """Uses of each parameter leaf, found by walking the loss's jaxpr through jit calls.
-
-    A use is ('dot', dot_index, operand) for a dot_general without batch dims whose other operand
-    holds no parameter, else ('other',). Dot indices count the dot_general eqns with a parameter
-    operand in traversal order; ``_evaluate`` walks in the same order, so the indices agree.
-    """
-
-    def __init__(self, num_params: int) -> None:
-        self.uses: list[list[tuple]] = [[] for _ in range(num_params)]
-        self.eqns: list[Any] = []
-
-    def walk(self, jaxpr: Any, insrc: list[int | None]) -> list[int | None]:
-        src: dict[Any, int] = {v: s for v, s in zip(jaxpr.invars, insrc) if s is not None}
-        for eqn in jaxpr.eqns:
-            eqn_src = _sources(eqn.invars, src)
-            if all(s is None for s in eqn_src):
-                continue
-            inner = _inner(eqn)
-            if inner is not None:
-                for v, s in zip(eqn.outvars, self.walk(inner.jaxpr, eqn_src)):
-                    if s is not None:
-                        src[v] = s
-                continue
-            if eqn.primitive.name == "dot_general":
-                index = len(self.eqns)
-                self.eqns.append(eqn)
-                _, (lb, rb) = eqn.params["dimension_numbers"]
-                ghostable = not lb and not rb and sum(s is not None for s in eqn_src) == 1
-                for operand, s in enumerate(eqn_src):
-                    if s is not None:
-                        self.uses[s].append(("dot", index, operand) if ghostable else ("other",))
-                continue
-            for s in eqn_src:
-                if s is not None:
-                    self.uses[s].append(("other",))
-        return _sources(jaxpr.outvars, src)
-
-
-def _ghost_plan(closed: Any, num_params: int) -> dict[int, _Ghost]:
-    """{dot_index: _Ghost} for the leaves whose one and only use is one ghostable dot_general.
-
-    ``closed`` is the ClosedJaxpr of loss(params, example, ...) whose first ``num_params`` invars are
-    the parameter leaves (in ``jax.tree.leaves`` order).
-    """
-    w = _Walk(num_params)
-    out = w.walk(closed.jaxpr, list(range(num_params)) + [None] * (len(closed.jaxpr.invars) - num_params))
-    plan = {}
-    for leaf, uses in enumerate(w.uses):
-        if leaf not in out and len(uses) == 1 and uses[0][0] == "dot":
-            _, index, operand = uses[0]
-            plan[index] = _Ghost(leaf, operand, w.eqns[index])
-    return plan
-
-
-# -- evaluation with probes on the ghost products ----------------------------------------------------
-
-
-class _Probe:
-    """One instrumented evaluation: probes added to the ghost products, and their other operands."""
-
-    def __init__(self, plan: dict[int, _Ghost], probes: dict[int, jax.Array]) -> None:
-        self.plan = plan
-        self.probes = probes
-        self.dots = 0
-        self.operands: dict[int, jax.Array] = {}
-
-
-def _evaluate(jaxpr: Any, consts: list, args: list, insrc: list[int | None], probe: _Probe) -> tuple[list, list]:
-    """``jax.core.eval_jaxpr`` that adds probes[j] to the j-th ghost product and records its other operand."""
-    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
-    src: dict[Any, int] = {v: s for v, s in zip(jaxpr.invars, insrc) if s is not None}
-
-    def read(v: Any) -> Any:
-        return env[v] if _is_var(v) else v.val
-
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        eqn_src = _sources(eqn.invars, src)
-        held = any(s is not None for s in eqn_src)
-        inner = _inner(eqn) if held else None
-        if inner is not None:
-            outs, outsrc = _evaluate(inner.jaxpr, inner.consts, invals, eqn_src, probe)
-            src.update((v, s) for v, s in zip(eqn.outvars, outsrc) if s is not None)
-        else:
-            with eqn.ctx.manager:
-                ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-            outs = ans if eqn.primitive.multiple_results else [ans]
-            if held and eqn.primitive.name == "dot_general":
-                index = probe.dots
-                probe.dots += 1
-                if index in probe.plan:
-                    probe.operands[index] = invals[1 - probe.plan[index].operand]
-                    outs = [outs[0] + probe.probes[index]]
-        env.update(zip(eqn.outvars, outs))
-    return [read(v) for v in jaxpr.outvars], _sources(jaxpr.outvars, src)
+def _dot_dims(ghost: _Ghost) -> tuple[list[int], list[int], list[int], int]:
+    """(hb, hfree, hc, wfree): the other operand h's batch, free and contracting dims, and the number of
+    the weight's free dims. y = dot_general(lhs, rhs) has dims (batch..., lhs free..., rhs free...)."""
+    (lc, rc), (lb, rb) = ghost.eqn.params["dimension_numbers"]
+    hc, hb = (rc, rb) if ghost.operand == 0 else (lc, lb)
+    wc, wb = (lc, lb) if ghost.operand == 0 else (rc, rb)
+    hrank = len(ghost.eqn.invars[1 - ghost.operand].aval.shape)
+    wrank = len(ghost.eqn.invars[ghost.operand].aval.shape)
+    hfree = [d for d in range(hrank) if d not in hc and d not in hb]
+    return list(hb), hfree, list(hc), wrank - len(wc) - len(wb)
 
 
 def _dims(ghost: _Ghost) -> tuple[int, int, int]:
-    """(T, K, M) of the ghost product: grad_W = H^T G with H (T x K), G (T x M) per example."""
-    (lc, rc), _ = ghost.eqn.params["dimension_numbers"]
-    hc = rc if ghost.operand == 0 else lc
+    """(T, K, M) of one batch slice of the ghost product: grad_W[i] = H_i^T G_i, H_i (T x K), G_i (T x M)."""
+    hb, hfree, hc, _ = _dot_dims(ghost)
     hshape = ghost.eqn.invars[1 - ghost.operand].aval.shape
-    t = math.prod(d for i, d in enumerate(hshape) if i not in hc)
-    k = math.prod(hshape[i] for i in hc)
-    m = math.prod(ghost.eqn.outvars[0].aval.shape) // max(t, 1)
+    t = math.prod(hshape[d] for d in hfree)
+    k = math.prod(hshape[d] for d in hc)
+    nb = math.prod(hshape[d] for d in hb)
+    m = math.prod(ghost.eqn.outvars[0].aval.shape) // max(t * nb, 1)
     return t, k, m
 
 
 def _usable(ghost: _Ghost, acc: Any) -> bool:
     """Whether ghost norms pay and their rounding bounds are tight enough; else the leaf is materialised.
 
-    T = 1 always; T > 1 only in the Gram regime T (K + M) < K M (elsewhere H^T G per example is no
-    larger than the operands that ghost clipping keeps, so the materialised path costs no more).
+    Lookups: ``ghost_embedding.lookup_usable`` (T < V). Products: T = 1 always; T > 1 only in the Gram
+    regime T (K + M) < K M per batch slice (elsewhere H^T G per example is no larger than the operands
+    that ghost clipping keeps, so the materialised path costs no more).
     """
+    if ghost.kind == "lookup":
+        return lookup_usable(ghost, acc)
     t, k, m = _dims(ghost)
     # the bounds' own factors (row norms over K or M terms, the Gram value over 2T) must stay small
     if t < 1 or _gamma(max(k, m) + 2, acc) > 5e-2 or _gamma(2 * t + 2, acc) > 1e-2:
@@ -425,18 +259,25 @@ def _usable(ghost: _Ghost, acc: Any) -> bool:
 
 
 def _flat_operands(h: jax.Array, g: jax.Array, ghost: _Ghost) -> tuple[jax.Array, jax.Array]:
-    """(H, G) of shapes (T, K), (T, M) for one example: grad_W = H^T G up to an ordering of entries.
-
-    y = dot_general(lhs, rhs) has dims (lhs free..., rhs free...); the weight is operand
-    ``ghost.operand``, h the other one, with contracting dims ``hc``.
-    """
-    (lc, rc), _ = ghost.eqn.params["dimension_numbers"]
-    hc = list(rc if ghost.operand == 0 else lc)
-    free = [d for d in range(h.ndim) if d not in hc]
+    """(H, G) of shapes (T, K), (T, M) for one example and a product without batch dims:
+    grad_W = H^T G up to an ordering of entries (the weight is operand ``ghost.operand``, h the other)."""
+    _, free, hc, _ = _dot_dims(ghost)
     t = math.prod(h.shape[d] for d in free)
     hm = jnp.transpose(h, free + hc).reshape(t, -1)
     m = g.size // t
     gm = g.reshape(t, m) if ghost.operand == 1 else g.reshape(m, t).T
+    return hm, gm
+
+
+def _flat_batched(h: jax.Array, g: jax.Array, ghost: _Ghost) -> tuple[jax.Array, jax.Array]:
+    """(H, G) of shapes (nb, T, K), (nb, T, M) for one example of a product with nb batch indices
+    (h's batch dims in the order the output lists them): grad_W[i] = H_i^T G_i."""
+    hb, free, hc, _ = _dot_dims(ghost)
+    nb = math.prod(h.shape[d] for d in hb)
+    t = math.prod(h.shape[d] for d in free)
+    hm = jnp.transpose(h, hb + free + hc).reshape(nb, t, -1)
+    m = g.size // (nb * t)
+    gm = g.reshape(nb, t, m) if ghost.operand == 1 else jnp.swapaxes(g.reshape(nb, m, t), 1, 2)
     return hm, gm
 
 
@@ -450,25 +291,6 @@ def _rows_bound(hm: jax.Array, gm: jax.Array, acc: Any) -> tuple[jax.Array, jax.
     """(alpha, beta, U): upper bounds on ||h_t||, ||g_t|| and U = sum_t ||h_t|| ||g_t|| >= ||H^T G||_F."""
     alpha, beta = _row_norms_upper(hm, acc), _row_norms_upper(gm, acc)
     return alpha, beta, jnp.sum(alpha * beta) * (1 + _gamma(hm.shape[0] + 1, acc))
-
-
-def _add_compensated(carry: tuple[jax.Array, jax.Array], x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(s, c) + x by TwoSum: s + x = s' + e exactly, the errors e summed in c ("Accurate Sum and Dot
-    Product", Ogita, Rump and Oishi 2005: the result s + c of n additions is within u |sum| +
-    gamma_{n-1}^2 sum |x_i| of the exact sum)."""
-    s, c = carry
-    total = s + x
-    back = total - s
-    return total, c + ((s - (total - back)) + (x - back))
-
-
-def _compensated_sum(part: Callable[[Any], jax.Array], chunks: int) -> jax.Array:
-    """sum_{i < chunks} part(i), the parts added with compensation (``_add_compensated``); the carry
-    takes the first part's type (with its sharding, under Explicit mesh axes)."""
-    first = part(0)
-    body = lambda i, carry: _add_compensated(carry, part(i))
-    s, c = jax.lax.fori_loop(1, chunks, body, (first, jnp.zeros_like(first)))
-    return s + c
 
 
 def _chunked_product(hm: jax.Array, gm: jax.Array, acc: Any) -> tuple[jax.Array, float]:
@@ -515,10 +337,9 @@ def _gram(x: jax.Array, acc: Any) -> tuple[jax.Array, float]:
     return _compensated_sum(part, chunks), _gamma(_GRAM_COLS, acc) + _gamma(chunks, acc) ** 2 + _gamma(1, acc)
 
 
-def _ghost_bound(h: jax.Array, g: jax.Array, ghost: _Ghost, acc: Any) -> tuple[jax.Array, ...]:
-    """(sq, U, E, S) for one example: sq >= ||H^T G||_F^2 (module docstring), U >= sum_t ||h_t|| ||g_t||,
-    and for the Gram form its value S and error bound E (T = 1: E = S = 0)."""
-    hm, gm = _flat_operands(h.astype(acc), g.astype(acc), ghost)
+def _slice_bound(hm: jax.Array, gm: jax.Array, acc: Any) -> tuple[jax.Array, ...]:
+    """(sq, U, E, S) for one example's H (T, K), G (T, M): sq >= ||H^T G||_F^2 (module docstring),
+    U >= sum_t ||h_t|| ||g_t||, and for the Gram form its value S and error bound E (T = 1: E = S = 0)."""
     t = hm.shape[0]
     alpha, beta, rows = _rows_bound(hm, gm, acc)
     zero = jnp.zeros((), acc)
@@ -538,11 +359,27 @@ def _ghost_bound(h: jax.Array, g: jax.Array, ghost: _Ghost, acc: Any) -> tuple[j
     return sq, rows, err, value
 
 
+def _ghost_bound(h: jax.Array, g: jax.Array, ghost: _Ghost, acc: Any) -> tuple[jax.Array, ...]:
+    """(sq, U, E, S) of ``_slice_bound`` for one example; with batch dims (nb slices, e.g. per-head
+    weights 'htd,hdk->htk') the sums over the slices: ||grad_W||^2 = sum_i ||H_i^T G_i||^2, each
+    slice bounded on its own, the nb-term sums inflated by (1 + gamma_{nb+1}) (non-negative terms)."""
+    if not _dot_dims(ghost)[0]:
+        return _slice_bound(*_flat_operands(h.astype(acc), g.astype(acc), ghost), acc)
+    hm, gm = _flat_batched(h.astype(acc), g.astype(acc), ghost)
+    sq, rows, err, value = jax.vmap(lambda x, y: _slice_bound(x, y, acc))(hm, gm)
+    up = 1 + _gamma(hm.shape[0] + 1, acc)
+    return jnp.sum(sq) * up, jnp.sum(rows) * up, jnp.sum(err), jnp.sum(value)
+
+
 def _exact_bounds(h: jax.Array, g: jax.Array, ghost: _Ghost, acc: Any) -> jax.Array:
-    """(B,) bounds from the formed products H_b^T G_b, one example at a time (memory K M)."""
+    """(B,) bounds from the formed products H_b^T G_b, one example at a time (memory K M per slice)."""
 
     def one(hg: tuple[jax.Array, jax.Array]) -> jax.Array:
-        return _exact_sq(*_flat_operands(hg[0].astype(acc), hg[1].astype(acc), ghost), acc)
+        if not _dot_dims(ghost)[0]:
+            return _exact_sq(*_flat_operands(hg[0].astype(acc), hg[1].astype(acc), ghost), acc)
+        hm, gm = _flat_batched(hg[0].astype(acc), hg[1].astype(acc), ghost)
+        parts = jax.lax.map(lambda xy: _exact_sq(xy[0], xy[1], acc), (hm, gm))
+        return jnp.sum(parts) * (1 + _gamma(hm.shape[0] + 1, acc))
 
     return jax.lax.map(one, (h, g))
 
@@ -550,17 +387,14 @@ def _exact_bounds(h: jax.Array, g: jax.Array, ghost: _Ghost, acc: Any) -> jax.Ar
 def _chunking(ghost: _Ghost, h: jax.Array, g: jax.Array) -> tuple[int, int, int, int, int]:
     """How the batch product H^T diag(s) G is accumulated: (h axis, y axis, length, chunks, rows).
 
-    Rows (the T axis, h's free dims) are taken ``length`` indices of the largest free axis at a time
+    Rows (the T axis, h's free dims, not its batch dims) are taken ``length`` indices of the largest free axis at a time
     (``rows`` <= max(_ROWS, T / that axis) rows of each example per chunk), and the chunks' products
     are added with compensation, so the rounding of one example's rows is within
     (gamma_{rows+1} + 2 gamma_chunks^2) s_b U_b (the floor in ``_norms``). One chunk of all T rows
     where T <= _ROWS or that axis of the batched operands h, g is sharded (Explicit mesh axes).
     """
-    (lc, rc), _ = ghost.eqn.params["dimension_numbers"]
-    hc = rc if ghost.operand == 0 else lc
+    hb, free, _, wfree = _dot_dims(ghost)
     hshape = ghost.eqn.invars[1 - ghost.operand].aval.shape
-    wrank = len(ghost.eqn.invars[ghost.operand].aval.shape)
-    free = [d for d in range(len(hshape)) if d not in hc]
     t = math.prod(hshape[d] for d in free)
     if t <= _ROWS:
         return -1, -1, 1, 1, t
@@ -569,7 +403,7 @@ def _chunking(ghost: _Ghost, h: jax.Array, g: jax.Array) -> tuple[int, int, int,
     length = max(1, _ROWS // other)
     chunks = -(-hshape[axis] // length)
     i = free.index(axis)
-    yaxis = i if ghost.operand == 1 else (wrank - len(hc)) + i
+    yaxis = len(hb) + (i if ghost.operand == 1 else wfree + i)
     if _axis_sharded(h, 1 + axis) or _axis_sharded(g, 1 + yaxis):
         return -1, -1, 1, 1, t
     return axis, yaxis, length, chunks, length * other
@@ -579,8 +413,9 @@ def _product_vjp(ghost: _Ghost, w: jax.Array, h: jax.Array, g: jax.Array, scale:
     """sum_b scale_b grad_W <G_b, dot(h_b, W)> = H^T diag(scale) G, as products (the vjp in W).
 
     In acc (>= float32) at full precision, chunk by chunk (``_chunking``) with compensated
-    accumulation, rounded toward zero to W's dtype: the rounding of an example's rows stays within the
-    bound that the floor in ``_norms`` accounts for.
+    accumulation (returned in acc; the caller rounds toward zero to W's dtype): the rounding of an
+    example's rows stays within the bound that the floor in ``_norms`` accounts for. Where the
+    product's operand is a view transpose(W, perm), the vjp goes through the transpose (a relabelling).
     """
     dims = ghost.eqn.params["dimension_numbers"]
     out_sharding = ghost.eqn.params.get("out_sharding")
@@ -589,8 +424,10 @@ def _product_vjp(ghost: _Ghost, w: jax.Array, h: jax.Array, g: jax.Array, scale:
 
     def contribution(hpart: jax.Array, gpart: jax.Array) -> jax.Array:
         def product(weight: jax.Array) -> jax.Array:
+            view = weight if ghost.perm is None else jnp.transpose(weight, ghost.perm)
+
             def one(hb: jax.Array) -> jax.Array:
-                args = (weight, hb) if ghost.operand == 0 else (hb, weight)
+                args = (view, hb) if ghost.operand == 0 else (hb, view)
                 return jax.lax.dot_general(*args, dims, precision=_HIGHEST, preferred_element_type=acc, **extra)
 
             return jax.vmap(one)(hpart)
@@ -605,7 +442,7 @@ def _product_vjp(ghost: _Ghost, w: jax.Array, h: jax.Array, g: jax.Array, scale:
     ha = h.astype(acc)
     haxis, yaxis, length, chunks, _ = _chunking(ghost, h, g)
     if chunks == 1:
-        return _toward_zero(contribution(ha, weighted), w.dtype)
+        return contribution(ha, weighted)
 
     def padded(x: jax.Array, axis: int) -> jax.Array:
         pad = chunks * length - x.shape[axis]
@@ -618,7 +455,7 @@ def _product_vjp(ghost: _Ghost, w: jax.Array, h: jax.Array, g: jax.Array, scale:
         gpart = jax.lax.dynamic_slice_in_dim(gp, i * length, length, axis=1 + yaxis)
         return contribution(hpart, gpart)
 
-    return _toward_zero(_compensated_sum(part, chunks), w.dtype)
+    return _compensated_sum(part, chunks)
 
 
 @dataclasses.dataclass
@@ -637,6 +474,22 @@ class _Pass:
     acc: Any
 
 
+def _plan(closed: Any, num_params: int, acc: Any) -> dict[int, _Ghost]:
+    """The ghost sites of the leaves whose every site is usable (``_usable``); a leaf goes ghost only whole.
+
+    A leaf with several sites goes ghost only if one of them is a lookup (tied input/output
+    embeddings, where materialising costs B copies of the V x M table); its norm is then the triangle
+    inequality bound of ``_leaf_terms``. A weight used in several products only is materialised (its
+    norm exact: the triangle bound would over-clip it, and it is no larger than its operands).
+    """
+    plan = restrict(ghost_plan(closed, num_params), lambda g: _usable(g, acc))
+    sites: dict[int, list[_Ghost]] = {}
+    for g in plan.values():
+        sites.setdefault(g.leaf, []).append(g)
+    keep = {leaf for leaf, gs in sites.items() if len(gs) == 1 or any(g.kind == "lookup" for g in gs)}
+    return {j: g for j, g in plan.items() if g.leaf in keep}
+
+
 def _run(loss_fn: Callable[..., jax.Array], has_aux: bool, params: Any, batch: tuple, args: tuple,
          where: str = "clipped_grad") -> _Pass:
     """``batch``: the per-example arguments (a tuple, each with the leading batch axis); ``args``: shared."""
@@ -647,7 +500,7 @@ def _run(loss_fn: Callable[..., jax.Array], has_aux: bool, params: Any, batch: t
     one = jax.tree.map(lambda x: x[0], batch)
     closed, out_shape = jax.make_jaxpr(flat_loss, return_shape=True)(leaves, one)
     out_tree = jax.tree.structure(out_shape)
-    plan = {j: g for j, g in _ghost_plan(closed, len(leaves)).items() if _usable(g, acc)}
+    plan = _plan(closed, len(leaves), acc)
     dense = sorted(set(range(len(leaves))) - {g.leaf for g in plan.values()})
 
     def single(probes: dict, dense_params: list, example: Any) -> Any:
@@ -656,8 +509,9 @@ def _run(loss_fn: Callable[..., jax.Array], has_aux: bool, params: Any, batch: t
             flat[i] = x
         probe = _Probe(plan, probes)
         invals = flat + jax.tree.leaves(example)
-        insrc = list(range(len(leaves))) + [None] * (len(invals) - len(leaves))
-        outs, _ = _evaluate(closed.jaxpr, closed.consts, invals, insrc, probe)
+        insrc: list[Source | None] = [(i, None) for i in range(len(leaves))]
+        insrc += [None] * (len(invals) - len(leaves))
+        outs, _ = evaluate(closed.jaxpr, closed.consts, invals, insrc, probe)
         out = jax.tree.unflatten(out_tree, outs)
         value, aux = out if has_aux else (out, None)
         return value, (probe.operands, aux)
@@ -670,35 +524,71 @@ def _run(loss_fn: Callable[..., jax.Array], has_aux: bool, params: Any, batch: t
     return _Pass(leaves, treedef, plan, dense, operands, g_probe, g_dense, aux, size, acc)
 
 
-def _norms(run: _Pass, clip: float) -> jax.Array:
-    """(B,) squared norms to clip by: rigorous upper bounds, at least the rounding floor (module docstring)."""
+def _leaf_terms(plan: dict[int, _Ghost], site_sq: dict[int, jax.Array], acc: Any) -> list[jax.Array]:
+    """(B,) squared-norm bounds per ghost leaf from its sites' bounds. A leaf with several sites (tied
+    weights: a lookup and an output product, or two products) takes the triangle inequality
+    ||sum_u P_u|| <= sum_u ||P_u||: safe, and it over-clips where the uses' gradients are not aligned
+    (by up to sqrt(n) for n orthogonal uses of equal norm); the n square roots and the n-term sum
+    round by at most gamma_{n+1}, the square by u."""
+    by_leaf: dict[int, list[jax.Array]] = {}
+    for j, ghost in plan.items():
+        by_leaf.setdefault(ghost.leaf, []).append(site_sq[j])
+    out = []
+    for sqs in by_leaf.values():
+        if len(sqs) == 1:
+            out.append(sqs[0])
+            continue
+        norm = sqs[0] ** 0.5
+        for sq in sqs[1:]:
+            norm = norm + sq**0.5
+        out.append(jnp.square(norm * (1 + _gamma(len(sqs) + 1, acc))) * (1 + _gamma(1, acc)))
+    return out
+
+
+def _norms(run: _Pass, clip: float) -> tuple[jax.Array, dict[int, tuple[jax.Array, jax.Array]]]:
+    """(B,) squared norms to clip by: rigorous upper bounds, at least the rounding floor (module
+    docstring); and for each lookup site its (B, T, M) segment sums and (B, T) row ids (the clipped sum
+    scatters those)."""
     acc = run.acc
+    products = {j: g for j, g in run.plan.items() if g.kind == "dot"}
     bounds = {
         j: jax.vmap(lambda h, g, ghost=ghost: _ghost_bound(h, g, ghost, acc))(run.operands[j], run.g_probe[j])
-        for j, ghost in run.plan.items()
+        for j, ghost in products.items()
     }
+    lookups: dict[int, tuple[jax.Array, jax.Array]] = {}
+    site_sq: dict[int, jax.Array] = {j: b[0] for j, b in bounds.items()}
+    for j, ghost in run.plan.items():
+        if ghost.kind == "lookup":
+            rows_sums = lambda r, g, ghost=ghost: lookup_rows_sums(ghost, r, g, acc)
+            sums, ids, terms = jax.vmap(rows_sums)(run.operands[j], run.g_probe[j])
+            lookups[j] = (sums, ids)
+            site_sq[j] = lookup_sq(sums, terms, lookup_dims(ghost)[0], acc)
     zero = jnp.zeros((run.size,), acc)
     floor = zero
-    for j, ghost in run.plan.items():
+    for j, ghost in products.items():
         _, _, _, chunks, rows = _chunking(ghost, run.operands[j], run.g_probe[j])
         floor = floor + (_gamma(rows + 1, acc) + 2 * _gamma(chunks, acc) ** 2) * bounds[j][1]
     floor = floor / _ROUNDING_SHARE
     dense_sq = [_sum_squares_upper(x, acc) for x in run.g_dense]
-    ghost_sq = {j: b[0] for j, b in bounds.items()}
-    total = _total_upper(list(ghost_sq.values()) + dense_sq, acc) if ghost_sq or dense_sq else zero
+
+    def total_of(sq: dict[int, jax.Array]) -> jax.Array:
+        terms = _leaf_terms(run.plan, sq, acc) + dense_sq
+        return _total_upper(terms, acc) if terms else zero
+
+    total = total_of(site_sq)
     # Where a Gram-form value is not certified accurate and the bound decides the clipping, that
     # weight's norms come from the formed products instead (rare: a cancelling example in the batch).
     deciding = total > jnp.maximum(clip**2, jnp.square(floor))
-    for j, ghost in run.plan.items():
+    for j, ghost in products.items():
         sq, _, err, value = bounds[j]
         if _dims(ghost)[0] == 1:
             continue
         needed = jnp.any(deciding & (err > _CERTIFIED * value))
         h, g = run.operands[j], run.g_probe[j]
         exact = lambda sq=sq, h=h, g=g, ghost=ghost: jnp.minimum(sq, _exact_bounds(h, g, ghost, acc))
-        ghost_sq[j] = jax.lax.cond(needed, exact, lambda sq=sq: sq)
-    total = _total_upper(list(ghost_sq.values()) + dense_sq, acc) if ghost_sq or dense_sq else zero
-    return jnp.maximum(total, jnp.square(floor))  # NaN stays NaN: an invalid example stays invalid
+        site_sq[j] = jax.lax.cond(needed, exact, lambda sq=sq: sq)
+    total = total_of(site_sq)
+    return jnp.maximum(total, jnp.square(floor)), lookups  # NaN stays NaN: an invalid example stays invalid
 
 
 def clipping_norms(loss_fn: Callable[..., jax.Array], l2_clip_norm: float) -> Callable[..., jax.Array]:
@@ -710,7 +600,7 @@ def clipping_norms(loss_fn: Callable[..., jax.Array], l2_clip_norm: float) -> Ca
 
     def f(params: Any, *examples: Any, shared: Any = ()) -> jax.Array:
         args = shared_arguments(shared, "clipping_norms")
-        return jnp.sqrt(_norms(_run(loss_fn, False, params, examples, args, "clipping_norms"), clip))
+        return jnp.sqrt(_norms(_run(loss_fn, False, params, examples, args, "clipping_norms"), clip)[0])
 
     return f
 
@@ -725,7 +615,7 @@ def ghost_leaves(loss_fn: Callable[..., jax.Array], params: Any, *example: Any, 
     flat_loss = lambda p, ex: loss_fn(jax.tree.unflatten(treedef, p), *ex, *args)
     closed = jax.make_jaxpr(flat_loss)(leaves, example)
     names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    return sorted(names[g.leaf] for g in _ghost_plan(closed, len(leaves)).values() if _usable(g, acc))
+    return sorted({names[g.leaf] for g in _plan(closed, len(leaves), acc).values()})
 
 
 def clipped_grad(
@@ -750,14 +640,23 @@ def clipped_grad(
 
     def f(params: Any, *examples: Any, shared: Any = ()) -> Any:
         run = _run(loss_fn, has_aux, params, examples, shared_arguments(shared, "clipped_grad"))
-        scale, finite = clip_weights(_norms(run, clip), clip)
+        sq, lookups = _norms(run, clip)
+        scale, finite = clip_weights(sq, clip)
         out = list(run.leaves)
         for i, x in zip(run.dense, run.g_dense):
             out[i] = _weighted_sum(scale, finite, x)
+        sums: dict[int, jax.Array] = {}  # per ghost leaf, in acc: the sites' contributions added
         for j, ghost in run.plan.items():
             w = run.leaves[ghost.leaf]
-            fn = lambda h, g, ghost=ghost, w=w: _product_vjp(ghost, w, h, g, scale, run.acc)
-            out[ghost.leaf] = _weighted_rows(finite, fn, run.operands[j], run.g_probe[j])
+            if ghost.kind == "lookup":
+                fn = lambda s, i, ghost=ghost: lookup_sum(ghost, s, i, scale, run.acc)
+                part = _weighted_rows(finite, fn, *lookups[j])
+            else:
+                fn = lambda h, g, ghost=ghost, w=w: _product_vjp(ghost, w, h, g, scale, run.acc)
+                part = _weighted_rows(finite, fn, run.operands[j], run.g_probe[j])
+            sums[ghost.leaf] = part if ghost.leaf not in sums else sums[ghost.leaf] + part
+        for leaf, total in sums.items():
+            out[leaf] = _toward_zero(total, run.leaves[leaf].dtype)
         result = ClippedSum(jax.tree.unflatten(run.treedef, out), jnp.sum(~finite).astype(jnp.int32), run.size, clip)
         return (result, run.aux) if has_aux else result
 

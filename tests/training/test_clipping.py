@@ -235,8 +235,8 @@ _custom_product.defvjp(_custom_fwd, _custom_bwd)
 def _per_head(p, x):
     q = jnp.einsum("tk,hkd->htd", x, p["Wq"])  # an ordinary product (no batch dims): ghost
     pooled = jnp.tanh(jnp.mean(q, axis=1))  # (H, D)
-    # per-head weights, batch dim h: materialised. (Taken the ghost way, (H, D) would be read as H
-    # rows of one D x M product: cross-head terms in the norm, a wrong clip.)
+    # per-head weights, batch dim h: ghost, one product per head, the norms of the heads' slices summed
+    # (read as H rows of one D x M product there would be cross-head terms in the norm, a wrong clip)
     o = jnp.einsum("hd,hdm->hm", pooled, p["Wo"])
     return jnp.sum(jnp.tanh(o) ** 2)
 
@@ -296,7 +296,7 @@ def _custom(p, x):
 
 def _embedding(p, x):
     ids = (jnp.abs(x[:, :2]) * 3).astype(jnp.int32) % 5  # (T, 2) token ids with repeats
-    e = p["E"][ids[:, 0]] + jnp.take(p["E2"], ids[:, 1], axis=0)  # gathers: materialised
+    e = p["E"][ids[:, 0]] + jnp.take(p["E2"], ids[:, 1], axis=0)  # lookups, T = 3 < V = 5: ghost
     return jnp.sum(jnp.sin(_layer(x + e, p["W"])))
 
 
@@ -312,13 +312,13 @@ def _two_params(p, x):
 
 ROUTES = {
     # name: (loss, parameter shapes, the leaves that go the ghost way)
-    "per-head": (_per_head, {"Wq": (2, 8, 8), "Wo": (2, 8, 8)}, ["['Wq']"]),
+    "per-head": (_per_head, {"Wq": (2, 8, 8), "Wo": (2, 8, 8)}, ["['Wo']", "['Wq']"]),
     "scan": (_scan, {"Win": (8, 8), "Wrec": (8, 8), "Wout": (8, 8)}, ["['Win']", "['Wout']"]),
     "cond": (_cond, {"W": (8, 8), "A": (8, 8)}, ["['W']"]),
     "while": (_while, {"W": (8, 8), "A": (8, 8)}, ["['W']"]),
     "checkpoint": (_checkpoint, {"W": (8, 8), "A": (8, 8)}, ["['W']"]),
     "custom_vjp": (_custom, {"W": (8, 8), "A": (8, 8)}, ["['W']"]),
-    "embedding": (_embedding, {"W": (8, 8), "E": (5, 8), "E2": (5, 8)}, ["['W']"]),
+    "embedding": (_embedding, {"W": (8, 8), "E": (5, 8), "E2": (5, 8)}, ["['E']", "['E2']", "['W']"]),
     "jit twice": (_jit_twice, {"S": (8, 8), "P1": (8, 8), "P2": (8, 8)}, ["['P1']", "['P2']"]),
     "two params": (_two_params, {"A": (8, 8), "B": (8, 8), "C": (8, 8), "D": (8, 8)}, ["['C']", "['D']"]),
 }
