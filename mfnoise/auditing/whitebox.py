@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 import time
 from typing import Any
 
@@ -80,7 +81,7 @@ SIGN_SEARCH_STEPS = 8  # patterns with negative entries of C^T C on them: {-1, 0
 RIDGE = 1e-9  # relative ridge of the empirical covariance (singular when rows repeat)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class AuditResult:
     """The outcome of ``whitebox_audit``.
 
@@ -121,6 +122,15 @@ class AuditResult:
     def flagged(self) -> bool:
         """True when the empirical lower bound is above the claimed epsilon."""
         return self.lower_bound.epsilon > self.claimed_epsilon
+
+    def summary(self) -> str:
+        """One line: the mechanism, the empirical lower bound at its confidence against the claim."""
+        verdict = "FLAGGED: less private than claimed" if self.flagged else "consistent with the claim"
+        return (f"{self.mechanism} {self.strategy} under {self.participation}, z={self.noise_multiplier:.6g}: "
+                f"empirical epsilon >= {self.lower_bound.epsilon:.4g} ({self.confidence:.0%} confidence, "
+                f"{self.estimator}, {self.details.get('reported_attack', self.attack)} attack, {self.trials} canaries) "
+                f"vs claimed {self.claimed_epsilon:.4g} at delta={self.delta:g}: tightness {self.tightness:.3f}, "
+                f"{verdict} ({self.seconds:.1f} s)")
 
     def to_dict(self, scores: bool = False) -> dict:
         """JSON-ready (``scores=True`` adds the score arrays as lists)."""
@@ -201,23 +211,28 @@ def canary_pattern(strategy: Strategy, participation: Participation) -> np.ndarr
     return best_u
 
 
+def _real(x: Any) -> bool:
+    """A real number (Python or numpy scalar), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
 def _check_inputs(noise_multiplier: Any, delta: Any, trials: Any, l2_clip_norm: Any, canary_norm: Any,
                   estimator: Any, attack: Any, confidence: Any, coordinates: Any) -> None:
-    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier > 0):
+    if not (_real(noise_multiplier) and math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier!r}")
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+    if not (_real(delta) and 0 < delta < 1):
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)) or trials < 16:
         raise ValueError(f"trials must be an integer >= 16, got {trials!r}")
-    if not (isinstance(l2_clip_norm, (int, float)) and math.isfinite(l2_clip_norm) and l2_clip_norm > 0):
+    if not (_real(l2_clip_norm) and math.isfinite(l2_clip_norm) and l2_clip_norm > 0):
         raise ValueError(f"l2_clip_norm must be a positive finite number, got {l2_clip_norm!r}")
-    if not (isinstance(canary_norm, (int, float)) and math.isfinite(canary_norm) and canary_norm > 0):
+    if not (_real(canary_norm) and math.isfinite(canary_norm) and canary_norm > 0):
         raise ValueError(f"canary_norm must be a positive finite number (or None: the clip norm), got {canary_norm!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
-    if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
+    if not (_real(confidence) and 0 < confidence < 1):
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     if isinstance(coordinates, bool) or not isinstance(coordinates, (int, np.integer)) or coordinates < 16:
         raise ValueError(f"coordinates must be an integer >= 16, got {coordinates!r}")

@@ -270,6 +270,10 @@ def test_estimators_and_to_dict():
         assert r.lower_bound.method == estimator and 0 <= r.lower_bound.epsilon <= claimed
     d = r.to_dict(scores=True)
     json.dumps(d)
+    assert "consistent with the claim" in r.summary() and "one-run" in r.summary()
+    numpy_scalars: dict = {"noise_multiplier": np.float32(z), "delta": np.float64(DELTA), "trials": np.int64(1 << 10)}
+    r2 = whitebox.whitebox_audit(Identity(N), P, attack="whitened", claimed_epsilon=claimed, **numpy_scalars)
+    assert r2.trials == 1 << 10
     assert d["trials"] == 1 << 13 and len(d["scores_in"]) + len(d["scores_out"]) == 1 << 13
     assert d["claimed_epsilon"] == claimed and d["mechanism"] == "honest"
 
