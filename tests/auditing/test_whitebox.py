@@ -264,13 +264,13 @@ def test_reused_rows_need_the_empirical_attack():
 
 def test_estimators_and_to_dict():
     z, claimed = _claim(4.0)
-    for estimator in ("clopper-pearson", "one-run"):
+    for estimator in ("clopper-pearson", "one-run", "one-run-fdp"):
         r = whitebox.whitebox_audit(Identity(N), P, z, delta=DELTA, trials=1 << 13, estimator=estimator, seed=15,
                                     attack="whitened", claimed_epsilon=claimed)
         assert r.lower_bound.method == estimator and 0 <= r.lower_bound.epsilon <= claimed
     d = r.to_dict(scores=True)
     json.dumps(d)
-    assert "consistent with the claim" in r.summary() and "one-run" in r.summary()
+    assert "consistent with the claim" in r.summary() and "one-run-fdp" in r.summary()
     numpy_scalars: dict = {"noise_multiplier": np.float32(z), "delta": np.float64(DELTA), "trials": np.int64(1 << 10)}
     r2 = whitebox.whitebox_audit(Identity(N), P, attack="whitened", claimed_epsilon=claimed, **numpy_scalars)
     assert r2.trials == 1 << 10
