@@ -119,3 +119,17 @@ def test_the_demo_black_box_audit_runs_at_a_test_size():
     assert r.lower_bound.method == "one-run" and r.lower_bound.epsilon <= r.claimed_epsilon
     assert r.extra["steps"] == 2 * (240 // 64) and np.all(np.isfinite(r.scores))
     assert r.extra["plan_epsilon"] == r.claimed_epsilon
+
+
+def test_a_strategy_file_is_audited_and_its_n_checked(tmp_path):
+    import mfnoise
+    from mfnoise.strategies import io as sio
+
+    path = sio.save(mfnoise.bsr(8, 4), tmp_path / "bsr.npz")
+    code, out, err = _run("audit", "--strategy", path, "--epochs", "2", "--noise-multiplier", "1.08",
+                          "--trials", "2000", "--json", "--quiet")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["participation"]["n"] == 8 and d["strategy"].startswith("Banded")
+    code, _, err = _run("audit", "--strategy", path, "--n", "16", "--noise-multiplier", "1", "--trials", "10")
+    assert code == 2 and "differs from the strategy file" in err
