@@ -265,7 +265,7 @@ def test_reused_rows_need_the_empirical_attack():
 def test_estimators_and_to_dict():
     z, claimed = _claim(4.0)
     for estimator in ("clopper-pearson", "one-run", "one-run-fdp"):
-        r = whitebox.whitebox_audit(Identity(N), P, z, delta=DELTA, trials=1 << 13, estimator=estimator, seed=15,
+        r = whitebox.whitebox_audit(Identity(N), P, z, delta=DELTA, trials=1 << 12, estimator=estimator, seed=15,
                                     attack="whitened", claimed_epsilon=claimed)
         assert r.lower_bound.method == estimator and 0 <= r.lower_bound.epsilon <= claimed
     d = r.to_dict(scores=True)
@@ -274,7 +274,7 @@ def test_estimators_and_to_dict():
     numpy_scalars: dict = {"noise_multiplier": np.float32(z), "delta": np.float64(DELTA), "trials": np.int64(1 << 10)}
     r2 = whitebox.whitebox_audit(Identity(N), P, attack="whitened", claimed_epsilon=claimed, **numpy_scalars)
     assert r2.trials == 1 << 10
-    assert d["trials"] == 1 << 13 and len(d["scores_in"]) + len(d["scores_out"]) == 1 << 13
+    assert d["trials"] == 1 << 12 and len(d["scores_in"]) + len(d["scores_out"]) == 1 << 12
     assert d["claimed_epsilon"] == claimed and d["mechanism"] == "honest"
 
 
