@@ -171,3 +171,21 @@ def test_the_claimed_curve_of_the_plot_is_the_mechanism_s_own():
     for z in (0.6, 2.0):
         mu = epsilon_to_gdp_mu(mfnoise.epsilon(z, DELTA, p), DELTA)
         assert math.isclose(mu, 1 / z, rel_tol=2e-3)
+
+
+def test_the_readme_auditing_block_runs():
+    """The README's "### Auditing" Python block runs as written (its assert: the fixture is flagged)
+    and the honest audit in it is not accused."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    section = text.split("### Auditing", 1)[1]
+    block = re.search(r"```python\n(.*?)\n```", section, flags=re.S)
+    assert block is not None
+    namespace: dict = {}
+    code = block.group(1).replace("verbose=True", "verbose=False").replace("1 << 17", "1 << 14")  # test-sized
+    assert code != block.group(1)
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert not namespace["result"].flagged and namespace["result"].tightness > 0.7
+    assert namespace["broken"].flagged
