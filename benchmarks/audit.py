@@ -64,7 +64,7 @@ def whitebox_rows(trials: int, log) -> list[dict]:
     log(f"BLT optimized in {time.perf_counter() - t0:.1f} s: {blt!r}")
     strategies = {"dp-sgd": mfnoise.Identity(N), "bsr": mfnoise.bsr(N, N // EPOCHS), "blt": blt}
     for strategy in strategies.values():  # compile each mechanism once, so no row's seconds include it
-        mfnoise.audit(strategy, p, 1.0, delta=DELTA, trials=1024, seed=99)
+        mfnoise.audit(strategy, p, 1.0, delta=DELTA, trials=trials, seed=99)  # the same shapes as the rows
     rows = []
     zs = {}
     for eps in EPSILONS:
