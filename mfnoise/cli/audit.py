@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> dict:
             from mfnoise.strategies.files import output_folder
 
             output_folder(path, name)
+    if args.plot is not None:
+        _check_plot(args.plot)
     if not (0 < args.confidence < 1):
         raise ValueError(f"--confidence must be in (0, 1), got {args.confidence!r}")
     start = time.perf_counter()
@@ -159,6 +161,19 @@ def run(args: argparse.Namespace) -> dict:
             f.write(json.dumps(out, indent=1, sort_keys=True))
         out["out"] = os.path.abspath(args.out)
     return out
+
+
+def _check_plot(path: str) -> None:
+    """matplotlib is there and writes ``path``'s format: checked before the audit, not after it."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'mfnoise[demo]'") from None
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f"--plot {path!r}: matplotlib cannot write .{fmt} files; use one of "
+                         f"{', '.join('.' + k for k in sorted(supported))}")
 
 
 def _run_whitebox(args: argparse.Namespace, log) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -40,6 +41,7 @@ def test_help_explains_white_box_auditing_and_the_numbers():
 
 
 def test_a_tiny_audit_prints_the_bound_next_to_the_claim_and_writes_json_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
     import mfnoise
     from mfnoise.training.accounting import epsilon
 
@@ -54,10 +56,7 @@ def test_a_tiny_audit_prints_the_bound_next_to_the_claim_and_writes_json_and_plo
     assert saved["tightness"] == pytest.approx(saved["empirical_epsilon"] / claimed)
     assert f"{saved['empirical_epsilon']:.4g}" in out and f"{claimed:.4g}" in out and "tightness" in out
     assert "white-box audit" in err  # progress on stderr
-    if plot.exists() or saved.get("plot"):
-        assert plot.read_bytes()[:4] == b"\x89PNG"
-    else:  # pragma: no cover - only without matplotlib
-        pytest.skip("matplotlib missing")
+    assert saved["plot"] == os.path.abspath(plot) and plot.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_json_prints_one_object_and_a_broken_fixture_exits_1():
@@ -102,6 +101,7 @@ def test_a_saved_plan_is_audited_with_its_own_claim(tmp_path):
     (("--family", "identity", "--n", "8", "--noise-multiplier", "1", "--estimator", "one-run"), "black-box"),
     (("--family", "identity", "--n", "8", "--noise-multiplier", "1", "--confidence", "1.5"), "--confidence"),
     (("--family", "identity", "--n", "8", "--noise-multiplier", "1", "--out", "/no/such/folder/a.json"), "--out"),
+    (("--family", "identity", "--n", "8", "--noise-multiplier", "1", "--plot", "roc.xyz"), "cannot write .xyz"),
     (("--demo", "--noise-multiplier", "1"), "give --epsilon"),
     (("--demo", "--mechanism", "no-clipping"), "do not apply to --demo"),
 ])
