@@ -244,5 +244,6 @@ def format_lm(result: dict) -> str:
                  "(clip units);")
     lines.append("non-private fine-tuning: no clipping, no noise (not private); seconds: plan + training "
                  "(pretraining for the pretrained row).")
-    lines.append(f"total {result['seconds']:.1f} s" + (f"; plot: {result['plot']}" if result.get("plot") else ""))
+    cpu = f" ({result['cpu_seconds']:.0f} s of CPU)" if "cpu_seconds" in result else ""
+    lines.append(f"total {result['seconds']:.1f} s{cpu}" + (f"; plot: {result['plot']}" if result.get("plot") else ""))
     return "\n".join(lines)
