@@ -21,6 +21,11 @@ Usage:
     .venv/bin/python benchmarks/optimize.py --only bt-4096 blt-max-1e6-b5
     .venv/bin/python benchmarks/optimize.py --device gpu # the same table on a GPU (JAX_PLATFORMS=cuda)
 
+The blt-lbfgs-* rows run this tree's default BLT solver (method "auto": mfnoise.optim.lbfgs) against
+``method="scipy"`` (L-BFGS-B, the default before), ``--repeat`` fresh processes of each taken in turns;
+the baseline columns hold L-BFGS-B's run of median wall time, the JSON every run's wall and CPU seconds
+(``before_speedup``: the ratio of the median wall times, ``before_cpu_speedup``: of their CPU times).
+
 The blt-closed-* rows (BLT, max error, 8 buffers, n = 10^7 and 10^9; closed-form losses) run instead
 against the previous tree's O(n) BLT path: ``git archive OLD_REV`` (``--old-rev``, default 77cb97d,
 the tree before the closed forms) unpacked into a temporary folder and put first on PYTHONPATH for
@@ -103,6 +108,14 @@ ROWS.update({
                               target="< 1 s inside optimize (issue 16); max_error within 1e-6 of the O(n) path's"),
     "blt-closed-1e9-b8": dict(family="blt", n=10**9, schema=("single",), buffers=8, objective="max", baseline=False,
                               quick_n=10**8, target="works (the O(n) path would need 8 GB arrays: not run)"),
+    # The default solver of the BLT family (method "auto" -> "lbfgs", numpy, no scipy import) against
+    # scipy's L-BFGS-B (the default before), the same problem in the same run: the "before" columns.
+    "blt-lbfgs-1e7-b8": dict(family="blt", n=10**7, schema=("single",), buffers=8, objective="max", baseline=False,
+                             before_method="scipy", quick_n=10**6,
+                             target="< 1 s inside optimize (issue 16), max_error within 1e-7 of L-BFGS-B's"),
+    "blt-lbfgs-1e9-b8": dict(family="blt", n=10**9, schema=("single",), buffers=8, objective="max", baseline=False,
+                             before_method="scipy", quick_n=10**8,
+                             target="the same at n = 10^9 (closed forms: the cost does not grow with n)"),
 })
 DEFAULT_OLD_REV = "77cb97d"
 REFERENCE = {  # closed-form sqrt-Toeplitz max_error (single participation, prefix sum)
@@ -129,17 +142,22 @@ def _score(strategy, row, n) -> dict:
             "loss": ev["rmse"] if row["objective"] == "rmse" else ev["max_error"]}
 
 
-def worker_mfnoise(row, n) -> dict:
+def worker_mfnoise(row, n, method=None) -> dict:
     import mfnoise
 
     p = _participation(row, n)
+    # "auto" only where this tree's optimize knows it (the --old-rev worker runs older trees)
+    method = method or row.get("method") or ("auto" if "auto" in _methods() else "scipy")
     start = time.perf_counter()
+    cpu_start = time.process_time()
     strategy, result = mfnoise.optimize(
         mfnoise.workloads.prefix_sum(n), p, row["family"], bands=row.get("bands"), buffers=row.get("buffers"),
-        objective=row["objective"], method=row.get("method", "scipy"), progress=False)
+        objective=row["objective"], method=method, progress=False)
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     # result[key] reads an OptimizeResult and the dict report of older trees (the --old-rev worker) alike
-    out = {"seconds": seconds, "iterations": result["iterations"], "converged": result["converged"],
+    out = {"seconds": seconds, "cpu_seconds": cpu_seconds, "method": result.get("method", method),
+           "iterations": result["iterations"], "converged": result["converged"],
            "stopped": result["stopped"], "mfnoise_path": os.path.dirname(mfnoise.__file__), **strategy.params()}
     # the dense dual's certificate: its lower bound on the optimal rmse and the relative gap to it
     out.update({key: result[key] for key in ("formulation", "dual_bound", "duality_gap",
@@ -148,6 +166,14 @@ def worker_mfnoise(row, n) -> dict:
     out.update(_score(strategy, row, n))
     assert abs(out["loss"] / (result["rmse"] if row["objective"] == "rmse" else result["max_error"]) - 1) < 1e-12
     return out
+
+
+def _methods() -> tuple[str, ...]:
+    try:
+        from mfnoise.optim import solver
+    except ImportError:
+        return ("scipy",)
+    return tuple(getattr(solver, "METHODS", ("scipy",)))
 
 
 def worker_jax_privacy(row, n, full: bool) -> dict:
@@ -213,8 +239,8 @@ def worker_jax_privacy(row, n, full: bool) -> dict:
 def _worker_main(argv) -> None:
     row_name, impl, n, full = argv[0], argv[1], int(argv[2]), argv[3] == "full"
     row = ROWS[row_name]
-    if impl == "mfnoise":
-        out = worker_mfnoise(row, n)
+    if impl.startswith("mfnoise"):  # "mfnoise" or "mfnoise:METHOD" (the before_method rows)
+        out = worker_mfnoise(row, n, impl.partition(":")[2] or None)
     else:
         out = worker_jax_privacy(row, n, full)
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -258,6 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--old-rev", default=DEFAULT_OLD_REV,
                         help="git revision whose mfnoise the blt-closed-* rows run against (default %(default)s)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="fresh processes of each side for the rows with a before_method (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -291,7 +319,30 @@ def main(argv=None) -> int:
                  "bands": row.get("bands"), "buffers": row.get("buffers"), "objective": row["objective"],
                  "method": row.get("method", "scipy"), "target": row["target"], "quick": not full}
         print(f"[{time.strftime('%H:%M:%S')}] {name} n={n}: mfnoise ...", file=sys.stderr, flush=True)
-        entry["mfnoise"] = run_worker(sys.executable, name, "mfnoise", n, full, args.device, args.timeout)
+        before = row.get("before_method")
+        if before:
+            # this tree's default against method=before_method, in fresh processes taken in turns
+            # (after, before, after, ...) so that the machine's load falls on both alike; the
+            # columns hold the run of median wall time, the ratios are of the medians.
+            runs: dict[str, list] = {"mfnoise": [], "before": []}
+            for _ in range(args.repeat):
+                for key, impl in (("mfnoise", "mfnoise"), ("before", f"mfnoise:{before}")):
+                    runs[key].append(run_worker(sys.executable, name, impl, n, full, args.device, args.timeout))
+                    runs[key][-1]["load_average"] = os.getloadavg()
+            for key, got in runs.items():
+                ok = sorted((r for r in got if "seconds" in r), key=lambda r: r["seconds"])
+                entry[key] = ok[len(ok) // 2] if ok else got[-1]
+                entry[f"{key}_runs"] = [{k: r.get(k) for k in ("seconds", "cpu_seconds", "process_seconds",
+                                                               "process_cpu_seconds", "loss", "iterations",
+                                                               "load_average", "error")} for r in got]
+            entry["before_method"] = before
+            m, b = entry["mfnoise"], entry["before"]
+            if "loss" in m and "loss" in b:
+                entry["before_loss_ratio"] = m["loss"] / b["loss"]
+                entry["before_speedup"] = b["seconds"] / m["seconds"]
+                entry["before_cpu_speedup"] = b["cpu_seconds"] / m["cpu_seconds"]
+        else:
+            entry["mfnoise"] = run_worker(sys.executable, name, "mfnoise", n, full, args.device, args.timeout)
         run_base = baseline and row.get("baseline", True) and (full or row.get("baseline_quick", True)) \
             and (args.all_baselines or not row.get("baseline_full_only", False))
         if run_base:
@@ -368,7 +419,7 @@ def _table(entries, header=True) -> str:
         lines.append("|" + "---|" * 14)
     for e in entries:
         # the blt-closed-* rows: the previous tree (--old-rev) in the baseline columns
-        m, j = e["mfnoise"], e.get("jax_privacy") or e.get("old") or {}
+        m, j = e["mfnoise"], e.get("jax_privacy") or e.get("old") or e.get("before") or {}
         size = f"bands={e['bands']}" if e.get("bands") else (f"buffers={e['buffers']}" if e.get("buffers") else "")
         if m.get("buffers") is not None and m.get("buffers") != e.get("buffers"):
             size += f" (uses {m['buffers']})"
@@ -377,8 +428,9 @@ def _table(entries, header=True) -> str:
             f"| {e['row']} | {e['n']} | {size} | {e['objective']} | {_fmt(m.get('loss'), '.6f') or m.get('error')} "
             f"| {_fmt(m.get('seconds'), '.2f')} | {_fmt(m.get('peak_mb'), '.0f')} "
             f"| {_fmt(j.get('loss'), '.6f') or j.get('error', '')} | {_fmt(j.get('seconds'), '.2f')} "
-            f"| {_fmt(j.get('peak_mb'), '.0f')} | {_fmt(e.get('loss_ratio', e.get('old_loss_ratio')), '.9f')} "
-            f"| {_fmt(e.get('speedup', e.get('old_speedup')), '.1f')} "
+            f"| {_fmt(j.get('peak_mb'), '.0f')} "
+            f"| {_fmt(e.get('loss_ratio', e.get('old_loss_ratio', e.get('before_loss_ratio'))), '.9f')} "
+            f"| {_fmt(e.get('speedup', e.get('old_speedup', e.get('before_speedup'))), '.2f')} "
             f"| {'' if vs is None else f'{100 * vs:+.3f}%'} | {e['target']} |")
     return "\n".join(lines)
 

@@ -282,6 +282,7 @@ def problem(workload: Workload, participation: Participation, *, objective: obje
         objective_from_loss=math.exp,
         extra_report=extra_report,
         cpu_compiler_options=_COMPILER_OPTIONS,
+        method="lbfgs",  # 2d parameters: scipy's import and per-iteration wrapper cost more than the loss
     )
 
 

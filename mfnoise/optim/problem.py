@@ -78,6 +78,9 @@ class Problem:
       single_threaded_blas: run the optimization, the map back and the evaluation with a
         single-threaded BLAS (the dense family's O(n^3) LAPACK calls: a second thread gains
         little and loses much when other work shares the cores).
+      method: the solver method that ``optimize(method="auto")`` runs (``mfnoise.optim.solver``):
+        "scipy" (L-BFGS-B), or "lbfgs" for a problem of few parameters and no bounds, whose
+        iterations cost less than scipy's wrapper around them (and its import).
       formulation: which formulation of its family's problem this is, where a family has several
         (the dense family: "primal" or "dual"), else None.
     """
@@ -94,10 +97,13 @@ class Problem:
     cpu_compiler_options: Mapping[str, Any] | None = None
     single_threaded_blas: bool = False
     formulation: str | None = None
+    method: str = "scipy"
 
     def __post_init__(self) -> None:
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
             raise ValueError(f"stages must be a positive integer, got {self.stages!r}")
+        if self.method not in ("scipy", "lbfgs", "optax"):
+            raise ValueError(f"method must be 'scipy', 'lbfgs' or 'optax', got {self.method!r}")
 
 
 def check_arguments(workload: Workload, participation: Participation, objective: objectives.Objective,

@@ -5,10 +5,16 @@ Each family's loss module (``mfnoise.optim.<family>``) registers a builder of it
 function of rmse or max_error) with its gradient, and the map back to a Strategy. Here a
 quasi-Newton method minimises it, whatever the family:
 
-* ``method="scipy"`` (default): scipy's L-BFGS-B ("A Limited Memory Algorithm for Bound
+* ``method="scipy"``: scipy's L-BFGS-B ("A Limited Memory Algorithm for Bound
   Constrained Optimization", Byrd, Lu, Nocedal & Zhu 1995, SIAM J. Sci. Comput. 16(5)) on the
   jitted float64 value-and-gradient; box bounds are honoured. benchmarks/optimize.py compares it
   with ``method="optax"`` (optax.lbfgs with its zoom line search, one jitted step per iteration).
+* ``method="lbfgs"``: L-BFGS in numpy (``mfnoise.optim.lbfgs``: the same memory of 30 pairs and
+  line-search constants as the L-BFGS-B call here, no bounds), for problems of a few dozen
+  parameters, where scipy's import (0.29 s) and its per-iteration wrapper cost more than the loss
+  (BLT, n = 10^7, 8 buffers, max error: 1.11 -> about 0.75 s of CPU, benchmarks/README.md).
+* ``method="auto"`` (default): the family's choice (``Problem.method``): "lbfgs" for the BLT
+  family (2 * buffers parameters), "scipy" for every other. ``OptimizeResult.method`` says which ran.
 * Stopping on a tolerance (``stopped == "tolerance"``): the objective (``Problem.objective_from_loss``
   of the loss where the family says how, else the loss) decreased by at most ``TOL_MARGIN * tol``
   relative over the last ``TOL_WINDOW`` iterations. The margin is there so that what is left of
@@ -62,7 +68,7 @@ from mfnoise.optim.problem import Problem, single_threaded_blas
 from mfnoise.optim.result import OptimizeResult
 from mfnoise.strategies.base import Strategy
 
-METHODS = ("scipy", "optax")
+METHODS = ("auto", "scipy", "lbfgs", "optax")
 DEFAULT_TOL = 1e-7
 TOL_WINDOW = 10
 TOL_MARGIN = 0.25
@@ -156,7 +162,7 @@ def optimize(
     buffers: int | None = None,
     objective: objectives.Objective = "rmse",
     init: Any = None,
-    method: str = "scipy",
+    method: str = "auto",
     tol: float = DEFAULT_TOL,
     gtol: float = 1e-9,
     max_iterations: int = 20_000,
@@ -178,7 +184,9 @@ def optimize(
         "last-iterate" (sens * ||(A C^-1)[n-1, :]||) or ``mfnoise.optim.objectives.Weighted(w)``,
         for the families that support it (``mfnoise.optim.objectives``).
       init: the family's initial value (see its problem module); default a closed form.
-      method: "scipy" (L-BFGS-B) or "optax" (optax.lbfgs).
+      method: "auto" (the family's ``Problem.method``: "lbfgs" for the BLT family, else "scipy"),
+        "scipy" (L-BFGS-B), "lbfgs" (L-BFGS in numpy, ``mfnoise.optim.lbfgs``: for few
+        parameters and no bounds) or "optax" (optax.lbfgs). The result's ``method`` is the one run.
       tol: stop a start when the objective decreased by at most ``tol`` relative over the last
         ``TOL_WINDOW`` iterations (module docstring; the default is below every printed digit).
       gtol: or when the projected gradient is below gtol.
@@ -210,6 +218,8 @@ def optimize(
     with jax.enable_x64(True):
         prob = problems.builder(family)(workload, participation, objective=objective, bands=bands,
                                         buffers=buffers, init=init)
+    if method == "auto":
+        method = prob.method
     blas = single_threaded_blas() if prob.single_threaded_blas else contextlib.nullcontext()
     with blas:
         with jax.enable_x64(True):
@@ -224,6 +234,8 @@ def optimize(
 
                 with single_threaded_blas():
                     run = _run_staged(_scipy_stage, prob, _jitted(prob), **kw)
+            elif method == "lbfgs":
+                run = _run_staged(_lbfgs_stage, prob, _jitted(prob), **kw)
             else:
                 run = _run_staged(functools.partial(_optax_stage, prob=prob), prob, _jitted(prob), **kw)
         optimize_seconds = time.perf_counter() - start
@@ -465,6 +477,25 @@ def _scipy_stage(fun, x0, tracker, history, bar, bounds, *, window, tol, gtol, m
         return "max_iterations", False
     # ABNORMAL line search at the tolerance floor: no further decrease is possible in float64.
     return str(res.message), "ABNORMAL" in str(res.message)
+
+
+def _lbfgs_stage(fun, x0, tracker, history, bar, bounds, *, window, tol, gtol, max_iterations, max_seconds,
+                callback, start) -> tuple[str, bool]:
+    """One L-BFGS run from x0 (``mfnoise.optim.lbfgs``, numpy only); returns (why it stopped, converged)."""
+    from mfnoise.optim import lbfgs
+
+    if bounds is not None:
+        raise ValueError("method 'lbfgs' has no box bounds: use method='scipy' (L-BFGS-B)")
+
+    def on_iteration(x: np.ndarray, v: float) -> str | None:
+        return _report_iteration(history, bar, tracker, callback, start, max_seconds, v, x, window)
+
+    stopped = lbfgs.minimize(fun, x0, on_iteration=on_iteration, ftol=min(tol, FTOL_FLOOR), gtol=gtol,
+                            max_iterations=max(1, max_iterations - len(history)), see=tracker.see)
+    if stopped in ("tolerance", "converged", "line search"):
+        # "line search": no decreasing step in float64 (L-BFGS-B's ABNORMAL at its tolerance floor).
+        return stopped, True
+    return stopped, False
 
 
 def _optax_stage(fun_unused, x0, tracker, history, bar, bounds, *, prob, window, tol, gtol, max_iterations,

@@ -135,7 +135,10 @@ def test_optimum_at_a_unit_decay_is_reached_as_a_valid_blt():
         assert report["converged"]
         assert np.all(s.theta < 1) and 1 - s.theta.max() < 1e-8  # the saturated regime
         assert report["max_error"] == pytest.approx(dense_objective(s.dense(), w, p, "max"), rel=1e-9)
-        assert report["max_error"] <= previous * (1 + 1e-9)
+        # Two separate runs (2 and 3 buffers) agree to the solver's tol (1e-7), not further: the
+        # 2-buffer run of method "lbfgs" ends 1.4e-9 below both methods' 3-buffer runs (and below
+        # L-BFGS-B's 2-buffer run), on a valley flat to 1e-9.
+        assert report["max_error"] <= previous * (1 + 1e-8)
         previous = report["max_error"]
 
 
