@@ -40,11 +40,12 @@ whose input is not a ``ClippedSum`` (plain gradients: nothing was clipped; per-e
 clip them per microbatch first), a ``ClippedSum`` clipped to another norm, microbatches of
 different sizes within one ``multi_steps`` (the logical batch must be k fixed-size microbatches;
 pad a ragged last one with a zero-weight mask, e.g. ``plan.loss``, whose padded examples contribute
-exact zeros), and, inside ``shard_map``, a ``ClippedSum`` that still varies across a manual mesh
-axis (each device would add its own noise to its own partial sum: reduce it first, e.g. with
-``mfnoise.training.data_parallel.data_parallel``). ``optax.MultiSteps`` around ``dp_aggregate`` is
-wrong (it averages per-example gradients of different examples before clipping, or averages the
-``nonfinite`` count); use ``multi_steps``.
+exact zeros), and any call inside ``shard_map`` (each device would add its own noise to its own
+partial sum; and with shard_map's default ``check_vma=True`` the gradients of replicated params
+are summed over the devices before they are clipped): clip and reduce with
+``mfnoise.training.data_parallel.data_parallel`` and call the DP transform outside.
+``optax.MultiSteps`` around ``dp_aggregate`` is wrong (it averages per-example gradients of
+different examples before clipping, or averages the ``nonfinite`` count); use ``multi_steps``.
 
 The divisor stays the public constant given to ``dp_aggregate`` (``expected_batch_size``: the
 logical batch's, never the microbatch's, and never the count of examples seen).
@@ -131,6 +132,18 @@ def _varying_axes(tree: Any) -> set:
     axes: set = set()
     for x in jax.tree.leaves(tree):
         axes |= _varying(x)
+    return axes
+
+
+def _manual_axes(tree: Any) -> set:
+    """The manual (shard_map) axes of the meshes the leaves of ``tree`` are typed on (empty outside
+    shard_map)."""
+    axes: set = set()
+    for x in jax.tree.leaves(tree):
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+        for name, kind in zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ())):
+            if kind == jax.sharding.AxisType.Manual:
+                axes.add(name)
     return axes
 
 
@@ -292,12 +305,16 @@ def multi_steps(tx: Any, microbatches: int) -> MultiStepsTransformation:
                 f"logical batch is {k} microbatches of one size (pad a ragged last microbatch with zero-weight "
                 "examples, e.g. the mask of plan.loss)"
             )
-        varying = _varying_axes((updates.grads, updates.nonfinite))
-        if varying:
+        manual = _manual_axes(updates.grads)
+        if manual:
+            varying = sorted(_varying_axes((updates.grads, updates.nonfinite)))
             raise ValueError(
-                f"multi_steps inside shard_map: the ClippedSum still varies across mesh axes {sorted(varying)} "
-                "(each device's partial sum); reduce it over those axes first (jax.lax.psum, or "
-                "mfnoise.training.data_parallel.data_parallel), or every device would add its own noise"
+                f"multi_steps inside shard_map (manual mesh axes {sorted(manual)}): call the DP transform outside it, "
+                "on the reduced sum (mfnoise.training.data_parallel.data_parallel does the per-device clipping and "
+                "the one reduction). Inside, each device would add its own noise to its own partial sum"
+                + (f" (this ClippedSum still varies across {varying})" if varying else "")
+                + ", and with shard_map's default check_vma=True the per-example gradients of replicated params are "
+                "already summed over the devices before clipping"
             )
         acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), state.acc, updates.grads)
         nonfinite = state.nonfinite + updates.nonfinite

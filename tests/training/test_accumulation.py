@@ -333,9 +333,10 @@ def test_refusals():
         wrapped.update(cast(Any, fake_sum(p, 2)), state, p)
 
 
-def test_refuses_an_unreduced_sum_inside_shard_map():
-    """Inside shard_map a device's partial ClippedSum varies across the data axis: noising it there would
-    add one noise per device. multi_steps refuses it; after a psum it is accepted."""
+def test_refuses_to_noise_inside_shard_map():
+    """Inside shard_map a device's partial ClippedSum (varying across the data axis) or even a reduced
+    one (where, with the default check_vma, replicated params' per-example gradients were summed over
+    the devices before clipping) must not be noised there: multi_steps refuses both, naming the axes."""
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     rng = np.random.default_rng(8)
     p = {"w": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
@@ -348,7 +349,7 @@ def test_refuses_an_unreduced_sum_inside_shard_map():
     P = jax.sharding.PartitionSpec
 
     def local(reduce, p, state, x, y):
-        # params cast to device-varying, as data_parallel does (else their gradient is psum-ed implicitly)
+        # params cast to device-varying, so that the per-example gradients are each device's own
         s = fn(jax.tree.map(lambda a: jax.lax.pcast(a, ("data",), to="varying"), p), x, y)
         if reduce:
             s = ClippedSum(jax.lax.psum(s.grads, "data"), jax.lax.psum(s.nonfinite, "data"), s.batch_size,
@@ -357,7 +358,9 @@ def test_refuses_an_unreduced_sum_inside_shard_map():
 
     state = wrapped.init(p)
     specs = (P(), P(), P("data"), P("data"))
-    with pytest.raises(ValueError, match="varies across mesh axes"):
+    with pytest.raises(ValueError, match=r"inside shard_map \(manual mesh axes \['data'\]\).*still varies across"):
         jax.shard_map(lambda *a: local(False, *a), mesh=mesh, in_specs=specs, out_specs=P())(p, state, x, y)
-    out = jax.shard_map(lambda *a: local(True, *a), mesh=mesh, in_specs=specs, out_specs=P())(p, state, x, y)
+    with pytest.raises(ValueError, match=r"inside shard_map \(manual mesh axes \['data'\]\)"):
+        jax.shard_map(lambda *a: local(True, *a), mesh=mesh, in_specs=specs, out_specs=P())(p, state, x, y)
+    out = wrapped.update(cast(Any, jax.jit(fn)(p, x, y)), state, p)[0]  # outside: accepted
     assert all(np.all(np.isfinite(v)) for v in leaves(out))
