@@ -10,23 +10,29 @@ Two ways to compute it:
   ``mfnoise.training.per_example.per_example_grads``. Works for any model; costs B parameter-sized arrays.
 * ``clipped_grad(loss_fn, c)``: from the loss, by ghost clipping ("Efficient Per-Example Gradient
   Computations", Goodfellow 2015, arXiv:1510.01799; "Large Language Models Can Be Strong
-  Differentially Private Learners", Li et al. 2022, arXiv:2110.05679). A weight W used exactly once
-  in the loss, as an operand of a matrix product y = h W (any ``dot_general`` without batch
-  dimensions), has per-example gradient P_b = grad_W l_b = H_b^T G_b with H_b (T x K) the other
-  operand and G_b = dl_b/dy_b (T x M) the output's gradient, flattened, rows h_t, g_t. Its norm
-  needs neither P_b nor its B copies (below), and the clipped sum is one matrix product, sum_b s_b
-  H_b^T G_b = H^T diag(s) G. So one forward and one backward pass (without the weight gradients)
-  give the norms, and one product per weight gives the clipped sum: about the cost of an ordinary
-  minibatch gradient. Every other parameter (biases, convolutions, shared or transformed weights,
-  products with batch dimensions such as per-head weights, anything inside a control-flow,
+  Differentially Private Learners", Li et al. 2022, arXiv:2110.05679). A weight W used in the
+  loss as an operand of a matrix product y = h W (any ``dot_general``) has per-example gradient
+  P_b = grad_W l_b = H_b^T G_b with H_b (T x K) the other operand and G_b = dl_b/dy_b (T x M) the
+  output's gradient, flattened, rows h_t, g_t (with batch dimensions of the product's own, e.g.
+  per-head weights 'htk,hkm->htm', one such product per batch index i, ||P_b||^2 = sum_i
+  ||H_bi^T G_bi||^2). Its norm needs neither P_b nor its B copies (below), and the clipped sum is
+  one matrix product, sum_b s_b H_b^T G_b = H^T diag(s) G. An embedding table E used by a lookup
+  E[ids] (a ``gather`` of whole rows, ``jnp.take``) has P_b = sum_t e_{x_t} g_t^T, at most T
+  non-zero rows: its norm and clipped sum come from the rows themselves, T x M per example
+  (``mfnoise.training.ghost_embedding``, book-keeping). So one forward and one backward pass
+  (without the weight gradients) give the norms, and one product (or one scatter-add) per weight
+  gives the clipped sum: about the cost of an ordinary minibatch gradient. Per weight the cheaper
+  way is chosen from the shapes (products: the Gram regime below; lookups: T < V). Every other
+  parameter (biases and layer-norm / RMS-norm scales, whose per-example gradients are only B x
+  their size; convolutions; reshaped, cast or shared weights; anything inside a control-flow,
   checkpoint or custom-derivative primitive) gets materialised per-example gradients in the same
   backward pass; its norm is added exactly.
 
 Safety of the norms (the privacy guarantee rests on it)
 -------------------------------------------------------
 N_b is a rigorous upper bound on the norm of the exact gradient of the example, for any finite
-input, in any float dtype (bfloat16 parameters are handled in float32), under ``jit``: with u the
-unit roundoff of the accumulation dtype (float32 for float32 and bfloat16 parameters) and the
+input, in any float dtype (bfloat16 parameters are handled in float32, lookups included), under
+``jit``: with u the unit roundoff of the accumulation dtype (float32 for float32 and bfloat16 parameters) and the
 rounding model |fl(sum of n terms) - sum| <= gamma_n sum |terms| of any summation order and of any
 dot product, gamma_n = n u / (1 - n u), every formula below is inflated by its own gamma (computed
 with 2u, a margin for products that are not IEEE-exact such as FMA and multi-pass emulations; the
@@ -37,6 +43,20 @@ norm dots run at ``Precision.HIGHEST``):
   s_true <= s_computed (1 + gamma_{sum of axis lengths + 1}). Summands are non-negative: no
   cancellation, the bound is tight. (An axis too long for a useful gamma is split when it is not
   sharded; else n max_i x_i^2 is used.)
+* lookups: the rows of P, formed by sorting the ids and summing the g_t of equal ids; the bound on
+  the rounding of those sums is derived in ``mfnoise.training.ghost_embedding`` and N covers both
+  the exact P and the rows the clipped sum adds (no cancellation in the norm: a sum of squares).
+* products with batch dimensions: each slice bounded as below, the nb-term sums of the slices'
+  bounds inflated by (1 + gamma_{nb+1}).
+* tied input/output embeddings (a table E with one lookup and one product reading E's rows, the
+  output head h E^T): ||P1 + P2||^2 = ||P1||^2 + ||P2||^2 + 2 <P1, P2>, the cross term
+  <P1, P2> = sum_{s,j} G[s, v_j] <h_s, S_j> over the example's distinct ids v_j (segment sums S_j),
+  never forming V x M; it cancels, so its rounding is bounded (derived in ``_tied_sq``), the result
+  capped by the triangle bound (N1 + N2)^2, and the rounding of the rows fl(S) the clipped sum adds
+  joins the floor below. Any other leaf with a lookup and further uses takes the triangle
+  inequality N = sum_u N_u (square roots and sum inflated by gamma_{n+1}): safe, but it over-clips
+  by sum ||P_u|| / ||sum P_u|| (1.26-1.32 for the tied tables of the tests, where the exact form is
+  used). A weight used in several products only is materialised (exact).
 * ghost, T = 1: ||P||^2 = ||h||^2 ||g||^2, a product of two such sums (no cancellation).
 * ghost, T > 1, only where T (K + M) < K M (elsewhere P_b is no larger than the operands ghost
   clipping keeps, and the leaf is materialised instead): the Gram form
@@ -76,11 +96,13 @@ examples, as of any floating-point sum, is not part of it). Over-clipping (N_b a
 is privacy-safe and for ordinary examples below about 5e-3 relative (1e-4 in the tests' models).
 
 Which weights qualify is decided from the loss's jaxpr (``jax.make_jaxpr``), following each
-parameter leaf through ``jit`` calls: a leaf qualifies only if its one and only use is as an operand
-of a ``dot_general`` without batch dimensions whose other operand is not a parameter. Any other use
-(a reshape, a cast, a second product, a gather, a custom_jvp / custom_vjp / checkpoint / scan /
-cond / while that receives it) sends the leaf to the exact materialised path, so the norm never
-misses a contribution. ``ghost_leaves`` says which leaves a loss sends the ghost way.
+parameter leaf through ``jit`` calls and ``transpose`` (``mfnoise.training.ghost_plan``): a leaf
+qualifies only if every use of it is a product whose other operand is not a parameter or a lookup
+at integer ids. Any other use (a reshape, a cast, a product with another parameter, an elementwise
+op, a custom_jvp / custom_vjp / checkpoint / scan / cond / while that receives it) sends the leaf to
+the exact materialised path, so the norm never misses a contribution. ``ghost_leaves`` says which
+leaves a loss sends the ghost way. Convolutions (``conv_general_dilated``) are materialised (an
+im2col ghost form is not implemented).
 
 An example whose bound is not finite (a NaN or inf gradient entry, or finite values whose squares
 overflow the accumulation dtype: entries of a gradient or of a ghost product's operands above ~1e19
@@ -458,6 +480,67 @@ def _product_vjp(ghost: _Ghost, w: jax.Array, h: jax.Array, g: jax.Array, scale:
     return _compensated_sum(part, chunks)
 
 
+def _tied_layout(ghost: _Ghost) -> bool:
+    """Whether a product site reads its weight, a view of a lookup table E (V, *rest), as E's rows:
+    no batch dims, the weight's free dims E's axis 0 and its contracting dims E's other axes in order
+    (h @ E.T, einsum 'tm,vm->tv'), so that its gradient is P2 = G^T H, rows P2[v] = sum_s G[s, v] h_s."""
+    if ghost.kind != "dot" or _dot_dims(ghost)[0]:
+        return False
+    (lc, rc), _ = ghost.eqn.params["dimension_numbers"]
+    wc = list(lc if ghost.operand == 0 else rc)
+    rank = len(ghost.eqn.invars[ghost.operand].aval.shape)
+    perm = ghost.perm if ghost.perm is not None else tuple(range(rank))
+    free = [d for d in range(rank) if d not in wc]
+    return [perm[d] for d in free] == [0] and [perm[d] for d in wc] == list(range(1, rank))
+
+
+def _tied_pairs(plan: dict[int, _Ghost]) -> dict[int, tuple[int, int]]:
+    """{leaf: (lookup site, product site)} for the leaves with exactly these two sites in the tied layout."""
+    sites: dict[int, list[int]] = {}
+    for j, g in plan.items():
+        sites.setdefault(g.leaf, []).append(j)
+    pairs = {}
+    for leaf, js in sites.items():
+        kinds = sorted((plan[j].kind, j) for j in js)
+        if [k for k, _ in kinds] == ["dot", "lookup"] and _tied_layout(plan[kinds[0][1]]):
+            pairs[leaf] = (kinds[1][1], kinds[0][1])
+    return pairs
+
+
+def _tied_sq(ghost: _Ghost, sums: jax.Array, ids: jax.Array, n1: jax.Array, e1: jax.Array, h: jax.Array,
+             g: jax.Array, sq2: jax.Array, acc: Any) -> jax.Array:
+    """Upper bound on ||P1 + P2||_F^2 for ONE example of a tied table: P1 the lookup's gradient
+    (segment sums S (T, M) at rows ids, N1 >= ||S||, E1 >= ||fl(S) - S||), P2 = G^T H the product's
+    (``_tied_layout``; sq2 >= ||P2||^2).
+
+    ||P1 + P2||^2 = ||P1||^2 + ||P2||^2 + 2 c,  c = <P1, P2> = sum_j <S_j, P2[v_j]> = sum_{s,j} Q_sj R_sj
+    with Q_sj = G[s, v_j] (a gather: exact) and R_sj = <h_s, fl(S_j)> (a dot of length M), never forming
+    V x M. The cross term cancels, so its rounding is bounded (alpha_s >= ||h_s||, sigma_j >= ||fl(S_j)||):
+        |c - fl(c)| <= E1 sqrt(sq2) + gamma_M alpha^T |Q| sigma + gamma_{S+T+2} sum |Q o R|  (times 2 for
+    the rounding of the bound itself), the first term for fl(S) in place of S (Cauchy-Schwarz). Then
+    N^2 <= N1^2 + sq2 + 2 (fl(c) + err_c) + gamma_4 (N1^2 + sq2 + 2 |fl(c)| + 2 err_c), every term an
+    upper bound on its exact counterpart, capped by the triangle bound (N1 + sqrt(sq2))^2."""
+    hm, gm = _flat_operands(h.astype(acc), g.astype(acc), ghost)  # (S, M), (S, V)
+    rows, m = hm.shape
+    t = sums.shape[0]
+    alpha = _row_norms_upper(hm, acc)
+    sigma = _row_norms_upper(sums, acc)
+    q = jnp.take(gm, ids, axis=1, mode="fill", fill_value=0)  # (S, T); id V (empty segment) -> 0
+    qr = q * _matmul(hm, sums.T)
+    c = jnp.sum(jax.lax.optimization_barrier(jnp.sum(qr, axis=1)))  # two stages: chain S + T
+    u2 = jnp.sqrt(sq2)
+    err_c = (
+        e1 * u2
+        + _gamma(m, acc) * jnp.dot(alpha, _matmul(jnp.abs(q), sigma), precision=_HIGHEST)
+        + _gamma(rows + t + 2, acc) * jnp.sum(jnp.abs(qr))
+    ) * 2
+    term1 = jnp.square(n1)
+    total = term1 + sq2 + 2 * (c + err_c)
+    total = total + _gamma(4, acc) * (term1 + sq2 + 2 * jnp.abs(c) + 2 * err_c)
+    cap = jnp.square((n1 + u2) * (1 + _gamma(2, acc))) * (1 + _gamma(1, acc))
+    return jnp.minimum(jnp.maximum(total, 0), cap)  # total >= the exact value >= 0 (each term bounds its own)
+
+
 @dataclasses.dataclass
 class _Pass:
     """What one instrumented forward/backward pass over a batch gives."""
@@ -478,7 +561,8 @@ def _plan(closed: Any, num_params: int, acc: Any) -> dict[int, _Ghost]:
     """The ghost sites of the leaves whose every site is usable (``_usable``); a leaf goes ghost only whole.
 
     A leaf with several sites goes ghost only if one of them is a lookup (tied input/output
-    embeddings, where materialising costs B copies of the V x M table); its norm is then the triangle
+    embeddings, where materialising costs B copies of the V x M table); its norm is then exact with
+    the cross term (``_tied_sq``: one lookup and one product in the tied layout) or else the triangle
     inequality bound of ``_leaf_terms``. A weight used in several products only is materialised (its
     norm exact: the triangle bound would over-clip it, and it is no larger than its operands).
     """
@@ -524,17 +608,22 @@ def _run(loss_fn: Callable[..., jax.Array], has_aux: bool, params: Any, batch: t
     return _Pass(leaves, treedef, plan, dense, operands, g_probe, g_dense, aux, size, acc)
 
 
-def _leaf_terms(plan: dict[int, _Ghost], site_sq: dict[int, jax.Array], acc: Any) -> list[jax.Array]:
+def _leaf_terms(plan: dict[int, _Ghost], site_sq: dict[int, jax.Array], acc: Any,
+                exact: dict[int, jax.Array] | None = None) -> list[jax.Array]:
     """(B,) squared-norm bounds per ghost leaf from its sites' bounds. A leaf with several sites (tied
     weights: a lookup and an output product, or two products) takes the triangle inequality
     ||sum_u P_u|| <= sum_u ||P_u||: safe, and it over-clips where the uses' gradients are not aligned
     (by up to sqrt(n) for n orthogonal uses of equal norm); the n square roots and the n-term sum
-    round by at most gamma_{n+1}, the square by u."""
+    round by at most gamma_{n+1}, the square by u. ``exact`` gives leaves' bounds computed whole
+    (tied tables with the cross term, ``_tied_sq``)."""
     by_leaf: dict[int, list[jax.Array]] = {}
     for j, ghost in plan.items():
         by_leaf.setdefault(ghost.leaf, []).append(site_sq[j])
     out = []
-    for sqs in by_leaf.values():
+    for leaf, sqs in by_leaf.items():
+        if exact is not None and leaf in exact:
+            out.append(exact[leaf])
+            continue
         if len(sqs) == 1:
             out.append(sqs[0])
             continue
@@ -556,15 +645,21 @@ def _norms(run: _Pass, clip: float) -> tuple[jax.Array, dict[int, tuple[jax.Arra
         for j, ghost in products.items()
     }
     lookups: dict[int, tuple[jax.Array, jax.Array]] = {}
+    lookup_norms: dict[int, tuple[jax.Array, jax.Array]] = {}
     site_sq: dict[int, jax.Array] = {j: b[0] for j, b in bounds.items()}
     for j, ghost in run.plan.items():
         if ghost.kind == "lookup":
             rows_sums = lambda r, g, ghost=ghost: lookup_rows_sums(ghost, r, g, acc)
             sums, ids, terms = jax.vmap(rows_sums)(run.operands[j], run.g_probe[j])
             lookups[j] = (sums, ids)
-            site_sq[j] = lookup_sq(sums, terms, lookup_dims(ghost)[0], acc)
+            site_sq[j], n1, e1 = lookup_sq(sums, terms, lookup_dims(ghost)[0], acc)
+            lookup_norms[j] = (n1, e1)
+    tied = _tied_pairs(run.plan)
     zero = jnp.zeros((run.size,), acc)
     floor = zero
+    for jl, _ in tied.values():
+        # the norm of a tied table bounds ||P1 + P2||, not the rows summed: fl(S) differs by <= E1
+        floor = floor + lookup_norms[jl][1]
     for j, ghost in products.items():
         _, _, _, chunks, rows = _chunking(ghost, run.operands[j], run.g_probe[j])
         floor = floor + (_gamma(rows + 1, acc) + 2 * _gamma(chunks, acc) ** 2) * bounds[j][1]
@@ -572,7 +667,12 @@ def _norms(run: _Pass, clip: float) -> tuple[jax.Array, dict[int, tuple[jax.Arra
     dense_sq = [_sum_squares_upper(x, acc) for x in run.g_dense]
 
     def total_of(sq: dict[int, jax.Array]) -> jax.Array:
-        terms = _leaf_terms(run.plan, sq, acc) + dense_sq
+        whole = {}
+        for leaf, (jl, jd) in tied.items():
+            ghost = run.plan[jd]
+            fn = lambda s, i, n1, e1, h, g, sq2, ghost=ghost: _tied_sq(ghost, s, i, n1, e1, h, g, sq2, acc)
+            whole[leaf] = jax.vmap(fn)(*lookups[jl], *lookup_norms[jl], run.operands[jd], run.g_probe[jd], sq[jd])
+        terms = _leaf_terms(run.plan, sq, acc, whole) + dense_sq
         return _total_upper(terms, acc) if terms else zero
 
     total = total_of(site_sq)

@@ -84,11 +84,12 @@ def lookup_rows_sums(ghost: _Ghost, rows: jax.Array, g: jax.Array, acc: Any) -> 
     return sums, ids, gam[:, None] * abs_sums
 
 
-def lookup_sq(sums: jax.Array, terms: jax.Array, t: int, acc: Any) -> jax.Array:
-    """(B,) upper bounds on max(||S_b||, ||fl(S_b)||)^2 from the batch's (B, T, M) sums and bound terms."""
+def lookup_sq(sums: jax.Array, terms: jax.Array, t: int, acc: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sq, N, E), each (B,), from the batch's (B, T, M) sums and bound terms: N >= max(||S_b||,
+    ||fl(S_b)||), E >= ||fl(S_b) - S_b||_F (module docstring) and sq >= N^2."""
     err = jnp.sqrt(_sum_squares_upper(terms, acc)) * (1 + 2 * _gamma(t, acc)) * (1 + _gamma(8, acc))
     norm = (jnp.sqrt(_sum_squares_upper(sums, acc)) * (1 + _gamma(1, acc)) + err) * (1 + _gamma(1, acc))
-    return jnp.square(norm) * (1 + _gamma(1, acc))
+    return jnp.square(norm) * (1 + _gamma(1, acc)), norm, err
 
 
 def lookup_sum(ghost: _Ghost, sums: jax.Array, ids: jax.Array, scale: jax.Array, acc: Any) -> jax.Array:
