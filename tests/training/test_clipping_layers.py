@@ -16,6 +16,7 @@ import functools
 
 import hypothesis.strategies as st
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -441,9 +442,9 @@ def _largest_array(closed) -> int:
                 best = max(best, int(np.prod(getattr(v.aval, "shape", ()))))
             for param in eqn.params.values():
                 for sub in param if isinstance(param, (tuple, list)) else [param]:
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    if isinstance(sub, jex.core.ClosedJaxpr):
                         visit(sub.jaxpr)
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                    elif isinstance(sub, jex.core.Jaxpr):
                         visit(sub)
 
     visit(closed.jaxpr)
