@@ -158,7 +158,7 @@ def test_multi_steps_equals_accumulate_and_steps_once_per_logical_batch():
     fn = clipped_grad(mlp_loss, 0.5)
     n = 3
     tx = mfnoise.mf_sgd(mfnoise.bsr(n, 2), 0.1, 0.5, 0.8, jax.random.key(3),
-                        participation=mfnoise.Participation.epochs(n, 2), expected_batch_size=batch, momentum=0.9)
+                        participation=mfnoise.Participation.epochs(n, n), expected_batch_size=batch, momentum=0.9)
     wrapped = multi_steps(tx, k)
     assert wrapped.info is tx.info and wrapped.microbatches == k
     upd = jax.jit(wrapped.update)
