@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="minimise rmse (default), max_error or the last iterate's error (see above)")
     parser.add_argument("--out", required=True,
                         help="strategy file to write (.npz appended if missing); its folder must exist")
-    parser.add_argument("--method", choices=["scipy", "optax"], default="scipy",
-                        help="quasi-Newton method: scipy L-BFGS-B (default) or optax.lbfgs")
+    parser.add_argument("--method", choices=list(solver.METHODS), default="auto",
+                        help="quasi-Newton method: auto (default: the family's, lbfgs for blt, else scipy), "
+                             "scipy L-BFGS-B, lbfgs (numpy L-BFGS, no bounds) or optax.lbfgs")
     parser.add_argument("--tol", type=float, default=solver.DEFAULT_TOL,
                         help="stop a start once the objective fell by at most this, relative, over the last "
                              f"{solver.TOL_WINDOW} iterations (default %(default)g: below the 6 digits reported)")
