@@ -452,14 +452,14 @@ def _largest_array(closed) -> int:
 
 
 def embedding_loss(p, ids, target):
-    return jnp.sum(jnp.sin(p["E"][ids]) * target)
+    return jnp.sum(jnp.sin(layer_norm(p["E"][ids], p["s"], p["b"])) * target)  # scale, bias: B x M each
 
 
 def test_lookup_path_materialises_no_per_example_table():
     from mfnoise.training.per_example import per_example_grads
 
     v, m, t, b = 2048, 64, 16, 8
-    params = {"E": jnp.zeros((v, m), jnp.float32)}
+    params = {"E": jnp.zeros((v, m), jnp.float32), "s": jnp.ones((m,)), "b": jnp.zeros((m,))}
     ids = jnp.zeros((b, t), jnp.int32)
     target = jnp.zeros((b, t, m), jnp.float32)
     ghost = jax.make_jaxpr(clipped_grad(embedding_loss, 1.0))(params, ids, target)
