@@ -26,7 +26,7 @@ class OptimizeResult:
       params: the strategy's parameters (``Strategy.params()``: n, and bands or buffers).
       objective: the objective's name ("rmse", "max", "last-iterate" or "weighted";
         ``mfnoise.optim.objectives``).
-      method: "scipy" (L-BFGS-B) or "optax" (optax.lbfgs).
+      method: the method that ran: "scipy" (L-BFGS-B), "lbfgs" (mfnoise.optim.lbfgs) or "optax" (optax.lbfgs).
       problem: the problem's description (``Problem.name``).
       iterations, evaluations: quasi-Newton iterations and loss evaluations, over all stages.
       history: the loss after each iteration.
