@@ -44,8 +44,10 @@ exact zeros), and any call inside ``shard_map`` (each device would add its own n
 partial sum; and with shard_map's default ``check_vma=True`` the gradients of replicated params
 are summed over the devices before they are clipped): clip and reduce with
 ``mfnoise.training.data_parallel.data_parallel`` and call the DP transform outside.
-``optax.MultiSteps`` around ``dp_aggregate`` is wrong (it averages per-example gradients of
-different examples before clipping, or averages the ``nonfinite`` count); use ``multi_steps``.
+``optax.MultiSteps`` around ``dp_aggregate`` fails (optax 0.2.8: a pytree-structure error, its
+params-shaped accumulator matching neither per-example gradients nor a ``ClippedSum``); were it to
+run, it would average rows of different examples before clipping, or the ``nonfinite`` count. Use
+``multi_steps``.
 
 The divisor stays the public constant given to ``dp_aggregate`` (``expected_batch_size``: the
 logical batch's, never the microbatch's, and never the count of examples seen).

@@ -319,6 +319,11 @@ def test_refusals():
         multi_steps(optax.sgd(0.1), 2)
     with pytest.raises(TypeError, match="DP transform"):
         multi_steps(optax.MultiSteps(tx, 2), 2)
+    # optax.MultiSteps around dp_aggregate is loud on its own (its params-shaped accumulator): were it
+    # to accept a ClippedSum, it would average clipped sums and step the noise once per k anyway
+    optax_ms = optax.MultiSteps(tx, 2)
+    with pytest.raises(ValueError, match="pytree structure"):
+        optax_ms.update(cast(Any, fake_sum(p, 3)), optax_ms.init(p), p)
     for bad in (0, 1.5, False):
         with pytest.raises((TypeError, ValueError), match="microbatches"):
             multi_steps(tx, bad)  # type: ignore[arg-type]
