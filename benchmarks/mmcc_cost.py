@@ -102,6 +102,27 @@ def profile(priced, sigma: float, delta: float, q: float) -> dict:
     return t
 
 
+def old_module(rev: str):
+    """mfnoise/training/mmcc.py as of git revision ``rev``, imported as a separate module."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = subprocess.run(["git", "show", f"{rev}:mfnoise/training/mmcc.py"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), f"mmcc_{rev}.py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(f"mmcc_{rev}", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def former_search_evaluations(z_none: float, z: float, rel: float = 1e-3) -> int:
     """The former MMCC calibration's evaluations for a monotone epsilon with root z: eps(z_none),
     halvings until eps(lo) > target, then bisection in log z from ratio 2 to 1 + rel."""
@@ -124,6 +145,8 @@ def main() -> None:
                     "(default n // (dataset // batch))")
     ap.add_argument("--profile", action="store_true", help="also time the stages of one evaluation")
     ap.add_argument("--no-calibrate", action="store_true")
+    ap.add_argument("--old-rev", default=None, help="also evaluate with mmcc.py of this git revision (same C, "
+                    "sigma, q) and compare epsilon and CPU seconds side by side")
     ap.add_argument("--no-eval", action="store_true", help="skip the routed evaluation (e.g. with --profile, "
                     "whose total is an evaluation's time)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -158,6 +181,20 @@ def main() -> None:
             print(f"{label:<24s} n={n} path={'toeplitz' if row['toeplitz_path'] else 'general':<8s} "
                   f"rows_priced={row['rows_priced']:<4d} eps(z={a.z:g})={acc.epsilon:.6f}  {m['wall_s']:.1f} s "
                   f"wall {m['cpu_s']:.1f} s cpu  load {m['load_before']:.2f}->{m['load_after']:.2f}", flush=True)
+            merge(a.out, header, row)
+        if a.old_rev:
+            old = old_module(a.old_rev)
+            sigma = a.z * mmcc.all_steps_sensitivity(s)
+            priced = mmcc.priced_strategy(s)
+            r_new, m_new = _measure(lambda priced=priced, sigma=sigma: mmcc.epsilon(priced, sigma, a.delta, q))
+            r_old, m_old = _measure(lambda priced=priced, sigma=sigma, old=old: old.epsilon(priced, sigma, a.delta, q))
+            row = {**base, "what": f"vs {a.old_rev}", "z": a.z, "epsilon": r_new.epsilon,
+                   "epsilon_old": r_old.epsilon, "cpu_s": m_new["cpu_s"], "cpu_s_old": m_old["cpu_s"],
+                   "wall_s": m_new["wall_s"], "wall_s_old": m_old["wall_s"], "load_before": m_new["load_before"],
+                   "load_after": m_old["load_after"]}
+            print(f"{label:<24s} n={n} eps(z={a.z:g}) {r_old.epsilon:.9f} ({a.old_rev}) -> {r_new.epsilon:.9f}  cpu "
+                  f"{m_old['cpu_s']:.1f} -> {m_new['cpu_s']:.1f} s ({m_old['cpu_s'] / m_new['cpu_s']:.2f}x)",
+                  flush=True)
             merge(a.out, header, row)
         if a.profile:
             route_sens = mmcc.all_steps_sensitivity(s)

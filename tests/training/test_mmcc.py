@@ -522,3 +522,24 @@ def test_mmcc_calibration_is_one_sided_and_tight():
     z = accounting.calibrate(target, 1e-5, p, **kw)
     assert accounting.explain(z, 1e-5, p, **kw).epsilon <= target
     assert accounting.explain(z * (1 - 2e-3), 1e-5, p, **kw).epsilon > target
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 300), st.floats(1e-4, 0.5), st.floats(0.0, 50.0),
+       st.floats(1.0, 40.0), st.booleans())
+def test_chernoff_search_is_at_most_the_grid_minimum(seed, m, q, s2, log_inv, monotone):
+    """The searched Chernoff bound against brute force: never above the minimum over every grid
+    lambda (what the bound was before the search), never below the minimum over a 20000-point
+    grid of the same range, to 1e-6 (it is a value of the same bound at some lambda in the range)."""
+    rng = np.random.default_rng(seed)
+    w = rng.exponential(1.0, m) * rng.uniform(0.0, 3.0) * (rng.uniform(size=m) < 0.9)
+    p = np.full(m, q)
+    lams = mmcc._LAMBDAS_MONOTONE if monotone else mmcc._LAMBDAS
+
+    def f(lam):  # the bound at every lambda of a grid, brute force
+        mgf = np.logaddexp(np.log1p(-q), np.log(q) + np.outer(lam, w)).sum(axis=1)
+        return (log_inv + (lam**2 - lam) * s2 / 2 + mgf) / lam
+
+    got = mmcc._chernoff_eps(w, p, s2, log_inv, lams)
+    assert got <= float(np.min(f(lams))) * (1 + 1e-12) + 1e-12
+    assert got >= float(np.min(f(np.geomspace(lams[0], lams[-1], 20_000)))) * (1 - 1e-6) - 1e-9
