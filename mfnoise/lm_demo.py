@@ -78,12 +78,13 @@ class Config:
     learning_rate: float = 0.02
     momentum: float = 0.9
     clip: float = 1.0
-    buffers: int = 4  # BLT buffers
     methods: tuple[str, ...] = METHODS
     non_private: bool = True
     seed: int = 0
     accountant: str = "pld"
-    plan_optimize_seconds: float = 10.0  # BLT's optimizer budget inside mfnoise.plan
+    # BLT's optimizer budget inside mfnoise.plan: a cap that should not bind (at n ~ 100 the optimizer
+    # stops at its tolerance within seconds); a binding cap would make the strategy depend on the load
+    plan_optimize_seconds: float = 600.0
     # model
     seq_len: int = 64
     width: int = 64
@@ -105,7 +106,7 @@ class Config:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {unknown or self.methods}; expected some of {METHODS}")
-        for name in ("epochs", "batch_size", "buffers", "seq_len", "width", "layers", "heads", "mlp_ratio",
+        for name in ("epochs", "batch_size", "seq_len", "width", "layers", "heads", "mlp_ratio",
                      "pretrain_batch"):
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < 1:
@@ -475,6 +476,7 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> dict:
             "noise_rmse": float(rmse(plan.strategy, workload, plan.participation))
             * float(plan.noise_multiplier),
             "fingerprint": plan.fingerprint,
+            "source": summary(plan).get("source"),
             "perplexity": curve[-1],
             "curve": curve,
             "plan_seconds": plan_seconds,

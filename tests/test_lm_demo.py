@@ -81,7 +81,7 @@ def tiny(monkeypatch_module):
     monkeypatch_module.setattr(lm_demo, "QUICK", TINY)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = cli_main(["demo", "--task", "lm", "--quick", "--json", "--learning-rates", "0.05", "--buffers", "2"])
+        code = cli_main(["demo", "--task", "lm", "--quick", "--json", "--learning-rates", "0.05"])
     return code, json.loads(out.getvalue()), seen
 
 
@@ -148,6 +148,8 @@ def test_batches_honour_the_schema(tiny):
 
 def test_cli_refusals(capsys):
     assert cli_main(["demo", "--task", "lm", "--bands", "3"]) == 2
+    assert "--bands" in capsys.readouterr().err
+    assert cli_main(["demo", "--task", "lm", "--buffers", "2"]) == 2
     assert "--bands" in capsys.readouterr().err
     assert cli_main(["demo", "--quick"]) == 2
     assert "--quick" in capsys.readouterr().err

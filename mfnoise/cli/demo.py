@@ -83,8 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", type=float, default=d.clip, help=f"per-example L2 clip norm (default {d.clip:g})")
     parser.add_argument("--bands", type=int, default=None,
                         help="digits: BandMF bands (default: the steps per epoch); lm: mfnoise.plan picks them")
-    parser.add_argument("--buffers", type=int, default=d.buffers,
-                        help=f"BLT buffers (parameter-sized noise state arrays) (default {d.buffers})")
+    parser.add_argument("--buffers", type=int, default=None,
+                        help=f"BLT buffers (parameter-sized noise state arrays) (default {d.buffers}); lm: "
+                             "mfnoise.plan picks them")
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default=d.accountant,
                         help="dp-accounting accountant for the noise multipliers: pld (tight) or rdp (looser) "
                              "(default pld)")
@@ -116,7 +117,8 @@ def run(args: argparse.Namespace) -> dict:
         seeds=d.seeds if args.seeds is None else args.seeds, methods=_methods(args.methods) or d.methods,
         learning_rates=d.learning_rates if args.learning_rates is None else args.learning_rates,
         momentum=args.momentum, clip=args.clip, bands=args.bands,
-        buffers=args.buffers, accountant=args.accountant, non_private=not args.no_reference,
+        buffers=d.buffers if args.buffers is None else args.buffers, accountant=args.accountant,
+        non_private=not args.no_reference,
     )
     plot = "mfnoise-demo.png" if args.plot is None else args.plot
     plot = plot if plot and plot.lower() != "none" else None
@@ -136,15 +138,16 @@ def _run_lm(args: argparse.Namespace) -> dict:
         if len(args.learning_rates) != 1:
             raise ValueError(f"--task lm takes one learning rate, got {args.learning_rates}")
         kwargs["learning_rate"] = args.learning_rates[0]
-    if args.bands is not None:
-        raise ValueError("--bands is for --task digits; with --task lm mfnoise.plan picks BandMF's bands")
+    if args.bands is not None or args.buffers is not None:
+        raise ValueError("--bands and --buffers are for --task digits; with --task lm mfnoise.plan picks BandMF's "
+                         "bands and BLT's buffers")
     if args.seeds not in (None, 1):
         raise ValueError(f"--task lm runs one seed, got --seeds {args.seeds}")
     for name in ("epochs", "batch_size"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     cfg = lm_demo.Config(epsilon=args.epsilon, delta=args.delta, momentum=args.momentum, clip=args.clip,
-                         buffers=args.buffers, accountant=args.accountant, non_private=not args.no_reference,
+                         accountant=args.accountant, non_private=not args.no_reference,
                          methods=_methods(args.methods) or lm_demo.METHODS, **kwargs)
     plot = args.plot if args.plot and args.plot.lower() != "none" else None
     if plot is not None:
