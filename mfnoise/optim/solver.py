@@ -12,8 +12,8 @@ quasi-Newton method minimises it, whatever the family:
 * ``method="lbfgs"``: L-BFGS in numpy (``mfnoise.optim.lbfgs``: the same memory of 30 pairs and
   line-search constants as the L-BFGS-B call here, no bounds), for problems of a few dozen
   parameters, where scipy's import (0.29 s) and its per-iteration wrapper cost more than the loss
-  (BLT, n = 10^7, 8 buffers, max error: 1.33 -> 0.83 s of CPU in one run at load ~17, about
-  0.7 s on a quiet machine; benchmarks/README.md).
+  (BLT, n = 10^7, 8 buffers, max error: 1.04 -> 0.71 s of CPU, medians of 3 fresh processes at
+  load ~15; about 0.7 s on a quiet machine; benchmarks/README.md).
 * ``method="auto"`` (default): the family's choice (``Problem.method``): "lbfgs" for the BLT
   family (2 * buffers parameters), "scipy" for every other. ``OptimizeResult.method`` says which ran.
 * Stopping on a tolerance (``stopped == "tolerance"``): the objective (``Problem.objective_from_loss``
