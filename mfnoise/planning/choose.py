@@ -98,18 +98,24 @@ POISSON_MECHANISMS = ("blt", "toeplitz", "bisr")  # priced by MMCC under Poisson
 # default keeps `mfnoise plan` at 60000 examples / batch 512 / 20 epochs (n = 2340) to seconds by
 # listing them as not evaluated there; small n (a few hundred steps) fits.
 AMPLIFICATION_SECONDS = 10.0
-# mmcc_cost's model, fitted to calibrations measured on this 2-core machine under the load of other work
-# (accounting.calibrate(epsilon 2, delta 1e-6, sampling="poisson", strategy=bisr(n, 16)) at q = 512 / 60000:
-# n = 234, 194 s (z = 0.085); bisr(n, 4) at q = 64 / 2000, epsilon 2: n = 20, 60 s; n = 100, 146 s): one
+# mmcc_cost's model, refitted after the MMCC review fixes and speed-ups (benchmarks/mmcc_cost.py,
+# the fit's data in benchmarks/results/mmcc_cost.json, rows "profile" and "calibration"): one
 # evaluation of a Toeplitz C (BLT, BISR, banded Toeplitz: mmcc's Toeplitz path) costs about
-# MMCC_EVAL_BASE + MMCC_EVAL_PER_ROW * rows + MMCC_EVAL_PER_N2 * n^2 seconds at the small noise
-# multipliers a calibration visits, rows = min(n, mmcc.DEFAULT_MAX_DISTINCT_ROWS) mixture PLDs, n^2 the
-# lag Gram; a calibration takes about MMCC_EVALS evaluations (bracket and bisection to 0.1%). At n = 2340
-# it gives ~350 s. An estimate for deciding what to evaluate, never part of a guarantee.
-MMCC_EVAL_BASE = 1.0
-MMCC_EVAL_PER_ROW = 0.08
-MMCC_EVAL_PER_N2 = 2e-7
-MMCC_EVALS = 20
+# MMCC_EVAL_BASE + rows * (MMCC_EVAL_PER_ROW + MMCC_EVAL_PER_ROW_N * n) + MMCC_EVAL_PER_N2 * n^2
+# CPU seconds, rows = min(n, mmcc.DEFAULT_MAX_DISTINCT_ROWS) mixture PLDs (a fixed-size output grid
+# each: PER_ROW), their compositions (supports ~ 1 / d ~ n: PER_ROW_N) and the lag-wise Chernoff
+# tail bounds (PER_N2); measured BISR, n = 117: 7.6 s (34 rows), n = 1170: 15.4 s (41 rows), with
+# stage times. A calibration takes about MMCC_EVALS evaluations (accounting.mmcc_search: 7-8
+# measured at n = 117 and 1170; the former bisection took 16-19). CPU seconds, i.e. wall seconds on
+# an idle core: on this shared 2-core machine under a load average L the wall time was ~L / 2 times
+# that (n = 1170 at load 19: 194 s wall, 15.4 s CPU). The former model (20 evaluations of 1 + 0.08
+# rows + 2e-7 n^2 s) priced n = 2000 at 113 s where 506 s was measured with the former search and
+# evaluation. An estimate for deciding what to evaluate, never part of a guarantee.
+MMCC_EVAL_BASE = 0.5
+MMCC_EVAL_PER_ROW = 0.2
+MMCC_EVAL_PER_ROW_N = 1.2e-4
+MMCC_EVAL_PER_N2 = 5.6e-7
+MMCC_EVALS = 8
 
 
 @dataclasses.dataclass
@@ -223,7 +229,8 @@ def mmcc_cost(n: int) -> float:
     from mfnoise.training.mmcc import DEFAULT_MAX_DISTINCT_ROWS
 
     rows = min(n, DEFAULT_MAX_DISTINCT_ROWS)
-    return MMCC_EVALS * (MMCC_EVAL_BASE + MMCC_EVAL_PER_ROW * rows + MMCC_EVAL_PER_N2 * n * n)
+    return MMCC_EVALS * (MMCC_EVAL_BASE + rows * (MMCC_EVAL_PER_ROW + MMCC_EVAL_PER_ROW_N * n)
+                         + MMCC_EVAL_PER_N2 * n * n)
 
 
 def _specs(w: Workload, p: Participation, dataset_size: int, batch_size: int, optimize_seconds: float) -> list[_Spec]:
