@@ -143,13 +143,17 @@ def measure(step: Any, params: Any, state: Any, data: jax.Array, reps: int) -> d
         memory["peak_bytes"] = memory["temp_bytes"] + memory["argument_bytes"]
     params, state = compiled(params, state, data)
     jax.block_until_ready((params, state))
-    times = []
+    times, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         params, state = compiled(params, state, data)
         jax.block_until_ready((params, state))
         times.append(time.perf_counter() - t0)
-    out = {"seconds": statistics.median(times), "times": times, "compile_seconds": compile_seconds, "memory": memory}
+        cpu.append(time.process_time() - c0)
+    # CPU seconds (all threads of the process) measure the work; on a shared machine the wall time
+    # mostly measures the wait for a core
+    out = {"seconds": statistics.median(times), "times": times, "cpu_seconds": statistics.median(cpu),
+           "cpu_times": cpu, "compile_seconds": compile_seconds, "memory": memory}
     stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
@@ -295,7 +299,7 @@ def _mb(x: int | None) -> str:
 def format_table(result: dict) -> str:
     lines = [f"machine: {result['machine']}; load average {result['load_average_at_start']} at start, "
              f"{result['load_average_at_end']} at end; mfnoise {result['revision']}", ""]
-    header = ("model", "params", "step", "ms", "x time", "peak MB", "x memory", "compile s")
+    header = ("model", "params", "step", "ms", "x time", "CPU ms", "x CPU", "peak MB", "x memory", "compile s")
     rows = []
     for name, row in result["mfnoise"].items() if isinstance(result["mfnoise"], dict) else []:
         base = row.get("non-private", {})
@@ -308,12 +312,15 @@ def format_table(result: dict) -> str:
         for label, r in cases:
             if "seconds" not in r:
                 rows.append((name, str(row["model"]["params"]), label, "error: " + str(r.get("error", ""))[:60],
-                             "", "", "", ""))
+                             "", "", "", "", "", ""))
                 continue
             peak = (r.get("memory") or {}).get("peak_bytes")
             bpeak = (base.get("memory") or {}).get("peak_bytes")
             rows.append((name, f"{row['model']['params'] / 1e6:.2f}M", label, f"{1e3 * r['seconds']:.0f}",
-                         f"{r['seconds'] / base['seconds']:.2f}" if "seconds" in base else "-", _mb(peak),
+                         f"{r['seconds'] / base['seconds']:.2f}" if "seconds" in base else "-",
+                         f"{1e3 * r['cpu_seconds']:.0f}" if "cpu_seconds" in r else "-",
+                         f"{r['cpu_seconds'] / base['cpu_seconds']:.2f}" if "cpu_seconds" in r and "cpu_seconds" in base
+                         else "-", _mb(peak),
                          f"{peak / bpeak:.2f}" if peak and bpeak else "-", f"{r['compile_seconds']:.1f}"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -331,7 +338,8 @@ def format_table(result: dict) -> str:
                          f"{', ...' if len(leaves['materialised']) > 6 else ''})")
     if isinstance(result["jax_privacy"], dict) and "error" in result["jax_privacy"]:
         lines.append("jax-privacy: " + str(result["jax_privacy"]["error"])[-300:])
-    lines.append("ms: median step time after compile; peak MB: XLA memory_analysis temp + arguments; x: / non-private")
+    lines.append("ms: median wall time of a step after compile; CPU ms: median CPU time of the process (all threads)")
+    lines.append("over the step; peak MB: XLA memory_analysis temp + arguments; x: / the non-private step")
     return "\n".join(lines)
 
 
@@ -369,8 +377,9 @@ def main() -> None:
     jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else "cpu")
     try:
         devices = jax.devices()
-    except RuntimeError as e:
-        sys.exit(f"--device {args.device}: JAX finds no such device here ({e})")
+    except (RuntimeError, AssertionError) as e:  # jax 0.10 asserts when no platform of the list initialises
+        sys.exit(f"--device {args.device}: JAX finds no {args.device.upper()} here ({type(e).__name__}: {e}); "
+                 f"a GPU run needs a machine with one and jax[cuda]")
     grid = [None if m.strip().lower() == "none" else int(m) for m in args.microbatches.split(",")]
     if args._jax_privacy_worker:
         print(json.dumps(jax_privacy_main(names, reps, grid)))
