@@ -96,8 +96,11 @@ i + 1's (so row i is dominated by any later row), built incrementally in O(bins)
 are grouped into at most ``max_distinct_rows`` blocks, each priced as its last row and
 self-composed (``self_compose``): O(n^2 * lambdas) + O(n * bins) + max_distinct_rows PLD builds.
 The PLDs' loss grid shrinks like 1 / n (so the FFT compositions grow like n). Measured in
-benchmarks/mmcc_cost.py (n = 2000, BISR and a banded C: ~20-30 s an evaluation, ~7 min a
-calibration on the shared 2 cores) and benchmarks/amplification.py (benchmarks/README.md).
+benchmarks/mmcc_cost.py (CPU seconds of one evaluation, BISR with 8 bands at q = 512 / 60000:
+n = 117 7.6 s, mostly the 34 mixture PLDs; n = 1170 14.5 s (28.3 s before the speed-ups of the
+mixture PLD and the Chernoff search); n = 5850 ~63 s, of which the dp-accounting compositions
+~42 s, the Chernoff stage ~12 s, the mixture PLDs ~9 s) and benchmarks/amplification.py
+(benchmarks/README.md).
 """
 
 from __future__ import annotations
