@@ -65,22 +65,14 @@ import numpy as np
 
 from mfnoise.training.clipping import ClippedSum, clipped_sum
 from mfnoise.training.per_example import batch_size, per_example_grads, shared_arguments
+from mfnoise.training.per_example import varying_axes as _varying
+from mfnoise.training.safe_rounding import _toward_zero as toward_zero
 from mfnoise.training.transforms import DPAggregateInfo, DPGradientTransformation
 
 
 def accumulation_dtype(dtype: Any) -> np.dtype:
     """The dtype partial clipped sums are added in: at least float32 (as clipping's own sums)."""
     return np.dtype(jnp.result_type(jnp.float32, dtype))
-
-
-def toward_zero(x: jax.Array, dtype: Any) -> jax.Array:
-    """x rounded to ``dtype`` toward zero (|result| <= |x| entrywise: no norm grows by the cast)."""
-    dtype = np.dtype(dtype)
-    if x.dtype == dtype:
-        return x
-    y = x.astype(dtype)
-    grew = jnp.abs(y.astype(x.dtype)) > jnp.abs(x)
-    return jnp.where(grew, jnp.nextafter(y, jnp.zeros((), dtype)), y)
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -120,15 +112,6 @@ def clipped_per_example(loss_fn: Callable[..., jax.Array], l2_clip_norm: float,
     return f
 
 
-def _varying(x: Any) -> frozenset:
-    """The manual (shard_map) mesh axes along which x (an array, tracer or ShapeDtypeStruct) varies
-    (JAX's varying-manual-axes type: ``manual_axis_type.varying``, formerly ``vma``)."""
-    aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    varying = getattr(manual, "varying", None) if manual is not None else getattr(aval, "vma", None)
-    return frozenset(varying or ())
-
-
 def _varying_axes(tree: Any) -> set:
     """The manual mesh axes along which some leaf of ``tree`` still varies."""
     axes: set = set()
@@ -164,7 +147,8 @@ def accumulate(clipped_fn: Callable[..., Any], microbatch_size: int, *, has_aux:
     m = ``microbatch_size``, k = B // m microbatches of m examples run in a ``jax.lax.scan``
     (memory: one microbatch's) and the last B - k m examples, if any, in one more call; the
     results' ``grads`` are added in the accumulation dtype (>= float32) and rounded toward zero to
-    the parameters' dtype, their ``nonfinite`` counts added; ``batch_size`` is B and
+    the microbatch sums' own dtype (>= float32 from ``clipped_grad``: a no-op), their ``nonfinite``
+    counts added; ``batch_size`` is B and
     ``l2_clip_norm`` that of ``clipped_fn``. The sum is sum_b s_b g_b over the whole batch with the
     same per-example weights s_b (module docstring). With ``has_aux``, ``clipped_fn`` returns
     (ClippedSum, aux) with per-example aux (leading axis the microbatch size), and f returns

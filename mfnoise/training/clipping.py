@@ -89,7 +89,11 @@ chunks, and N_b is also at least R_b / 8e-4, R_b = sum over the example's ghost 
 (gamma_{r+1} + 2 gamma_C^2) U: then s_b R_b <= 8e-4 c (the rest of the tolerance covers the
 rounding of s_b itself). For ordinary examples U / N is about sqrt(T) and this floor is far below N
 (it binds only for T above ~10^4 or for cancelling examples, which it over-clips). Weighted sums
-are computed in the accumulation dtype and rounded to the parameter dtype toward zero (never up).
+are computed and returned in the accumulation dtype (``ClippedSum.grads`` is float32 for bfloat16
+parameters): rounding the batch's sum to bfloat16 before the noise is added would move the released
+sum by up to 2^-8 |sum| per entry, a data-dependent change that exceeds c once |sum| > 2^7 c (a batch
+of aligned gradients), i.e. a sensitivity above the one the noise is scaled for. ``dp_aggregate``
+adds the noise in that dtype and rounds the noisy update to the parameters' dtype (post-processing).
 Together: one example's contribution to the clipped sum has norm <= c (1 + TOLERANCE),
 TOLERANCE = 1e-3, counting the rounding of its own rows (the rounding of the batch's sum over
 examples, as of any floating-point sum, is not part of it). Over-clipping (N_b above the true norm)
@@ -126,7 +130,7 @@ from jax.core import Tracer
 
 from mfnoise.training.ghost_embedding import lookup_dims, lookup_rows_sums, lookup_sq, lookup_sum, lookup_usable
 from mfnoise.training.ghost_plan import Source, _Ghost, _Probe, evaluate, ghost_plan, restrict
-from mfnoise.training.per_example import batch_size, shared_arguments
+from mfnoise.training.per_example import batch_size, check_not_summed_over_devices, shared_arguments
 from mfnoise.training.safe_rounding import (
     _CHUNK,  # noqa: F401  (re-exported: the former names stay importable)
     _HIGHEST,
@@ -137,7 +141,6 @@ from mfnoise.training.safe_rounding import (
     _gamma,
     _matmul,
     _sum_squares_upper,
-    _toward_zero,
 )
 
 _ghost_plan = ghost_plan  # the former private name
@@ -204,13 +207,13 @@ def _weighted_rows(finite: jax.Array, fn: Callable[..., jax.Array], *rows: jax.A
 
 
 def _weighted_sum(scale: jax.Array, finite: jax.Array, x: jax.Array) -> jax.Array:
-    """sum_b scale_b x_b, non-finite rows dropped; in >= float32, rounded toward zero to x's dtype."""
+    """sum_b scale_b x_b, non-finite rows dropped; in and returned in >= float32 (the accumulation dtype:
+    no rounding to a coarser parameter dtype before the noise, see the module doc)."""
     acc = _accumulation_dtype(x.dtype, scale.dtype)
 
     def fn(r: jax.Array) -> jax.Array:
         # The weighted sum over examples as a dot (XLA:CPU reduces over a major axis ~30x slower).
-        total = jnp.tensordot(scale.astype(acc), r.astype(acc), axes=1, precision=_HIGHEST)
-        return _toward_zero(total, x.dtype)
+        return jnp.tensordot(scale.astype(acc), r.astype(acc), axes=1, precision=_HIGHEST)
 
     return _weighted_rows(finite, fn, x)
 
@@ -579,6 +582,7 @@ def _run(loss_fn: Callable[..., jax.Array], has_aux: bool, params: Any, batch: t
     """``batch``: the per-example arguments (a tuple, each with the leading batch axis); ``args``: shared."""
     leaves, treedef = jax.tree.flatten(params)
     size = batch_size(batch, where)
+    check_not_summed_over_devices(params, batch, where)
     acc = _accumulation_dtype(*[x.dtype for x in leaves])
     flat_loss = lambda p, ex: loss_fn(jax.tree.unflatten(treedef, p), *ex, *args)
     one = jax.tree.map(lambda x: x[0], batch)
@@ -756,7 +760,7 @@ def clipped_grad(
                 part = _weighted_rows(finite, fn, run.operands[j], run.g_probe[j])
             sums[ghost.leaf] = part if ghost.leaf not in sums else sums[ghost.leaf] + part
         for leaf, total in sums.items():
-            out[leaf] = _toward_zero(total, run.leaves[leaf].dtype)
+            out[leaf] = total  # in the accumulation dtype (module doc: no rounding before the noise)
         result = ClippedSum(jax.tree.unflatten(run.treedef, out), jnp.sum(~finite).astype(jnp.int32), run.size, clip)
         return (result, run.aux) if has_aux else result
 

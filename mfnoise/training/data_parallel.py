@@ -3,7 +3,8 @@
 With D devices along the data axis (or axes) and a global batch of B examples (B divisible by D),
 device d holds examples [d B / D, (d + 1) B / D) and computes the ``ClippedSum`` of its shard with
 the full parameters; the D sums are added (``jax.lax.psum``, in the accumulation dtype, >= float32)
-and rounded toward zero to the parameters' dtype:
+and rounded toward zero to the per-device sums' dtype (>= float32 from ``clipped_grad``, for bfloat16
+params too: the sum is never rounded to bfloat16 before the noise):
 
     sum_d sum_{b in shard d} clip_c(g_b) = sum_{b < B} clip_c(g_b)
 
@@ -98,8 +99,9 @@ def data_parallel(clipped_fn: Callable[..., Any], mesh: jax.sharding.Mesh, *, ax
     each device runs ``clipped_fn`` on its B / D examples with the whole params (replicated over
     ``axis``; sharded over other axes as they are) and the shared arguments, and the D results'
     grads and nonfinite counts are summed over ``axis``. Result: ``ClippedSum(sum, dropped, B, c)``,
-    replicated over ``axis``, its grads in the params' dtype (rounded toward zero from the
-    accumulation dtype). With ``has_aux``, ``clipped_fn`` returns (ClippedSum, per-example aux) and f
+    replicated over ``axis``, its grads in the per-device sums' dtype (rounded toward zero from the
+    accumulation dtype; >= float32 from ``clipped_grad``).
+    With ``has_aux``, ``clipped_fn`` returns (ClippedSum, per-example aux) and f
     returns (ClippedSum, aux of all B examples, sharded over ``axis``). Feed the result to
     ``dp_aggregate`` once per step, under the same ``jax.jit``: the noise is added once. Jittable.
     """

@@ -62,6 +62,42 @@ def shared_arguments(shared: Any, where: str) -> tuple[Any, ...]:
     return tuple(shared)
 
 
+def varying_axes(x: Any) -> frozenset:
+    """The manual (shard_map) mesh axes along which x (an array, tracer or ShapeDtypeStruct) varies
+    (JAX's varying-manual-axes type: ``manual_axis_type.varying``, formerly ``vma``); empty outside
+    ``shard_map`` and under ``check_vma=False``."""
+    aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    varying = getattr(manual, "varying", None) if manual is not None else getattr(aval, "vma", None)
+    return frozenset(varying or ())
+
+
+def check_not_summed_over_devices(params: Any, examples: Any, where: str) -> None:
+    """Refuse per-example gradients that JAX would sum over devices.
+
+    Inside ``shard_map`` with ``check_vma=True`` (its default), the gradient with respect to a value
+    that does not vary along a manual axis (replicated params, ghost clipping's zero probes) of a loss
+    of values that do vary along it is summed over that axis implicitly (the transpose of ``pvary``
+    is ``psum``). A "per-example" gradient would then be the sum of one example from each of the D
+    devices, clipped as one: an example could move the release by 2c, not c (its own device's slot,
+    clipped jointly with D - 1 others), a sensitivity the noise is not scaled for."""
+    ex_axes: frozenset = frozenset()
+    for x in jax.tree.leaves(examples):
+        ex_axes |= varying_axes(x)
+    if not ex_axes:
+        return
+    for p in jax.tree.leaves(params):
+        missing = ex_axes - varying_axes(p)
+        if missing:
+            raise ValueError(
+                f"{where}: called inside shard_map with check_vma=True, with examples varying over the manual "
+                f"mesh axes {sorted(missing)} along which the params do not vary: JAX would sum their per-example "
+                "gradients over the devices (each 'example' a sum of one per device, clipped jointly). Use "
+                "mfnoise.data_parallel(clipped_fn, mesh) (a shard_map with check_vma=False, sums reduced once), or "
+                "jax.jit with the batch sharded over the data axis"
+            )
+
+
 def per_example_grads(
     loss_fn: Callable[..., jax.Array],
     microbatch_size: int | None = None,
@@ -87,6 +123,7 @@ def per_example_grads(
 
     def f(params: Any, *examples: Any, shared: Sequence[Any] = ()) -> Any:
         batch_size(examples, "per_example_grads")
+        check_not_summed_over_devices(params, examples, "per_example_grads")
         extra = shared_arguments(shared, "per_example_grads")
         one = lambda example: grad_fn(params, *example, *extra)
         if microbatch_size is None:

@@ -41,7 +41,7 @@ must have been clipped to the same ``l2_clip_norm``.
 
 Noise dtype: ``noise_dtype=None`` uses the params' dtype (one floating dtype for all leaves);
 ``noise_dtype=jnp.float32`` keeps the noise state and coefficients in float32 for bfloat16 params
-(the usual choice for large models): the update is computed in float32 and cast to the gradients'
+(the usual choice for large models): the update is computed in float32 and cast to the parameters'
 dtype. bfloat16 noise itself is refused for every strategy but the identity.
 
 Refused, naming the argument: a clip norm that is not a positive finite number; a noise multiplier
@@ -298,7 +298,8 @@ def dp_aggregate(
         Never the data's shape: the number of rows of the per-example gradients plays no part.
       state_sharding, mesh: see ``mfnoise.training.noise.generator``.
       noise_dtype: dtype of the noise state, coefficients and noise (None: the params' dtype).
-        jnp.float32 for bfloat16 params; the update is cast to the gradients' dtype.
+        jnp.float32 for bfloat16 params; the update is cast to the parameters' dtype (a ClippedSum
+        stays in >= float32 until the noise is added).
       allow_non_private: permit ``noise_multiplier=0`` (warns; ``info.private`` is False).
 
     Returns a ``DPGradientTransformation``; ``tx.info`` holds the arguments, ``tx.info.private`` and
@@ -353,13 +354,18 @@ def dp_aggregate(
         z, noise_state = generator(dtype).next(state.noise, summed)
         stddev = jnp.asarray(info.noise_stddev(dtype), dtype)
 
-        def combine(s: jax.Array, e: jax.Array) -> jax.Array:
-            noisy = s.astype(dtype) + stddev * e
+        def combine(s: jax.Array, e: jax.Array, ref: Any) -> jax.Array:
+            # The noise is added in the finer of the sum's and the noise's dtypes: a ClippedSum arrives in
+            # >= float32 (clipping's accumulation dtype) and is never rounded to bfloat16 params before the
+            # noise (clipping.py: that rounding is data-dependent and can exceed the clip norm); the noisy
+            # update is then rounded to the parameter's (gradient's) dtype, a post-processing.
+            work = jnp.result_type(dtype, s.dtype)
+            noisy = s.astype(work) + stddev.astype(work) * e.astype(work)
             if divisor is not None:
-                noisy = noisy / jnp.asarray(divisor, dtype)
-            return noisy.astype(s.dtype)
+                noisy = noisy / jnp.asarray(divisor, work)
+            return noisy.astype(ref.dtype)
 
-        out = jax.tree.map(combine, summed, z)
+        out = jax.tree.map(combine, summed, z, reference)
         return out, DPAggregateState(noise_state, state.nonfinite + dropped)
 
     return DPGradientTransformation(init_fn, update_fn, info)

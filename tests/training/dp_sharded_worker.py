@@ -134,20 +134,28 @@ def main() -> None:
     check_sum_bound(s, ref_sum, "jit, sharded batch")
     print("ok jit with a sharded batch", flush=True)
 
-    # The trap data_parallel avoids: per-example gradients inside shard_map with invariant params are
-    # summed over the devices (row b = the 8 devices' b-th examples), then clipped together.
-    def naive(p, x, y):
+    # The trap data_parallel avoids: per-example gradients inside shard_map (check_vma=True) with
+    # invariant params are summed over the devices (row b = the 8 devices' b-th examples), then clipped
+    # together. clipped_grad and per_example_grads refuse it, naming the axis and the fix.
+    def naive(p, x, y, fn):
         def local(p, x, y):
-            c = clipped_grad(loss, CLIP)(p, x, y)
-            return jax.tree.map(lambda g: jax.lax.psum(g, "data") / 8, c.grads)
+            c = fn(p, x, y)
+            leaves = c.grads if hasattr(c, "grads") else c
+            return jax.tree.map(lambda g: jax.lax.psum(jnp.sum(g), "data"), leaves)
 
         return jax.shard_map(local, mesh=AUTO, in_specs=(P(), P("data"), P("data")), out_specs=P())(p, x, y)
 
     init, xs, ys = data()
-    bad = host(jax.jit(naive)({k: rep(k, jnp.asarray(v)) for k, v in init.items()}, shard(jnp.asarray(xs[0])),
-                              shard(jnp.asarray(ys[0]))))
-    assert any(not np.allclose(bad[k], ref_sum.grads[k], rtol=1e-3, atol=1e-4) for k in bad), "naive matched?"
-    print("ok the naive shard_map differs (implicit psum of per-example gradients)", flush=True)
+    for name, fn in [("clipped_grad", clipped_grad(loss, CLIP)), ("per_example_grads", per_example_grads(loss))]:
+        try:
+            jax.jit(lambda p, x, y, fn=fn: naive(p, x, y, fn))(
+                {k: rep(k, jnp.asarray(v)) for k, v in init.items()}, shard(jnp.asarray(xs[0])),
+                shard(jnp.asarray(ys[0])))
+        except ValueError as e:
+            assert "check_vma=True" in str(e) and "'data'" in str(e) and "data_parallel" in str(e), str(e)
+        else:
+            raise AssertionError(f"{name} inside shard_map with check_vma=True was not refused")
+    print("ok the naive shard_map is refused (implicit psum of per-example gradients)", flush=True)
 
     check_exact()
     check_noise_once()

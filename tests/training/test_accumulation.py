@@ -277,9 +277,9 @@ def test_nonfinite_counts_add_up():
     assert all(np.all(np.isfinite(v)) for v in leaves(acc.grads))
 
 
-def test_bfloat16_microbatch_sums_added_in_float32_rounded_toward_zero():
-    """bf16 params: each microbatch's ClippedSum is bf16 (the clipping function rounds it toward zero);
-    accumulate adds those k partial sums in float32 and rounds the total toward zero once, never up."""
+def test_bfloat16_microbatch_sums_stay_float32():
+    """bf16 params: each microbatch's ClippedSum is float32 (the clipping function keeps its
+    accumulation dtype until the noise is added); accumulate adds those k partial sums in float32."""
     rng = np.random.default_rng(6)
     batch, d, mb = 9, 64, 2
     x = jnp.asarray(rng.normal(size=(batch, d)), jnp.float32)
@@ -287,7 +287,7 @@ def test_bfloat16_microbatch_sums_added_in_float32_rounded_toward_zero():
     loss = lambda p, x: jnp.sum(p["w"].astype(jnp.float32) * x)
     fn = jax.jit(clipped_per_example(loss, 100.0))  # no clipping: the sum is sum_b x_b
     acc = jax.jit(accumulate(fn, mb))(p, x)
-    assert acc.grads["w"].dtype == jnp.bfloat16
+    assert acc.grads["w"].dtype == jnp.float32
     parts = [np.asarray(fn(p, x[i:i + mb]).grads["w"], np.float64) for i in range(0, batch, mb)]
     total = np.sum(parts, axis=0)  # the partial sums' exact total (float32 adds 5 terms: within gamma_5)
     got = np.asarray(acc.grads["w"], np.float64)

@@ -205,7 +205,7 @@ def test_bfloat16_weight_never_rounds_up():
     """c / N = 1/3 rounds up in bfloat16 (0.33398): the old weighted sum in bfloat16 gave 1.002 c."""
     g = jnp.asarray(np.full((1, 9), 1.0), jnp.bfloat16)  # norm 3
     out, dropped = clipped_sum({"w": g}, 1.0)
-    assert int(dropped) == 0 and out["w"].dtype == jnp.bfloat16
+    assert int(dropped) == 0 and out["w"].dtype == jnp.float32  # kept in float32 until the noise is added
     assert np.linalg.norm(np.asarray(out["w"], np.float64)) <= 1.0
     x, t = jnp.ones((1, 1, 3), jnp.bfloat16), -jnp.ones((1, 1, 3), jnp.bfloat16)  # T = 1 ghost, norm 3
     got, _, _ = run(x, t, 1.0)
@@ -269,3 +269,22 @@ def test_numpy_and_zero_d_clip_norms_are_accepted():
     for clip in (np.float32(1.0), np.asarray(1.0), jnp.asarray(1.0), 1):
         out, _ = clipped_sum(g, clip)
         np.testing.assert_allclose(np.linalg.norm(np.asarray(out["w"])), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["clipped_sum", "clipped_grad"])
+def test_bfloat16_sum_is_not_rounded_before_the_noise(path):
+    """The adversary's neighbours: 512 aligned unit gradients against 511 of them. Rounded to bfloat16
+    (8 bits) before the noise, 511 becomes 510 (toward zero): the release would move by 2c for one
+    example removed. The ClippedSum stays in float32, so it moves by c."""
+    w = {"w": jnp.zeros((3,), jnp.bfloat16)}
+    loss = lambda p, x: jnp.sum(p["w"].astype(jnp.float32) * x)
+
+    def summed(batch):
+        x = jnp.tile(jnp.asarray([1.0, 0.0, 0.0], jnp.float32), (batch, 1))
+        if path == "clipped_sum":
+            out, _ = clipped_sum({"w": x.astype(jnp.bfloat16)}, 1.0)
+            return np.asarray(out["w"], np.float64)
+        return np.asarray(jax.jit(clipped_grad(loss, 1.0))(w, x).grads["w"], np.float64)
+
+    diff = np.linalg.norm(summed(512) - summed(511))
+    assert diff <= 1.0 * (1 + 1e-3), diff
