@@ -168,12 +168,14 @@ def _options(parser: argparse.ArgumentParser, prefix: str = ""):
             yield prefix, action
 
 
-OUTPUT_FLAGS = {("optimize", "--out"), ("library build", "--out"), ("plan", "--out"), ("demo", "--plot")}
+OUTPUT_FLAGS = {("optimize", "--out"), ("library build", "--out"), ("plan", "--out"), ("demo", "--plot"),
+                ("audit", "--out"), ("audit", "--plot")}
 
 
 def test_every_output_flag_is_covered_here():
     """The CLI flags that name something to write are exactly those tested below (demo --plot: in
-    test_demo.py, which needs the demo extra): a new one must join OUTPUT_FLAGS and get a test."""
+    test_demo.py, which needs the demo extra; audit --plot's mode: in test_cli_audit_plot below): a
+    new one must join OUTPUT_FLAGS and get a test."""
     parser, _ = cli.build_parser()
     found = {(command, a.option_strings[-1]) for command, a in _options(parser)
              if a.dest in ("out", "plot", "output") or a.dest.endswith("_out")
@@ -230,3 +232,34 @@ def test_cli_plan_out(tmp_path, capsys, monkeypatch, umask):
     out = json.loads(capsys.readouterr().out)
     assert out["out"] == str(tmp_path / "plan.json") and _mode(out["out"]) == 0o644
     assert mfnoise.planning.load(out["out"]).fingerprint == out["fingerprint"]
+
+
+AUDIT = ["audit", "--family", "identity", "--n", "8", "--epochs", "2", "--noise-multiplier", "1",
+         "--delta", "1e-5", "--trials", "2000", "--quiet"]
+
+
+def test_cli_audit_out(tmp_path, capsys, monkeypatch, umask):
+    """--out and --plot into a missing folder fail before the audit; --out is written with the usual
+    mode and holds the result."""
+    umask(0o022)
+    import mfnoise.auditing.api
+
+    with monkeypatch.context() as m:
+        m.setattr(mfnoise.auditing.api, "audit", _never)
+        _refused(capsys, [*AUDIT, "--out", str(tmp_path / "typo" / "a.json")], str(tmp_path / "typo"))
+        _refused(capsys, [*AUDIT, "--plot", str(tmp_path / "typo2" / "roc.png")], str(tmp_path / "typo2"))
+    assert cli.main([*AUDIT, "--json", "--out", str(tmp_path / "a.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["out"] == str(tmp_path / "a.json") and _mode(out["out"]) == 0o644
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert saved["claimed_epsilon"] == out["claimed_epsilon"] and saved["ok"] is True
+
+
+def test_cli_audit_plot(tmp_path, capsys, umask):
+    pytest.importorskip("matplotlib", reason="--plot needs the 'demo' extra (matplotlib)")
+    umask(0o022)
+    assert cli.main([*AUDIT, "--json", "--plot", str(tmp_path / "roc.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plot"] == str(tmp_path / "roc.png") and _mode(out["plot"]) == 0o644
+    assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(os.listdir(tmp_path)) == ["roc.png"]  # no temporary file left
