@@ -446,7 +446,15 @@ class InverseBLT(Strategy):
         return blt_coeffs(self.theta, self.omega, self.n)
 
     def toeplitz_coeffs(self) -> np.ndarray:
-        return series.reciprocal(self.inverse_coeffs(), self.n)
+        """c = 1 / r as a power series (O(n log n)); entries that rounding left below 0 are set to 0
+        where C is provably entrywise positive (``reciprocal_is_positive``: the realisation of a BLT
+        with omega > 0). The series reciprocal is accurate to ~1e-16 absolute, so far in the tail,
+        where c_j ~ 1e-18, it can return c_j < 0 for a true c_j > 0 (seen: c_3841 = -2.7e-18 for a
+        float32-rounded BLT at n = 5850); 0 is nearer the truth, and MMCC needs C >= 0."""
+        c = series.reciprocal(self.inverse_coeffs(), self.n)
+        if reciprocal_is_positive(np.asarray(self.theta), np.asarray(self.omega)):
+            c = np.maximum(c, 0.0)
+        return c
 
     def _dense(self) -> np.ndarray:
         return series.to_dense(self.toeplitz_coeffs(), self.n)
@@ -474,6 +482,34 @@ class InverseBLT(Strategy):
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> InverseBLT:
         return cls(arrays["theta"], arrays["omega"], int(params["n"]))
+
+
+def reciprocal_is_positive(theta: np.ndarray, omega: np.ndarray) -> bool:
+    """Whether 1 / r, r(x) = 1 + sum_i omega_i x / (1 - theta_i x), has every coefficient >= 0.
+
+    A sufficient condition: every omega_i < 0, the theta_i distinct, and g(0) < 0 if a theta_i is
+    negative, where g(y) = r(1 / y) = 1 + sum_i omega_i / (y - theta_i). Proof: g' = sum_i |omega_i| /
+    (y - theta_i)^2 > 0, so g rises from -inf to +inf between consecutive theta_i and from -inf to 1
+    above the largest, and stays above 1 below the smallest: d simple roots y_1 < ... < y_d with
+    y_1 > theta_1 (sorted). Hence 1 / g = 1 + sum_k rho_k / (y - y_k), rho_k = 1 / g'(y_k) > 0, so
+    1 / r is the BLT with decays y_k and scales rho_k > 0, whose coefficients sum_k rho_k y_k^(j-1)
+    are >= 0 when every y_k >= 0: always if theta_1 >= 0; if theta_1 < 0 < theta_2 (one negative
+    decay; two put y_1 < 0) exactly when g(0) <= 0, asked here with a margin (g(0) < -1e-9) so that
+    rounding cannot decide it. The inverse of a BLT with omega > 0 has omega' < 0, so its rounded
+    realisations qualify.
+    """
+    theta = np.asarray(theta, np.float64).reshape(-1)
+    omega = np.asarray(omega, np.float64).reshape(-1)
+    if not (theta.size > 0 and np.all(np.isfinite(theta)) and np.all(np.isfinite(omega)) and np.all(omega < 0)):
+        return False
+    th = np.sort(theta)
+    if np.any(np.diff(th) <= 0):
+        return False
+    if th[0] >= 0:
+        return True
+    if th.size > 1 and th[1] <= 0:
+        return False
+    return bool(1.0 + float(np.sum(omega / -theta)) < -1e-9)
 
 
 def _parallel_filter(theta: np.ndarray, omega: np.ndarray, z: np.ndarray) -> np.ndarray:

@@ -181,6 +181,67 @@ def test_inverse_blt_accepts_decays_at_or_past_one_and_refuses_bad_input():
         InverseBLT(np.array([np.nan]), np.array([0.1]), 6)
 
 
+@FEW
+@given(params=blt_params(positive=True), n=N_VALUES)
+def test_an_inverse_with_negative_scales_has_a_positive_reciprocal(params, n):
+    """reciprocal_is_positive's proposition, checked against a dense inverse: C^{-1} the inverse of a
+    positive BLT, rounded to float32 or float64 (omega' < 0; a decay theta' may be < 0), has C >= 0,
+    and its coefficients are the positive BLT's closed form (not rounding noise below 0)."""
+    from mfnoise.strategies.blt import InverseBLT, blt_coeffs, blt_inverse, reciprocal_is_positive
+
+    theta, omega = params
+    inv_theta, inv_omega = blt_inverse(theta, omega)
+    assert np.all(inv_omega < 0)
+    for dt in (np.float32, np.float64):
+        th, om = inv_theta.astype(dt).astype(np.float64), inv_omega.astype(dt).astype(np.float64)
+        # the unrounded inverse's 1 / r is the BLT itself (decays theta > 0.02): rounding keeps that
+        assert reciprocal_is_positive(th, om), (th, om)
+        dense = np.linalg.inv(toeplitz_matrix(_blt_reference(th, om, n), n))
+        assert np.all(np.tril(dense) >= -1e-13)
+        coeffs = InverseBLT(th, om, n).toeplitz_coeffs()
+        assert np.all(coeffs >= 0)
+        # its own BLT form (decays and scales from the secular equation), an independent path
+        np.testing.assert_allclose(coeffs, blt_coeffs(*blt_inverse(th, om), n), rtol=0, atol=1e-13)
+
+
+def test_far_tail_rounding_is_not_a_negative_coefficient():
+    """The 50-epoch BLT of benchmarks/amplification.py (n = 5850, its optimizer's decays and scales):
+    the series reciprocal of its float32 realisation dips to about -1e-16 from c_3841 on (true
+    values ~1e-20 > 0), which made MMCC refuse it. Its coefficients are now >= 0 and within the
+    reciprocal's accuracy of the closed form, and MMCC prices it."""
+    from mfnoise.core import series
+    from mfnoise.strategies.blt import BLT, blt_coeffs, blt_inverse
+    from mfnoise.training import mmcc
+
+    s = BLT(np.array([0.06043349, 0.62989489, 0.98950884]), np.array([0.02181776, 0.25170148, 0.2367892]), 5850)
+    r = s.realised(np.float32)
+    assert np.min(series.reciprocal(r.inverse_coeffs(), r.n)) < 0  # what the clamp is for
+    coeffs = r.toeplitz_coeffs()
+    assert np.all(coeffs >= 0)
+    np.testing.assert_allclose(coeffs, blt_coeffs(*blt_inverse(r.theta, r.omega), r.n), rtol=0, atol=1e-13)
+    priced = mmcc.priced_strategy(s)
+    tc = priced.toeplitz_coeffs()
+    assert tc is not None and np.all(np.asarray(tc) >= s.toeplitz_coeffs())
+
+
+def test_a_reciprocal_with_true_negative_coefficients_is_left_alone():
+    """Not every InverseBLT has C >= 0: 1 / (1 + 0.3 x / (1 - 0.5 x)) = 1 - 0.3 x / (1 - 0.2 x)."""
+    from mfnoise.strategies.blt import InverseBLT, reciprocal_is_positive
+
+    coeffs = InverseBLT(np.array([0.5]), np.array([0.3]), 8).toeplitz_coeffs()
+    np.testing.assert_allclose(coeffs, np.r_[1.0, -0.3 * 0.2 ** np.arange(7)], rtol=1e-12)
+    assert not reciprocal_is_positive(np.array([0.5]), np.array([0.3]))
+    assert not reciprocal_is_positive(np.array([0.5, 0.2]), np.array([-0.3, 0.1]))  # mixed signs
+    assert not reciprocal_is_positive(np.array([0.5, 0.5]), np.array([-0.3, -0.1]))  # repeated decay
+    # one negative decay: 1 / r = 1 + 0.3 x / (1 - 0.2 x) (decay 0.2 >= 0) but 1 / (1 - 0.3 x / (1 + 0.5 x))
+    # = 1 + 0.3 x / (1 + 0.2 x) alternates (decay -0.2)
+    assert reciprocal_is_positive(np.array([-0.1]), np.array([-0.3]))
+    assert not reciprocal_is_positive(np.array([-0.5]), np.array([-0.3]))
+    alternating = InverseBLT(np.array([-0.5]), np.array([-0.3]), 8).toeplitz_coeffs()
+    np.testing.assert_allclose(alternating, np.r_[1.0, 0.3 * (-0.2) ** np.arange(7)], rtol=1e-12)
+    assert not reciprocal_is_positive(np.array([-0.5, -0.1]), np.array([-0.3, -0.1]))  # two negative decays
+
+
 # ------------------------------------------------------------- what the noise generator realises
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("family", ["dense-nonneg", "dense-mixed", "banded", "toeplitz-arbitrary", "blt-positive",
