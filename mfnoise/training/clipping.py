@@ -24,7 +24,7 @@ Two ways to compute it:
   gives the clipped sum: about the cost of an ordinary minibatch gradient. Per weight the cheaper
   way is chosen from the shapes (products: the Gram regime below; lookups: T < V). Every other
   parameter (biases and layer-norm / RMS-norm scales, whose per-example gradients are only B x
-  their size; convolutions; reshaped, cast or shared weights; anything inside a control-flow,
+  their size; grouped convolutions; reshaped, cast or shared weights; anything inside a control-flow,
   checkpoint or custom-derivative primitive) gets materialised per-example gradients in the same
   backward pass; its norm is added exactly.
 
@@ -105,8 +105,9 @@ qualifies only if every use of it is a product whose other operand is not a para
 at integer ids. Any other use (a reshape, a cast, a product with another parameter, an elementwise
 op, a custom_jvp / custom_vjp / checkpoint / scan / cond / while that receives it) sends the leaf to
 the exact materialised path, so the norm never misses a contribution. ``ghost_leaves`` says which
-leaves a loss sends the ghost way. Convolutions (``conv_general_dilated``) are materialised (an
-im2col ghost form is not implemented).
+leaves a loss sends the ghost way. A convolution kernel (``conv_general_dilated``, one feature
+group) is a product of the input's patches and the output gradients (``mfnoise.training.ghost_conv``,
+im2col, exact): its norm and clipped sum are the product's, with the same bounds and chunking.
 
 An example whose bound is not finite (a NaN or inf gradient entry, or finite values whose squares
 overflow the accumulation dtype: entries of a gradient or of a ghost product's operands above ~1e19
@@ -128,6 +129,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
+from mfnoise.training.ghost_conv import conv_chunking, conv_dims, conv_operands, conv_sum
 from mfnoise.training.ghost_embedding import lookup_dims, lookup_rows_sums, lookup_sq, lookup_sum, lookup_usable
 from mfnoise.training.ghost_plan import Source, _Ghost, _Probe, evaluate, ghost_plan, restrict
 from mfnoise.training.per_example import batch_size, check_not_summed_over_devices, shared_arguments
@@ -258,6 +260,8 @@ def _dot_dims(ghost: _Ghost) -> tuple[list[int], list[int], list[int], int]:
 
 def _dims(ghost: _Ghost) -> tuple[int, int, int]:
     """(T, K, M) of one batch slice of the ghost product: grad_W[i] = H_i^T G_i, H_i (T x K), G_i (T x M)."""
+    if ghost.kind == "conv":
+        return conv_dims(ghost.eqn)
     hb, hfree, hc, _ = _dot_dims(ghost)
     hshape = ghost.eqn.invars[1 - ghost.operand].aval.shape
     t = math.prod(hshape[d] for d in hfree)
@@ -388,6 +392,8 @@ def _ghost_bound(h: jax.Array, g: jax.Array, ghost: _Ghost, acc: Any) -> tuple[j
     """(sq, U, E, S) of ``_slice_bound`` for one example; with batch dims (nb slices, e.g. per-head
     weights 'htd,hdk->htk') the sums over the slices: ||grad_W||^2 = sum_i ||H_i^T G_i||^2, each
     slice bounded on its own, the nb-term sums inflated by (1 + gamma_{nb+1}) (non-negative terms)."""
+    if ghost.kind == "conv":
+        return _slice_bound(*conv_operands(ghost.eqn, h.astype(acc), g.astype(acc)), acc)
     if not _dot_dims(ghost)[0]:
         return _slice_bound(*_flat_operands(h.astype(acc), g.astype(acc), ghost), acc)
     hm, gm = _flat_batched(h.astype(acc), g.astype(acc), ghost)
@@ -400,6 +406,8 @@ def _exact_bounds(h: jax.Array, g: jax.Array, ghost: _Ghost, acc: Any) -> jax.Ar
     """(B,) bounds from the formed products H_b^T G_b, one example at a time (memory K M per slice)."""
 
     def one(hg: tuple[jax.Array, jax.Array]) -> jax.Array:
+        if ghost.kind == "conv":
+            return _exact_sq(*conv_operands(ghost.eqn, hg[0].astype(acc), hg[1].astype(acc)), acc)
         if not _dot_dims(ghost)[0]:
             return _exact_sq(*_flat_operands(hg[0].astype(acc), hg[1].astype(acc), ghost), acc)
         hm, gm = _flat_batched(hg[0].astype(acc), hg[1].astype(acc), ghost)
@@ -643,7 +651,7 @@ def _norms(run: _Pass, clip: float) -> tuple[jax.Array, dict[int, tuple[jax.Arra
     docstring); and for each lookup site its (B, T, M) segment sums and (B, T) row ids (the clipped sum
     scatters those)."""
     acc = run.acc
-    products = {j: g for j, g in run.plan.items() if g.kind == "dot"}
+    products = {j: g for j, g in run.plan.items() if g.kind in ("dot", "conv")}
     bounds = {
         j: jax.vmap(lambda h, g, ghost=ghost: _ghost_bound(h, g, ghost, acc))(run.operands[j], run.g_probe[j])
         for j, ghost in products.items()
@@ -665,7 +673,10 @@ def _norms(run: _Pass, clip: float) -> tuple[jax.Array, dict[int, tuple[jax.Arra
         # the norm of a tied table bounds ||P1 + P2||, not the rows summed: fl(S) differs by <= E1
         floor = floor + lookup_norms[jl][1]
     for j, ghost in products.items():
-        _, _, _, chunks, rows = _chunking(ghost, run.operands[j], run.g_probe[j])
+        if ghost.kind == "conv":
+            rows, chunks = conv_chunking(ghost.eqn, _ROWS)
+        else:
+            _, _, _, chunks, rows = _chunking(ghost, run.operands[j], run.g_probe[j])
         floor = floor + (_gamma(rows + 1, acc) + 2 * _gamma(chunks, acc) ** 2) * bounds[j][1]
     floor = floor / _ROUNDING_SHARE
     dense_sq = [_sum_squares_upper(x, acc) for x in run.g_dense]
@@ -755,6 +766,9 @@ def clipped_grad(
             if ghost.kind == "lookup":
                 fn = lambda s, i, ghost=ghost: lookup_sum(ghost, s, i, scale, run.acc)
                 part = _weighted_rows(finite, fn, *lookups[j])
+            elif ghost.kind == "conv":
+                fn = lambda h, g, ghost=ghost: conv_sum(ghost.eqn, h, g, scale, run.acc, _ROWS)
+                part = _weighted_rows(finite, fn, run.operands[j], run.g_probe[j])
             else:
                 fn = lambda h, g, ghost=ghost, w=w: _product_vjp(ghost, w, h, g, scale, run.acc)
                 part = _weighted_rows(finite, fn, run.operands[j], run.g_probe[j])

@@ -11,7 +11,10 @@ kinds whose per-example gradient has a ghost form:
 * an embedding lookup, a ``gather`` that takes whole rows of the leaf E (V x ...) at integer
   indices that are not parameters (``E[ids]``, ``jnp.take(E, ids, axis=0)``): per example
   grad_E = sum_t e_{x_t} g_t^T ("Differentially Private Optimization on Large Model at Small Cost",
-  Bu et al. 2023, arXiv:2210.00038, book-keeping).
+  Bu et al. 2023, arXiv:2210.00038, book-keeping);
+* a convolution whose kernel is the leaf (not a view) and whose input is not a parameter, with one
+  feature group and one batch group: per example grad_W = H^T G with H the input's patches
+  (``mfnoise.training.ghost_conv``).
 
 A leaf goes the ghost way only if EVERY use of it (and of its views) is such a site; any other use (a
 reshape, a cast, an elementwise op, a product with another parameter, a custom_jvp / custom_vjp /
@@ -29,12 +32,18 @@ import jax
 import jax.extend as jex
 import jax.numpy as jnp
 
+from mfnoise.training.ghost_conv import is_conv
+
 _CALLS = ("jit", "pjit", "closed_call", "core_call")
 _LOOKUP_MODES = (
     jax.lax.GatherScatterMode.CLIP,
     jax.lax.GatherScatterMode.FILL_OR_DROP,
     jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
 )
+
+# the primitives that may be sites: walk and evaluate number every such equation with a parameter
+# operand in the same order, sites or not
+_SITE_PRIMITIVES = ("dot_general", "gather", "conv_general_dilated")
 
 Source = tuple[int, "tuple[int, ...] | None"]  # (leaf, permutation of the view, None for the leaf itself)
 
@@ -113,7 +122,8 @@ def lookup_rows(eqn: Any, indices: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _Ghost:
     """A ghost site: operand ``operand`` of ``eqn`` is parameter leaf ``leaf`` (or, where ``perm`` is
-    set, its view transpose(leaf, perm)); ``kind`` is "dot" (a dot_general) or "lookup" (a gather)."""
+    set, its view transpose(leaf, perm)); ``kind`` is "dot" (a dot_general), "lookup" (a gather) or
+    "conv" (a conv_general_dilated, the leaf its kernel)."""
 
     leaf: int
     operand: int
@@ -149,7 +159,7 @@ class _Walk:
                 src[eqn.outvars[0]] = view
                 continue
             name = eqn.primitive.name
-            if name in ("dot_general", "gather"):
+            if name in _SITE_PRIMITIVES:
                 index = len(self.eqns)
                 self.eqns.append(eqn)
                 single = sum(s is not None for s in eqn_src) == 1
@@ -161,6 +171,8 @@ class _Walk:
                         self.uses[leaf].append(("site", index, operand, perm, "dot"))
                     elif name == "gather" and operand == 0 and single and perm is None and is_lookup(eqn):
                         self.uses[leaf].append(("site", index, operand, perm, "lookup"))
+                    elif name == "conv_general_dilated" and operand == 1 and single and perm is None and is_conv(eqn):
+                        self.uses[leaf].append(("site", index, operand, perm, "conv"))
                     else:
                         self.uses[leaf].append(("other",))
                 continue
@@ -233,13 +245,15 @@ def evaluate(jaxpr: Any, consts: list, args: list, insrc: list[Source | None], p
             view = _view(eqn, eqn_src) if held else None
             if view is not None:
                 src[eqn.outvars[0]] = view
-            elif held and eqn.primitive.name in ("dot_general", "gather"):
+            elif held and eqn.primitive.name in _SITE_PRIMITIVES:
                 index = probe.sites
                 probe.sites += 1
                 ghost = probe.plan.get(index)
                 if ghost is not None:
                     if ghost.kind == "lookup":
                         probe.operands[index] = lookup_rows(eqn, invals[1])
+                    elif ghost.kind == "conv":
+                        probe.operands[index] = invals[0]
                     else:
                         probe.operands[index] = invals[1 - ghost.operand]
                     outs = [outs[0] + probe.probes[index]]
