@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,10 +50,10 @@ import optax
 
 from mfnoise.core import workloads
 from mfnoise.core.participation import Participation
-from mfnoise.strategies import io
 from mfnoise.strategies.banded import Banded
 from mfnoise.strategies.base import Strategy
 from mfnoise.strategies.blt import BLT
+from mfnoise.strategies.files import figure_format, save_figure
 from mfnoise.strategies.identity import Identity
 from mfnoise.training import batching
 
@@ -440,24 +439,10 @@ def plot(result: dict, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
-    try:
-        with io.atomic_write(path, "wb", "plot") as f:
-            fig.savefig(f, format=fmt)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, fmt)
 
 
 def plot_format(path: str, argument: str = "plot") -> str:
-    """The image format ``plot`` writes to ``path`` (its extension; png without one), after checking
-    that matplotlib can write it and that the folder exists (ValueError / FileNotFoundError naming
-    ``argument`` and the path): the CLI calls it before training, so a typo fails at once."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    io.output_folder(path, argument)
-    fmt = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
-    supported = FigureCanvasAgg.get_supported_filetypes()
-    if fmt not in supported:
-        raise ValueError(f"{argument} {os.fspath(path)!r}: matplotlib cannot write .{fmt} files; "
-                         f"use one of {', '.join('.' + k for k in sorted(supported))}")
-    return fmt
+    """The image format ``plot`` writes to ``path`` (``files.figure_format``): the CLI calls it
+    before training, so a typo fails at once."""
+    return figure_format(path, argument)

@@ -532,7 +532,6 @@ def plot(result: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mfnoise.strategies import io
 
     base = result["pretrained"]["perplexity"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
@@ -551,28 +550,13 @@ def plot(result: dict, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=9)
     fig.tight_layout()
-    try:
-        with io.atomic_write(path, "wb", "plot") as f:
-            fig.savefig(f, format=fmt)
-    finally:
-        plt.close(fig)
-    return path
+    from mfnoise.strategies.files import save_figure
+
+    return save_figure(fig, path, fmt)
 
 
 def plot_format(path: str, argument: str = "plot") -> str:
-    """The image format ``plot`` writes to ``path`` (its extension; png without one), after checking
-    that matplotlib can write it and that the folder exists (ValueError / FileNotFoundError naming
-    ``argument`` and the path)."""
-    import os
+    """The image format ``plot`` writes to ``path`` (``files.figure_format``)."""
+    from mfnoise.strategies.files import figure_format
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from mfnoise.strategies import io
-
-    io.output_folder(path, argument)
-    fmt = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
-    supported = FigureCanvasAgg.get_supported_filetypes()
-    if fmt not in supported:
-        raise ValueError(f"{argument} {os.fspath(path)!r}: matplotlib cannot write .{fmt} files; "
-                         f"use one of {', '.join('.' + k for k in sorted(supported))}")
-    return fmt
+    return figure_format(path, argument)

@@ -128,17 +128,19 @@ class EpsilonLowerBound:
             "confidence": float(self.confidence),
             "method": self.method,
             "trials": int(self.trials),
-            "details": _jsonable(self.details),
+            "details": jsonable(self.details),
         }
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """Plain JSON types: numpy scalars and arrays as Python numbers and lists, non-finite floats as
+    strings ("inf", "nan"), dict keys as strings."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating, float)):
@@ -146,6 +148,8 @@ def _jsonable(x: Any) -> Any:
         return v if math.isfinite(v) else str(v)
     if isinstance(x, np.bool_):
         return bool(x)
+    if isinstance(x, np.generic):
+        return jsonable(x.item())
     return x
 
 

@@ -136,6 +136,14 @@ def _run_dp_aggregate(strategy: Strategy, participation: Participation, noise_mu
 JIT_MIN_STEPS = 64  # runs of at least this many steps compile their step (about 1 s); shorter ones run eagerly
 
 
+def _clipped_contributions(strategy: Strategy, pattern: np.ndarray, members: np.ndarray, canary_norm: float,
+                           l2_clip_norm: float, dtype: Any) -> jax.Array:
+    """The clipped canary sums x (n, trials) of a mechanism that clips as the real one does."""
+    u, m = _check_pattern(pattern, members, strategy.n)
+    pos, neg = clipped_canary(canary_norm, l2_clip_norm, m.size, dtype)
+    return contributions(u, m, pos, neg, dtype)
+
+
 def _stepper(fn: Callable[..., Any], n: int) -> Callable[..., Any]:
     """``fn`` jitted for runs of >= JIT_MIN_STEPS steps (a compilation per run pays off), else as is."""
     return jax.jit(fn) if n >= JIT_MIN_STEPS else fn
@@ -155,9 +163,7 @@ class Honest:
     def releases(self, strategy: Strategy, participation: Participation, noise_multiplier: float, *,
                  pattern: np.ndarray, members: np.ndarray, l2_clip_norm: float, canary_norm: float,
                  key: jax.Array, dtype: Any) -> np.ndarray:
-        u, m = _check_pattern(pattern, members, strategy.n)
-        pos, neg = clipped_canary(canary_norm, l2_clip_norm, m.size, dtype)
-        x = contributions(u, m, pos, neg, dtype)
+        x = _clipped_contributions(strategy, pattern, members, canary_norm, l2_clip_norm, dtype)
         return _run_dp_aggregate(strategy, participation, noise_multiplier, x, l2_clip_norm, key,
                                  self.expected_batch_size)
 
@@ -185,9 +191,7 @@ class SensitivityK1:
     def releases(self, strategy: Strategy, participation: Participation, noise_multiplier: float, *,
                  pattern: np.ndarray, members: np.ndarray, l2_clip_norm: float, canary_norm: float,
                  key: jax.Array, dtype: Any) -> np.ndarray:
-        u, m = _check_pattern(pattern, members, strategy.n)
-        pos, neg = clipped_canary(canary_norm, l2_clip_norm, m.size, dtype)
-        x = contributions(u, m, pos, neg, dtype)
+        x = _clipped_contributions(strategy, pattern, members, canary_norm, l2_clip_norm, dtype)
         # The bug: the transform is told k = 1 (its sensitivity is the largest column norm).
         return _run_dp_aggregate(strategy, Participation.single(strategy.n), noise_multiplier, x, l2_clip_norm, key)
 
@@ -208,12 +212,10 @@ class WrongStrategy:
     def releases(self, strategy: Strategy, participation: Participation, noise_multiplier: float, *,
                  pattern: np.ndarray, members: np.ndarray, l2_clip_norm: float, canary_norm: float,
                  key: jax.Array, dtype: Any) -> np.ndarray:
-        u, m = _check_pattern(pattern, members, strategy.n)
         other = self.other if self.other is not None else sqrt_toeplitz(strategy.n)
         if other.n != strategy.n:
             raise ValueError(f"wrong_strategy's other strategy has n={other.n}, the audited one n={strategy.n}")
-        pos, neg = clipped_canary(canary_norm, l2_clip_norm, m.size, dtype)
-        x = contributions(u, m, pos, neg, dtype)
+        x = _clipped_contributions(strategy, pattern, members, canary_norm, l2_clip_norm, dtype)
         stddev = _scale(strategy, participation, noise_multiplier, l2_clip_norm, dtype)
         tx = correlated_noise(other, stddev, key)  # the bug: the generator runs the other strategy
         state = tx.init(x[0])
@@ -235,13 +237,11 @@ class ReusedLastRow:
     def releases(self, strategy: Strategy, participation: Participation, noise_multiplier: float, *,
                  pattern: np.ndarray, members: np.ndarray, l2_clip_norm: float, canary_norm: float,
                  key: jax.Array, dtype: Any) -> np.ndarray:
-        u, m = _check_pattern(pattern, members, strategy.n)
         n = strategy.n
         after = self.after if self.after is not None else n - max(1, n // 4)
         if not 1 <= after < n:
             raise ValueError(f"reused_last_row's after={after} must be in [1, n={n})")
-        pos, neg = clipped_canary(canary_norm, l2_clip_norm, m.size, dtype)
-        x = contributions(u, m, pos, neg, dtype)
+        x = _clipped_contributions(strategy, pattern, members, canary_norm, l2_clip_norm, dtype)
         stddev = jnp.asarray(_scale(strategy, participation, noise_multiplier, l2_clip_norm, dtype), dtype)
         gen = noise_lib.generator(strategy, key, dtype=dtype)
         state = gen.init(x[0])

@@ -35,21 +35,16 @@ def roc_plot(result: Any, path: str | os.PathLike, *, scale: Literal["log", "lin
     are decided); ``"linear"``: the usual ROC square.
     """
     from mfnoise.auditing import estimators, tradeoff
-    from mfnoise.strategies import io
+    from mfnoise.strategies.files import figure_format, save_figure
 
     if scale not in ("log", "linear"):
         raise ValueError(f"scale must be 'log' or 'linear', got {scale!r}")
     path = os.fspath(path)
-    io.output_folder(path, "plot")
-    fmt = os.path.splitext(path)[1][1:].lower() or "png"
+    fmt = figure_format(path)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    if fmt not in FigureCanvasAgg.get_supported_filetypes():
-        raise ValueError(f"plot {path!r}: matplotlib cannot write .{fmt} files")
     scores_in = np.asarray(result.scores_in, dtype=np.float64)
     scores_out = np.asarray(result.scores_out, dtype=np.float64)
     fpr, tpr = (np.asarray(a, dtype=np.float64) for a in estimators.roc(scores_in, scores_out))
@@ -97,9 +92,4 @@ def roc_plot(result: Any, path: str | os.PathLike, *, scale: Literal["log", "lin
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    try:
-        with io.atomic_write(path, "wb", "plot") as f:
-            fig.savefig(f, format=fmt)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, fmt)

@@ -161,7 +161,7 @@ class AuditResult:
                 "in": _summary(self.scores_in),
                 "out": _summary(self.scores_out),
             },
-            "details": estimators._jsonable(self.details),
+            "details": estimators.jsonable(self.details),
         }
         if scores:
             out["scores_in"] = [float(v) for v in self.scores_in]

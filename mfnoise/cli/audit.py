@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -129,13 +128,12 @@ def run(args: argparse.Namespace) -> dict:
     from mfnoise.auditing import api
 
     log = _log(args)
-    for name, path in (("--out", args.out), ("--plot", args.plot)):
-        if path is not None:  # before the work: a mistyped folder fails at once
-            from mfnoise.strategies.files import output_folder
+    from mfnoise.strategies.files import figure_format, output_folder
 
-            output_folder(path, name)
+    if args.out is not None:  # before the work: a mistyped folder fails at once
+        output_folder(args.out, "--out")
     if args.plot is not None:
-        _check_plot(args.plot)
+        figure_format(args.plot, "--plot")
     if not (0 < args.confidence < 1):
         raise ValueError(f"--confidence must be in (0, 1), got {args.confidence!r}")
     start = time.perf_counter()
@@ -152,7 +150,9 @@ def run(args: argparse.Namespace) -> dict:
 
         out["plot"] = os.path.abspath(roc_plot(result, args.plot))
         log(f"ROC written to {out['plot']}")
-    out = _jsonable(out)
+    from mfnoise.auditing.estimators import jsonable
+
+    out = jsonable(out)
     out["ok"] = not bool(out.get("flagged", False))
     if args.out is not None:
         from mfnoise.strategies.files import atomic_write
@@ -161,19 +161,6 @@ def run(args: argparse.Namespace) -> dict:
             f.write(json.dumps(out, indent=1, sort_keys=True))
         out["out"] = os.path.abspath(args.out)
     return out
-
-
-def _check_plot(path: str) -> None:
-    """matplotlib is there and writes ``path``'s format: checked before the audit, not after it."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-    except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'mfnoise[demo]'") from None
-    fmt = os.path.splitext(path)[1][1:].lower() or "png"
-    supported = FigureCanvasAgg.get_supported_filetypes()
-    if fmt not in supported:
-        raise ValueError(f"--plot {path!r}: matplotlib cannot write .{fmt} files; use one of "
-                         f"{', '.join('.' + k for k in sorted(supported))}")
 
 
 def _run_whitebox(args: argparse.Namespace, log) -> Any:
@@ -217,23 +204,6 @@ def _run_whitebox(args: argparse.Namespace, log) -> Any:
     result = api.audit(strategy, p, z, delta=delta, l2_clip_norm=args.clip, **common)
     log(f"done in {time.perf_counter() - t0:.1f} s")
     return result
-
-
-def _jsonable(x: Any) -> Any:
-    """Plain JSON types (numpy scalars and arrays made floats and lists; non-finite floats as strings)."""
-    import numpy as np
-
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        return _jsonable(x.item())
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return x
 
 
 # -- the demo's black-box audit ---------------------------------------------------------------------

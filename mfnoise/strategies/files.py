@@ -137,6 +137,38 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", argument: str = "pat
         raise
 
 
+def figure_format(path: str | os.PathLike, argument: str = "plot") -> str:
+    """The image format a figure written to ``path`` gets (its extension; png without one), after
+    checking that the folder exists and that matplotlib is installed and writes that format
+    (FileNotFoundError / ValueError naming ``argument`` and the path). Commands call it before their
+    work, so a typo fails at once."""
+    path = os.fspath(path)
+    output_folder(path, argument)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        raise ValueError(f"{argument} needs matplotlib: pip install 'mfnoise[demo]'") from None
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f"{argument} {path!r}: matplotlib cannot write .{fmt} files; "
+                         f"use one of {', '.join('.' + k for k in sorted(supported))}")
+    return fmt
+
+
+def save_figure(fig: Any, path: str | os.PathLike, fmt: str, argument: str = "plot") -> str:
+    """Writes a matplotlib figure to ``path`` atomically (``atomic_write``: the usual file mode, no
+    partial file on a crash) and closes it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_write(path, "wb", argument) as f:
+            fig.savefig(f, format=fmt)
+    finally:
+        plt.close(fig)
+    return os.fspath(path)
+
+
 def _json_default(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()
