@@ -842,9 +842,16 @@ def _calibrate_routed(target: float, delta: float, participation: Participation 
         return calibrate(target, delta, p1, accountant=accountant, pld_discretization=pld_discretization,
                          tol=tol, **kwargs)
 
+    options = dict(mmcc_options or {})
+    if route.kind == "mmcc":
+        from mfnoise.training import mmcc
+
+        assert route.strategy is not None
+        options.setdefault("pld_discretization", mmcc.calibration_discretization(route.strategy.n, target))
+
     def eps_of(z: float) -> float:
         return _route_epsilon(route, z, delta, accountant=accountant, pld_discretization=pld_discretization,
-                              mmcc_options=mmcc_options)[0]
+                              mmcc_options=options)[0]
 
     # Without amplification the same C needs z_none (one Gaussian of sensitivity ||C 1||, the
     # scale MMCC's sigma is given in): Poisson subsampling never hurts the true release (the mixture

@@ -524,6 +524,39 @@ def test_mmcc_calibration_is_one_sided_and_tight():
     assert accounting.explain(z * (1 - 2e-3), 1e-5, p, **kw).epsilon > target
 
 
+def test_calibration_grid_scales_with_the_target_and_stays_one_sided(monkeypatch):
+    """Without a pld_discretization of the caller's, a calibration to epsilon prices every z on
+    calibration_discretization(n, epsilon) = min(1e-3, PLD_BIAS max(1, epsilon) / n) (one grid for the
+    whole search); the z it returns keeps epsilon <= target on that grid and on the default, finer
+    one, and 0.2% less noise exceeds the target on the grid it was calibrated on."""
+    import mfnoise
+    from mfnoise.core.participation import Participation
+    from mfnoise.training import accounting
+
+    n, d, m, target = 40, 400, 40, 8.0
+    p = Participation(n, n, 1)
+    kw = {"sampling": "poisson", "dataset_size": d, "batch_size": m, "strategy": mfnoise.bisr(n, 4)}
+    grids = []
+    real = mmcc.epsilon
+
+    def recording(*args, **kwargs):
+        grids.append(kwargs.get("pld_discretization"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mmcc, "epsilon", recording)
+    z = accounting.calibrate(target, 1e-5, p, tol=1e-3, **kw)
+    want = min(1e-3, mmcc.PLD_BIAS * target / n)
+    assert want == 1e-3 > mmcc.PLD_BIAS / n  # 4x coarser than epsilon's default grid here (capped at 1e-3)
+    assert grids and set(grids) == {mmcc.calibration_discretization(n, target)} == {want}
+    on_grid = {"mmcc_options": {"pld_discretization": want}}
+    assert accounting.explain(z, 1e-5, p, **kw, **on_grid).epsilon <= target
+    assert accounting.explain(z, 1e-5, p, **kw).epsilon <= target  # the default grid, finer
+    assert accounting.explain(z * (1 - 2e-3), 1e-5, p, **kw, **on_grid).epsilon > target
+    assert mmcc.calibration_discretization(2000, 0.5) == mmcc.PLD_BIAS / 2000  # below 1: the default
+    with pytest.raises(ValueError, match="target_epsilon"):
+        mmcc.calibration_discretization(10, math.inf)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 10_000), st.integers(1, 300), st.floats(1e-4, 0.5), st.floats(0.0, 50.0),
        st.floats(1.0, 40.0), st.booleans())
