@@ -7,6 +7,9 @@ batch (B windows of T + 1 tokens) and the same optimizer (SGD with momentum 0.9)
 * **mfnoise**: ``mfnoise.clipped_grad`` of the one-example loss (ghost norms where the loss allows,
   materialised per-example gradients elsewhere), then ``optax.chain(mfnoise.dp_aggregate(BLT-4),
   optimizer)`` (correlated noise from a 4-buffer BLT, divided by B);
+* **mfnoise, microbatched**: the same with ``mfnoise.training.accumulation.accumulate(clipped_grad,
+  k)`` (a ``lax.scan`` over B / k microbatches of k examples, their clipped sums added, the noise
+  once) for each k of the same grid as jax-privacy's; the best k by CPU time is the row;
 * **jax-privacy 2.0.0** (in its own venv, a subprocess running this file): ``jax_privacy.clipping.
   clipped_grad`` (vmap over examples, per-example gradients materialised) for each microbatch size
   of a small grid, then its ``matrix_factorization_privatizer`` with a 4-buffer BLT (the same
@@ -183,10 +186,11 @@ def non_private_step(heads: int) -> tuple[Any, Any]:
     return step, opt
 
 
-def mfnoise_step(heads: int, batch: int, buffers: int = 4) -> tuple[Any, Any, dict]:
+def mfnoise_step(heads: int, batch: int, buffers: int = 4, microbatch: int | None = None) -> tuple[Any, Any, dict]:
     import optax
 
     import mfnoise
+    from mfnoise.training.accumulation import accumulate
 
     theta, omega = blt_params(buffers)
     strategy = mfnoise.BLT(theta, omega, N_STEPS)
@@ -194,6 +198,8 @@ def mfnoise_step(heads: int, batch: int, buffers: int = 4) -> tuple[Any, Any, di
     opt = optax.chain(mfnoise.dp_aggregate(strategy, CLIP, 1.0, jax.random.key(0), participation=p,
                                            expected_batch_size=float(batch)), _sgd())
     clipped = mfnoise.clipped_grad(lambda prm, w: example_loss(prm, w, heads), CLIP)
+    if microbatch is not None:
+        clipped = accumulate(clipped, microbatch)
 
     def step(prm: Any, s: Any, x: jax.Array) -> tuple[Any, Any]:
         u, s = opt.update(clipped(prm, x), s, prm)
@@ -211,8 +217,23 @@ def ghost_report(params: Any, data: jax.Array, heads: int) -> dict:
     return {"ghost": ghost, "materialised": sorted(set(every) - set(ghost))}
 
 
-def mfnoise_main(names: list[str], reps: int, save: Any = None) -> dict:
-    """Our rows for each model; ``save(partial)`` after each (a killed run keeps what it measured)."""
+def _grid_sizes(grid: list[int | None], batch: int) -> list[int | None]:
+    """The microbatch sizes of ``grid`` that split ``batch`` evenly (None: the whole batch)."""
+    return [m for m in grid if m is None or (m < batch and batch % m == 0)]
+
+
+def _best(row: dict) -> None:
+    """row["best"] / row["best_microbatch"]: the grid entry with the least CPU time."""
+    ok = {k: v for k, v in row["grid"].items() if "seconds" in v}
+    if ok:  # by CPU time: on a shared machine the wall time is mostly the wait for a core
+        best = min(ok, key=lambda k: ok[k]["cpu_seconds"])
+        row["best_microbatch"] = int(best)
+        row["best"] = ok[best]
+
+
+def mfnoise_main(names: list[str], reps: int, save: Any = None, grid: list[int | None] | None = None) -> dict:
+    """Our rows for each model (``grid``: microbatch sizes for the accumulated rows); ``save(partial)``
+    after each measurement (a killed run keeps what it measured)."""
     out: dict = {}
     for name in names:
         params, data, heads, info = setup(name)
@@ -223,17 +244,28 @@ def mfnoise_main(names: list[str], reps: int, save: Any = None) -> dict:
             row["leaves"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         makers = {"non-private": lambda heads=heads: non_private_step(heads),
                   "mfnoise": lambda heads=heads, batch=info["batch"]: mfnoise_step(heads, batch)[:2]}
+        micro = {"grid": {}}
+        for m in _grid_sizes(grid or [], info["batch"]):
+            if m is not None:
+                makers[f"micro {m}"] = lambda heads=heads, batch=info["batch"], m=m: mfnoise_step(heads, batch,
+                                                                                                  microbatch=m)[:2]
+        out[name] = row
         for label, make in makers.items():
-            print(f"  {name} {label} ...", file=sys.stderr, flush=True)
+            print(f"  {name} mfnoise {label} ...", file=sys.stderr, flush=True)
             try:
                 step, opt = make()
                 p = jax.tree.map(jnp.copy, params)
-                row[label] = measure(step, p, opt.init(p), data, reps)
+                measured = measure(step, p, opt.init(p), data, reps)
             except Exception as e:
-                row[label] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        out[name] = row
-        if save is not None:
-            save(out)
+                measured = {"error": f"{type(e).__name__}: {e}"[:500]}
+            if label.startswith("micro "):
+                micro["grid"][label.split()[1]] = measured
+                _best(micro)
+                row["mfnoise_microbatched"] = micro
+            else:
+                row[label] = measured
+            if save is not None:
+                save(out)
     return out
 
 
@@ -255,9 +287,7 @@ def jax_privacy_main(names: list[str], reps: int, grid: list[int | None]) -> dic
         params, data, heads, info = setup(name)
         batch = info["batch"]
         row: dict = {"model": info, "grid": {}}
-        for micro in grid:
-            if micro is not None and (micro >= batch or batch % micro):
-                continue
+        for micro in _grid_sizes(grid, batch):
             print(f"  {name} jax-privacy microbatch {micro} ...", file=sys.stderr, flush=True)
             try:
                 clipped = clipped_grad(lambda prm, w, heads=heads: example_loss(prm, w, heads), l2_clip_norm=CLIP,
@@ -273,11 +303,7 @@ def jax_privacy_main(names: list[str], reps: int, grid: list[int | None]) -> dic
                 row["grid"][str(micro or batch)] = measure(step, p, opt.init(p), data, reps)
             except Exception as e:  # record, do not hide
                 row["grid"][str(micro or batch)] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        ok = {k: v for k, v in row["grid"].items() if "seconds" in v}
-        if ok:  # by CPU time: on a shared machine the wall time is mostly the wait for a core
-            best = min(ok, key=lambda k: ok[k]["cpu_seconds"])
-            row["best_microbatch"] = int(best)
-            row["best"] = ok[best]
+        _best(row)
         out[name] = row
     return out
 
@@ -307,6 +333,9 @@ def format_table(result: dict) -> str:
         base = row.get("non-private", {})
         jp = result["jax_privacy"].get(name, {}) if isinstance(result["jax_privacy"], dict) else {}
         cases = [("non-private (grad + sgd)", base), ("mfnoise clipped_grad + BLT-4", row.get("mfnoise", {}))]
+        micro = row.get("mfnoise_microbatched", {})
+        if "best" in micro:
+            cases.append((f"mfnoise accumulate(clipped_grad, {micro['best_microbatch']}) + BLT-4", micro["best"]))
         if "best" in jp:
             cases.append((f"jax-privacy clipped_grad (micro {jp['best_microbatch']}) + BLT-4", jp["best"]))
         elif jp:
@@ -327,11 +356,15 @@ def format_table(result: dict) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines += [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
-    for name, jp in (result["jax_privacy"].items() if isinstance(result["jax_privacy"], dict) else []):
-        if isinstance(jp, dict) and "grid" in jp:
-            lines.append(f"jax-privacy {name} microbatch grid: " + ", ".join(
-                f"{k}: {1e3 * v['seconds']:.0f} ms / {_mb((v.get('memory') or {}).get('peak_bytes'))} MB"
-                if "seconds" in v else f"{k}: error" for k, v in jp["grid"].items()))
+    mine = result["mfnoise"] if isinstance(result["mfnoise"], dict) else {}
+    grids = [(f"mfnoise {name}", row.get("mfnoise_microbatched", {})) for name, row in mine.items()]
+    if isinstance(result["jax_privacy"], dict):
+        grids += [(f"jax-privacy {name}", jp) for name, jp in result["jax_privacy"].items()]
+    for label, g in grids:
+        if isinstance(g, dict) and g.get("grid"):
+            lines.append(f"{label} microbatch grid (CPU ms / peak MB): " + ", ".join(
+                f"{k}: {1e3 * v['cpu_seconds']:.0f} / {_mb((v.get('memory') or {}).get('peak_bytes'))}"
+                if "seconds" in v else f"{k}: error" for k, v in g["grid"].items()))
     for name, row in result["mfnoise"].items():
         leaves = row.get("leaves", {})
         if "ghost" in leaves:
@@ -362,7 +395,8 @@ def main() -> None:
     ap.add_argument("--sizes", default=None, help=f"comma-separated, from {', '.join(MODELS)} (default 5M,30M)")
     ap.add_argument("--reps", type=int, default=None, help="timed runs per step (median; default 3, quick 2)")
     ap.add_argument("--microbatches", default="none,8,4",
-                    help="jax-privacy microbatch sizes to try ('none': the whole batch in one vmap)")
+                    help="microbatch sizes to try, for jax-privacy's clipped_grad and mfnoise's accumulate "
+                         "('none': the whole batch in one call; mfnoise's whole-batch row is always run)")
     ap.add_argument("--jax-privacy-python", default="/work/bench-venv/bin/python",
                     help="python of the venv with jax-privacy 2.0.0 ('none' to skip)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
@@ -409,7 +443,7 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
 
-    mine = mfnoise_main(names, reps, save)
+    mine = mfnoise_main(names, reps, save, grid)
     if args.jax_privacy_python.lower() == "none":
         result["jax_privacy"] = {"skipped": True}
     else:
